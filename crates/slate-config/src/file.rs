@@ -1,0 +1,164 @@
+//! What `slate.toml` says, as written: the serde model of the file.
+//!
+//! These types are not used at run time; `resolve` turns them into specs. Every
+//! struct denies unknown fields so that a typo is an error with a span, not a
+//! silently ignored setting.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub settings: SettingsConfig,
+    #[serde(default)]
+    pub images: indexmap_like::OrderedMap<Spanned<ImageConfig>>,
+    #[serde(default)]
+    pub builds: indexmap_like::OrderedMap<Spanned<BuildConfig>>,
+    #[serde(default)]
+    pub providers: ProvidersConfig,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsConfig {
+    pub jobs: Option<Spanned<u32>>,
+    pub artifacts: Option<Spanned<String>>,
+    pub publish: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageConfig {
+    pub from: Spanned<String>,
+    #[serde(default)]
+    pub packages: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub steps: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub files: indexmap_like::OrderedMap<Spanned<String>>,
+    #[serde(default)]
+    pub env: indexmap_like::OrderedMap<String>,
+    pub arch: Option<Spanned<String>>,
+    pub mirror: Option<Spanned<String>>,
+    pub variant: Option<Spanned<String>>,
+    #[serde(default)]
+    pub vm: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildConfig {
+    pub image: Spanned<String>,
+    #[serde(default)]
+    pub matrix: indexmap_like::OrderedMap<Spanned<Vec<String>>>,
+    pub script: Option<Spanned<String>>,
+    pub run: Option<Spanned<Vec<String>>>,
+    pub inputs: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub exclude: Vec<Spanned<String>>,
+    pub workdir: Option<Spanned<String>>,
+    #[serde(default)]
+    pub artifacts: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub env: indexmap_like::OrderedMap<String>,
+    #[serde(default)]
+    pub secrets: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub network: bool,
+    pub cpus: Option<Spanned<f64>>,
+    pub memory: Option<Spanned<String>>,
+    pub pids: Option<Spanned<u64>>,
+    pub timeout: Option<Spanned<String>>,
+    pub provider: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ProvidersConfig {
+    pub sandbox: Option<SandboxConfig>,
+    pub vm: Option<VmConfig>,
+    pub ssh: Option<SshConfig>,
+    pub ec2: Option<Ec2Config>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxConfig {}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub accel: Option<Spanned<String>>,
+    pub init: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SshConfig {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Ec2Config {
+    pub region: Option<String>,
+    pub instance_type: Option<String>,
+}
+
+/// An ordered string-keyed map that keeps the file's order (matrix axes and
+/// targets are named in the order the user wrote them).
+pub mod indexmap_like {
+    use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    #[derive(Debug, Clone)]
+    pub struct OrderedMap<V>(pub Vec<(String, V)>);
+
+    impl<V> Default for OrderedMap<V> {
+        fn default() -> Self {
+            OrderedMap(Vec::new())
+        }
+    }
+
+    impl<V> OrderedMap<V> {
+        pub fn iter(&self) -> impl Iterator<Item = (&String, &V)> {
+            self.0.iter().map(|(k, v)| (k, v))
+        }
+        pub fn get(&self, key: &str) -> Option<&V> {
+            self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+        }
+        pub fn keys(&self) -> impl Iterator<Item = &String> {
+            self.0.iter().map(|(k, _)| k)
+        }
+        pub fn is_empty(&self) -> bool {
+            self.0.is_empty()
+        }
+        pub fn len(&self) -> usize {
+            self.0.len()
+        }
+    }
+
+    impl<'de, V: Deserialize<'de>> Deserialize<'de> for OrderedMap<V> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V2<V>(PhantomData<V>);
+            impl<'de, V: Deserialize<'de>> Visitor<'de> for V2<V> {
+                type Value = OrderedMap<V>;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a table")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+                    let mut out = Vec::new();
+                    while let Some((k, v)) = m.next_entry::<String, V>()? {
+                        out.push((k, v));
+                    }
+                    Ok(OrderedMap(out))
+                }
+            }
+            d.deserialize_map(V2(PhantomData))
+        }
+    }
+}

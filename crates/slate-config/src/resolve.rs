@@ -1,0 +1,590 @@
+//! From the file model to specs: matrix expansion, placeholders, references.
+
+use crate::diag::{did_you_mean, ConfigError, Diagnostic};
+use crate::file::{BuildConfig, ConfigFile, ImageConfig};
+use crate::spec::*;
+use crate::units::{parse_duration, parse_size};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// Finds `slate.toml` (or reads `file` when given) and resolves it.
+pub fn load(dir: &Path, file: Option<&Path>) -> Result<Project, ConfigError> {
+    let path = match file {
+        Some(f) if f.is_absolute() => f.to_path_buf(),
+        Some(f) => dir.join(f),
+        None => find_config(dir)?,
+    };
+    let src = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    load_str(&path, &src)
+}
+
+fn find_config(dir: &Path) -> Result<PathBuf, ConfigError> {
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        let candidate = d.join(crate::FILE_NAME);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        cur = d.parent();
+    }
+    Err(ConfigError::NotFound {
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// Parses and resolves config text read from `path`.
+pub fn load_str(path: &Path, src: &str) -> Result<Project, ConfigError> {
+    let file: ConfigFile = toml::from_str(src).map_err(|e| {
+        ConfigError::Invalid(vec![parse_diagnostic(path, src, &e)])
+    })?;
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("."));
+    let mut r = Resolver {
+        path,
+        src,
+        dir: &dir,
+        diags: Vec::new(),
+    };
+    let project = r.project(&file);
+    if r.diags.is_empty() {
+        Ok(project)
+    } else {
+        Err(ConfigError::Invalid(r.diags))
+    }
+}
+
+fn parse_diagnostic(path: &Path, src: &str, e: &toml::de::Error) -> Diagnostic {
+    let offset = e.span().map(|s| s.start).unwrap_or(0);
+    let msg = e.message().trim().to_string();
+    let mut d = Diagnostic::at(path, src, offset, msg.clone());
+    // serde's "unknown field `x`, expected one of `a`, `b`": suggest the closest.
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        if let Some((word, expected)) = rest.split_once('`') {
+            let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+            if let Some(best) = did_you_mean(word, candidates.iter().copied()) {
+                d = d.with_hint(format!("did you mean `{best}`?"));
+            } else if !candidates.is_empty() {
+                d = d.with_hint(format!("allowed here: {}", candidates.join(", ")));
+            }
+        }
+    }
+    d
+}
+
+struct Resolver<'a> {
+    path: &'a Path,
+    src: &'a str,
+    dir: &'a Path,
+    diags: Vec<Diagnostic>,
+}
+
+impl Resolver<'_> {
+    fn err<T>(&mut self, at: &Spanned<T>, message: String, hint: Option<String>) {
+        let mut d = Diagnostic::at(self.path, self.src, at.span().start, message);
+        d.hint = hint;
+        self.diags.push(d);
+    }
+
+    fn project(&mut self, file: &ConfigFile) -> Project {
+        let jobs = match &file.settings.jobs {
+            Some(j) if *j.get_ref() == 0 => {
+                self.err(j, "`jobs` must be at least 1".into(), None);
+                1
+            }
+            Some(j) => *j.get_ref() as usize,
+            None => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        };
+        let artifacts = file
+            .settings
+            .artifacts
+            .as_ref()
+            .map(|a| PathBuf::from(a.get_ref()))
+            .unwrap_or_else(|| PathBuf::from("artifacts"));
+        let publish = file.settings.publish.as_ref().map(|p| p.get_ref().clone());
+        if let Some(p) = &file.settings.publish {
+            let url = p.get_ref();
+            if !(url.starts_with("s3://") || url.starts_with("file://")) {
+                self.err(
+                    p,
+                    format!("`publish = \"{url}\"` is not a supported destination"),
+                    Some("use `s3://BUCKET/PREFIX` or `file://PATH`".into()),
+                );
+            }
+        }
+        self.providers(file);
+
+        let images: Vec<ImageSpec> = file
+            .images
+            .iter()
+            .map(|(name, img)| self.image(name, img.get_ref()))
+            .collect();
+        self.check_image_refs(file);
+        let names: Vec<&str> = file.images.keys().map(String::as_str).collect();
+        let mut targets = Vec::new();
+        for (name, build) in file.builds.iter() {
+            self.build(name, build, &names, &mut targets);
+        }
+        let mut seen = BTreeSet::new();
+        for t in &targets {
+            if !seen.insert(t.name.clone()) {
+                let at = &file.builds.get(&t.build).unwrap();
+                self.err(
+                    at,
+                    format!("two targets are both named `{}`", t.name),
+                    Some("rename a build or a matrix value so that target names differ".into()),
+                );
+            }
+        }
+        Project {
+            dir: self.dir.to_path_buf(),
+            file: self.path.to_path_buf(),
+            settings: Settings {
+                jobs,
+                artifacts,
+                publish,
+            },
+            images,
+            targets,
+        }
+    }
+
+    fn providers(&mut self, file: &ConfigFile) {
+        if let Some(vm) = &file.providers.vm {
+            if let Some(a) = &vm.accel {
+                if !["auto", "kvm", "tcg"].contains(&a.get_ref().as_str()) {
+                    self.err(a, format!("unknown accel `{}`", a.get_ref()), Some("use `auto`, `kvm` or `tcg`".into()));
+                }
+            }
+            if let Some(i) = &vm.init {
+                if !["slate", "systemd"].contains(&i.get_ref().as_str()) {
+                    self.err(i, format!("unknown init `{}`", i.get_ref()), Some("use `slate` or `systemd`".into()));
+                }
+            }
+        }
+    }
+
+    fn image(&mut self, name: &str, img: &ImageConfig) -> ImageSpec {
+        let from = img.from.get_ref();
+        let base = match from.split_once(':') {
+            Some(("debian", suite)) if !suite.is_empty() => BaseSpec::Debian {
+                suite: suite.to_string(),
+                mirror: img.mirror.as_ref().map(|m| m.get_ref().clone()),
+                variant: img
+                    .variant
+                    .as_ref()
+                    .map(|v| v.get_ref().clone())
+                    .unwrap_or_else(|| "minbase".into()),
+                arch: img.arch.as_ref().map(|a| a.get_ref().clone()),
+            },
+            Some(("tar", p)) if !p.is_empty() => BaseSpec::Tar {
+                path: self.dir.join(p),
+            },
+            Some(("oci", r)) if !r.is_empty() => BaseSpec::Oci {
+                reference: r.to_string(),
+            },
+            Some(("image", n)) if !n.is_empty() => BaseSpec::Image { name: n.to_string() },
+            _ => {
+                self.err(
+                    &img.from,
+                    format!("image `{name}`: cannot read `from = \"{from}\"`"),
+                    Some("use `debian:SUITE`, `oci:REF`, `tar:PATH` or `image:NAME`".into()),
+                );
+                BaseSpec::Image { name: String::new() }
+            }
+        };
+        if !matches!(base, BaseSpec::Debian { .. }) {
+            for (field, v) in [("mirror", &img.mirror), ("variant", &img.variant), ("arch", &img.arch)] {
+                if let Some(v) = v {
+                    self.err(
+                        v,
+                        format!("image `{name}`: `{field}` only applies to `from = \"debian:…\"`"),
+                        Some(format!("remove `{field}`")),
+                    );
+                }
+            }
+        }
+        if let Some(v) = &img.variant {
+            let ok = ["minbase", "buildd", "required", "important", "standard", "apt"];
+            if !ok.contains(&v.get_ref().as_str()) {
+                self.err(v, format!("unknown variant `{}`", v.get_ref()), Some(format!("use one of {}", ok.join(", "))));
+            }
+        }
+        let mut files = Vec::new();
+        for (host, dest) in img.files.iter() {
+            if !dest.get_ref().starts_with('/') {
+                self.err(
+                    dest,
+                    format!("image `{name}`: file destination `{}` is not an absolute path", dest.get_ref()),
+                    Some(format!("write it as `/{}`", dest.get_ref())),
+                );
+            }
+            let hp = self.dir.join(host);
+            if !hp.exists() {
+                self.err(
+                    dest,
+                    format!("image `{name}`: file `{host}` does not exist"),
+                    Some(format!("paths in `files` are relative to `{}`", self.dir.display())),
+                );
+            }
+            files.push((hp, dest.get_ref().clone()));
+        }
+        for p in &img.packages {
+            let ok = !p.get_ref().is_empty()
+                && p.get_ref()
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.:=~_/".contains(c));
+            if !ok {
+                self.err(p, format!("`{}` is not a Debian package name", p.get_ref()), None);
+            }
+        }
+        ImageSpec {
+            name: name.to_string(),
+            base,
+            packages: img.packages.iter().map(|p| p.get_ref().clone()).collect(),
+            files,
+            env: img.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            steps: img.steps.iter().map(|s| s.get_ref().clone()).collect(),
+            vm: img.vm,
+        }
+    }
+
+    fn check_image_refs(&mut self, file: &ConfigFile) {
+        let names: Vec<&str> = file.images.keys().map(String::as_str).collect();
+        for (name, img) in file.images.iter() {
+            let Some(base) = img.get_ref().from.get_ref().strip_prefix("image:") else {
+                continue;
+            };
+            if !names.contains(&base) {
+                let hint = did_you_mean(base, names.iter().copied())
+                    .map(|b| format!("did you mean `image:{b}`?"))
+                    .unwrap_or_else(|| format!("define `[images.{base}]` or fix the name"));
+                self.err(&img.get_ref().from, format!("image `{name}` is based on `{base}`, which is not defined"), Some(hint));
+                continue;
+            }
+            // Follow the chain of bases; coming back to `name` is a cycle.
+            let mut chain = vec![name.as_str()];
+            let mut cur = base;
+            while let Some(next) = file.images.get(cur) {
+                if chain.contains(&cur) {
+                    if cur == name {
+                        chain.push(cur);
+                        self.err(
+                            &img.get_ref().from,
+                            format!("images are based on each other in a cycle: {}", chain.join(" → ")),
+                            Some("one image of the cycle must start from a `debian:`, `oci:` or `tar:` base".into()),
+                        );
+                    }
+                    break;
+                }
+                chain.push(cur);
+                match next.get_ref().from.get_ref().strip_prefix("image:") {
+                    Some(n) => cur = n,
+                    None => break,
+                }
+            }
+        }
+    }
+
+    fn build(&mut self, name: &str, b: &Spanned<BuildConfig>, images: &[&str], out: &mut Vec<TargetSpec>) {
+        let bc = b.get_ref();
+        let axes: Vec<(&String, &Spanned<Vec<String>>)> = bc.matrix.iter().collect();
+        for (axis, values) in &axes {
+            if values.get_ref().is_empty() {
+                self.err(*values, format!("build `{name}`: matrix axis `{axis}` has no values"), None);
+                return;
+            }
+        }
+        let axis_names: Vec<&str> = axes.iter().map(|(a, _)| a.as_str()).collect();
+        // Placeholders that must resolve: in `image` and `artifacts`.
+        let mut strict = vec![&bc.image];
+        strict.extend(bc.artifacts.iter());
+        for s in strict {
+            for ph in placeholders(s.get_ref()) {
+                if !axis_names.contains(&ph.as_str()) {
+                    let hint = if axis_names.is_empty() {
+                        format!("add `matrix = {{ {ph} = [...] }}` to `[builds.{name}]`")
+                    } else {
+                        format!("the matrix axes are: {}", axis_names.join(", "))
+                    };
+                    self.err(s, format!("build `{name}`: placeholder `{{{ph}}}` has no matrix axis"), Some(hint));
+                    return;
+                }
+            }
+        }
+        let command = match (&bc.script, &bc.run) {
+            (Some(_), Some(r)) => {
+                self.err(r, format!("build `{name}` has both `script` and `run`"), Some("keep one of them".into()));
+                return;
+            }
+            (None, None) => {
+                self.err(b, format!("build `{name}` has neither `script` nor `run`"), Some("add `script = \"build.sh\"` or `run = [\"make\"]`".into()));
+                return;
+            }
+            (Some(s), None) => {
+                let p = self.dir.join(s.get_ref());
+                if !p.is_file() {
+                    self.err(s, format!("build `{name}`: script `{}` does not exist", s.get_ref()), Some(format!("paths are relative to `{}`", self.dir.display())));
+                }
+                BuildCommand::Script(p)
+            }
+            (None, Some(r)) => {
+                if r.get_ref().is_empty() {
+                    self.err(r, format!("build `{name}`: `run` is empty"), None);
+                }
+                BuildCommand::Run(r.get_ref().clone())
+            }
+        };
+        let provider = match &bc.provider {
+            None => ProviderKind::Sandbox,
+            Some(p) => match ProviderKind::parse(p.get_ref()) {
+                Some(k) => k,
+                None => {
+                    self.err(p, format!("unknown provider `{}`", p.get_ref()), Some("use `sandbox`, `vm`, `ssh` or `ec2`".into()));
+                    ProviderKind::Sandbox
+                }
+            },
+        };
+        let memory = bc.memory.as_ref().and_then(|m| match parse_size(m.get_ref()) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.err(m, e, None);
+                None
+            }
+        });
+        let timeout = bc.timeout.as_ref().and_then(|t| match parse_duration(t.get_ref()) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.err(t, e, None);
+                None
+            }
+        });
+        if let Some(c) = &bc.cpus {
+            if *c.get_ref() <= 0.0 {
+                self.err(c, "`cpus` must be more than 0".into(), None);
+            }
+        }
+        let workdir = bc.workdir.as_ref().map(|w| w.get_ref().clone()).unwrap_or_else(|| "/src".into());
+        if !workdir.starts_with('/') || workdir == "/" {
+            self.err(bc.workdir.as_ref().unwrap(), format!("`workdir = \"{workdir}\"` must be an absolute path below /"), Some("e.g. `workdir = \"/src\"`".into()));
+        }
+        for a in &bc.artifacts {
+            if a.get_ref().starts_with('/') || a.get_ref().split('/').any(|c| c == "..") {
+                self.err(a, format!("artifact glob `{}` must be relative to workdir", a.get_ref()), None);
+            }
+        }
+        if bc.artifacts.is_empty() {
+            // A build without artifacts is legal (a smoke test), if unusual.
+        }
+        let inputs: Vec<PathBuf> = match &bc.inputs {
+            None => vec![self.dir.to_path_buf()],
+            Some(list) => list
+                .iter()
+                .map(|i| {
+                    let p = self.dir.join(i.get_ref());
+                    if !p.exists() {
+                        self.err(i, format!("build `{name}`: input `{}` does not exist", i.get_ref()), None);
+                    }
+                    p
+                })
+                .collect(),
+        };
+        for s in &bc.secrets {
+            if s.get_ref().is_empty() || s.get_ref().contains('=') {
+                self.err(s, format!("`{}` is not an environment variable name", s.get_ref()), None);
+            }
+        }
+
+        for combo in combinations(&axes) {
+            let subst = |s: &str| substitute(s, &combo);
+            let target_name = if combo.is_empty() {
+                name.to_string()
+            } else {
+                format!("{name}-{}", combo.iter().map(|(_, v)| v.as_str()).collect::<Vec<_>>().join("-"))
+            };
+            let image = subst(bc.image.get_ref());
+            if !images.contains(&image.as_str()) {
+                let hint = did_you_mean(&image, images.iter().copied())
+                    .map(|b| format!("did you mean `{b}`?"))
+                    .unwrap_or_else(|| format!("define `[images.{image}]`"));
+                self.err(&bc.image, format!("target `{target_name}` uses image `{image}`, which is not defined"), Some(hint));
+                continue;
+            }
+            out.push(TargetSpec {
+                name: target_name,
+                build: name.to_string(),
+                matrix: combo.clone(),
+                image,
+                command: match &command {
+                    BuildCommand::Run(r) => BuildCommand::Run(r.iter().map(|c| subst(c)).collect()),
+                    c => c.clone(),
+                },
+                inputs: inputs.clone(),
+                exclude: bc.exclude.iter().map(|e| e.get_ref().clone()).collect(),
+                workdir: workdir.clone(),
+                artifacts: bc.artifacts.iter().map(|a| subst(a.get_ref())).collect(),
+                env: bc.env.iter().map(|(k, v)| (k.clone(), subst(v))).collect(),
+                secrets: bc.secrets.iter().map(|s| s.get_ref().clone()).collect(),
+                network: bc.network,
+                cpus: bc.cpus.as_ref().map(|c| *c.get_ref()),
+                memory,
+                pids: bc.pids.as_ref().map(|p| *p.get_ref()),
+                timeout,
+                provider,
+            });
+        }
+    }
+}
+
+/// Every combination of matrix values, axes in file order.
+fn combinations(axes: &[(&String, &Spanned<Vec<String>>)]) -> Vec<Vec<(String, String)>> {
+    let mut out = vec![Vec::new()];
+    for (axis, values) in axes {
+        let mut next = Vec::new();
+        for prefix in &out {
+            for v in values.get_ref() {
+                let mut p = prefix.clone();
+                p.push(((*axis).clone(), v.clone()));
+                next.push(p);
+            }
+        }
+        out = next;
+    }
+    out
+}
+
+/// `{name}` placeholders in `s`; `${name}` is shell syntax, not a placeholder.
+pub fn placeholders(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'{' && (i == 0 || b[i - 1] != b'$') {
+            if let Some(end) = s[i + 1..].find('}') {
+                let name = &s[i + 1..i + 1 + end];
+                if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                    out.push(name.to_string());
+                    i += end + 2;
+                    continue;
+                }
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+fn substitute(s: &str, combo: &[(String, String)]) -> String {
+    let mut out = s.to_string();
+    for (k, v) in combo {
+        let pat = format!("{{{k}}}");
+        let mut res = String::new();
+        let mut rest = out.as_str();
+        while let Some(pos) = rest.find(&pat) {
+            let shell = pos > 0 && rest.as_bytes()[pos - 1] == b'$';
+            res.push_str(&rest[..pos]);
+            res.push_str(if shell { &pat } else { v });
+            rest = &rest[pos + pat.len()..];
+        }
+        res.push_str(rest);
+        out = res;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(src: &str) -> Result<Project, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("build.sh"), "true").unwrap();
+        let p = dir.path().join("slate.toml");
+        load_str(&p, src)
+    }
+
+    fn diags(src: &str) -> Vec<Diagnostic> {
+        match load_text(src) {
+            Err(ConfigError::Invalid(d)) => d,
+            other => panic!("expected diagnostics, got {other:?}"),
+        }
+    }
+
+    const GOOD: &str = r#"
+[images.builder-bookworm]
+from = "debian:bookworm"
+packages = ["build-essential"]
+[images.builder-trixie]
+from = "image:builder-bookworm"
+
+[builds.agent]
+image = "builder-{distro}"
+matrix = { distro = ["bookworm", "trixie"] }
+run = ["make {distro}", "echo ${distro}"]
+artifacts = ["dist/{distro}/*.deb"]
+env = { D = "{distro}" }
+timeout = "30m"
+memory = "2GiB"
+"#;
+
+    #[test]
+    fn expands_matrix_and_substitutes() {
+        let p = load_text(GOOD).unwrap();
+        let names: Vec<_> = p.targets.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["agent-bookworm", "agent-trixie"]);
+        let t = &p.targets[1];
+        assert_eq!(t.image, "builder-trixie");
+        assert_eq!(t.command, BuildCommand::Run(vec!["make trixie".into(), "echo ${distro}".into()]));
+        assert_eq!(t.artifacts, ["dist/trixie/*.deb"]);
+        assert_eq!(t.env, [("D".to_string(), "trixie".to_string())]);
+        assert_eq!(t.memory, Some(2 << 30));
+        assert_eq!(t.timeout.unwrap().as_secs(), 1800);
+        assert_eq!(t.workdir, "/src");
+    }
+
+    #[test]
+    fn unknown_key_suggests_fix_with_position() {
+        let d = diags("[images.a]\nfrom = \"debian:bookworm\"\npakages = [\"x\"]\n");
+        assert_eq!((d[0].line, d[0].col), (3, 1));
+        assert!(d[0].message.contains("unknown field `pakages`"), "{}", d[0].message);
+        assert_eq!(d[0].hint.as_deref(), Some("did you mean `packages`?"));
+    }
+
+    #[test]
+    fn wrong_type_is_located() {
+        let d = diags("[settings]\njobs = \"four\"\n");
+        assert_eq!(d[0].line, 2);
+        assert!(d[0].message.contains("invalid type"), "{}", d[0].message);
+    }
+
+    #[test]
+    fn dangling_image_and_placeholder() {
+        let d = diags("[images.a]\nfrom = \"debian:bookworm\"\n[builds.b]\nimage = \"aa\"\nrun = [\"true\"]\n");
+        assert_eq!(d[0].line, 4);
+        assert!(d[0].message.contains("image `aa`"));
+        assert_eq!(d[0].hint.as_deref(), Some("did you mean `a`?"));
+        let d = diags("[images.a]\nfrom = \"debian:bookworm\"\n[builds.b]\nimage = \"a-{distro}\"\nrun = [\"true\"]\n");
+        assert!(d[0].message.contains("placeholder `{distro}` has no matrix axis"), "{}", d[0].message);
+        assert_eq!((d[0].line, d[0].col), (4, 9));
+    }
+
+    #[test]
+    fn image_cycles_are_errors() {
+        let d = diags("[images.a]\nfrom = \"image:b\"\n[images.b]\nfrom = \"image:a\"\n");
+        assert!(d.iter().any(|d| d.message.contains("cycle: a → b → a")), "{d:?}");
+    }
+
+    #[test]
+    fn placeholders_skip_shell_syntax() {
+        assert_eq!(placeholders("a {x} ${y} {z}"), ["x", "z"]);
+        assert_eq!(substitute("{x}-${x}", &[("x".into(), "1".into())]), "1-${x}");
+    }
+}

@@ -1,0 +1,116 @@
+//! Resolved, validated specs: what the rest of slate acts on.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct Project {
+    /// The folder holding the config file; relative paths are relative to it.
+    pub dir: PathBuf,
+    pub file: PathBuf,
+    pub settings: Settings,
+    pub images: Vec<ImageSpec>,
+    pub targets: Vec<TargetSpec>,
+}
+
+impl Project {
+    pub fn image(&self, name: &str) -> Option<&ImageSpec> {
+        self.images.iter().find(|i| i.name == name)
+    }
+    pub fn target(&self, name: &str) -> Option<&TargetSpec> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub jobs: usize,
+    pub artifacts: PathBuf,
+    pub publish: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BaseSpec {
+    Debian {
+        suite: String,
+        mirror: Option<String>,
+        variant: String,
+        arch: Option<String>,
+    },
+    Tar {
+        path: PathBuf,
+    },
+    Oci {
+        reference: String,
+    },
+    Image {
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct ImageSpec {
+    pub name: String,
+    pub base: BaseSpec,
+    pub packages: Vec<String>,
+    /// (host path, absolute path inside the image)
+    pub files: Vec<(PathBuf, String)>,
+    pub env: Vec<(String, String)>,
+    pub steps: Vec<String>,
+    pub vm: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    Sandbox,
+    Vm,
+    Ssh,
+    Ec2,
+}
+
+impl ProviderKind {
+    pub const ALL: [ProviderKind; 4] = [Self::Sandbox, Self::Vm, Self::Ssh, Self::Ec2];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sandbox => "sandbox",
+            Self::Vm => "vm",
+            Self::Ssh => "ssh",
+            Self::Ec2 => "ec2",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BuildCommand {
+    /// A script file on the host, copied in and run.
+    Script(PathBuf),
+    /// Shell command lines run in order, each one a step.
+    Run(Vec<String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct TargetSpec {
+    pub name: String,
+    pub build: String,
+    pub matrix: Vec<(String, String)>,
+    pub image: String,
+    pub command: BuildCommand,
+    /// Host paths (absolute) copied into `workdir`.
+    pub inputs: Vec<PathBuf>,
+    pub exclude: Vec<String>,
+    pub workdir: String,
+    pub artifacts: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub secrets: Vec<String>,
+    pub network: bool,
+    pub cpus: Option<f64>,
+    pub memory: Option<u64>,
+    pub pids: Option<u64>,
+    pub timeout: Option<Duration>,
+    pub provider: ProviderKind,
+}
