@@ -1,1 +1,232 @@
-//! placeholder
+//! The seam between the orchestrator and the things that make environments.
+//!
+//! # Contract
+//!
+//! - `create` returns an environment made from the spec's layers alone: nothing
+//!   written in an earlier environment is visible in it.
+//! - Every environment is destroyed: by `destroy`, by `Drop` when the caller
+//!   forgets or unwinds, and — when slate itself dies — by the next run or
+//!   `slate gc`, from a lease the provider leaves on disk.
+//! - `exec` streams output while it is produced, line by line, through the sink.
+//! - Errors name the environment and the operation that failed. An error from
+//!   `create`, `put`, `list`/`fetch` or a failure to start a command is an
+//!   infrastructure failure; a command's own non-zero exit is an `ExecOutcome`.
+
+pub mod fake;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What to make: the layers of a baked image, plus isolation settings.
+#[derive(Debug, Clone, Default)]
+pub struct EnvSpec {
+    /// Used as hostname and in the environment's id.
+    pub name: String,
+    /// Read-only layers, lowest first.
+    pub layers: Vec<PathBuf>,
+    /// Where writes go. `None`: a fresh folder owned (and removed) by the
+    /// environment. `Some`: a caller-owned folder kept after destroy (baking).
+    pub upper: Option<PathBuf>,
+    pub network: bool,
+    pub limits: Limits,
+    /// Host paths bound into the environment.
+    pub binds: Vec<Bind>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Limits {
+    pub cpus: Option<f64>,
+    pub memory: Option<u64>,
+    pub pids: Option<u64>,
+}
+
+impl Limits {
+    pub fn is_empty(&self) -> bool {
+        *self == Limits::default()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Bind {
+    pub host: PathBuf,
+    pub guest: String,
+    pub readonly: bool,
+}
+
+/// One command to run inside.
+#[derive(Debug, Clone, Default)]
+pub struct ExecSpec {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: String,
+    /// Hand the caller's terminal to the command (for `slate shell`).
+    pub interactive: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Receives a command's output as it is produced.
+pub trait OutputSink: Send {
+    fn line(&mut self, stream: Stream, line: &str);
+}
+
+impl<F: FnMut(Stream, &str) + Send> OutputSink for F {
+    fn line(&mut self, stream: Stream, line: &str) {
+        self(stream, line)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecOutcome {
+    Exited(i32),
+    Signaled(i32),
+    TimedOut,
+    Cancelled,
+}
+
+impl ExecOutcome {
+    pub fn success(self) -> bool {
+        self == ExecOutcome::Exited(0)
+    }
+}
+
+/// Stops a running command: on request (Ctrl-C) or at a deadline.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel {
+    flag: Arc<AtomicBool>,
+    deadline: Option<Instant>,
+}
+
+impl Cancel {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+    /// The same cancel flag, with a deadline `timeout` from now.
+    pub fn with_timeout(&self, timeout: Option<Duration>) -> Self {
+        Cancel {
+            flag: self.flag.clone(),
+            deadline: timeout.map(|t| Instant::now() + t),
+        }
+    }
+    pub fn timed_out(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("cannot create environment `{env}`: {what}")]
+    Create {
+        env: String,
+        what: String,
+        #[source]
+        source: Option<std::io::Error>,
+    },
+    #[error("environment `{env}`: {op} failed")]
+    Op {
+        env: String,
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("environment `{env}`: {what}")]
+    Other { env: String, what: String },
+    #[error("the {provider} provider is not available: {why}")]
+    Unavailable { provider: String, why: String },
+}
+
+impl ProviderError {
+    pub fn op(env: &str, op: impl Into<String>, source: std::io::Error) -> Self {
+        ProviderError::Op {
+            env: env.to_string(),
+            op: op.into(),
+            source,
+        }
+    }
+}
+
+/// Makes environments.
+pub trait Provider: Send + Sync {
+    type Env: Environment;
+    fn name(&self) -> &'static str;
+    fn create(&self, spec: &EnvSpec) -> Result<Self::Env, ProviderError>;
+}
+
+/// One fresh, disposable environment.
+pub trait Environment: Send {
+    fn id(&self) -> &str;
+    /// Copies `entries` (paths relative to the host folder `base`: files,
+    /// folders, symlinks) to the folder `dest` inside, keeping modes and
+    /// symlinks. Returns the bytes copied.
+    fn put(&mut self, base: &Path, entries: &[PathBuf], dest: &str) -> Result<u64, ProviderError>;
+    /// Writes one file inside.
+    fn put_bytes(&mut self, data: &[u8], dest: &str, mode: u32) -> Result<(), ProviderError>;
+    fn exec(&mut self, spec: &ExecSpec, out: &mut dyn OutputSink, cancel: &Cancel) -> Result<ExecOutcome, ProviderError>;
+    /// Regular files under `dir` inside, as paths relative to it.
+    fn list(&mut self, dir: &str) -> Result<Vec<String>, ProviderError>;
+    /// Copies the file `src` inside to `dest` on the host.
+    fn fetch(&mut self, src: &str, dest: &Path) -> Result<u64, ProviderError>;
+    /// Ends every process and removes every trace.
+    fn destroy(self) -> Result<(), ProviderError>;
+}
+
+/// Splits a byte stream into lines, keeping partial lines until they end.
+#[derive(Default)]
+pub struct LineSplitter {
+    buf: Vec<u8>,
+}
+
+impl LineSplitter {
+    pub fn push(&mut self, data: &[u8], mut f: impl FnMut(&str)) {
+        self.buf.extend_from_slice(data);
+        while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=pos).collect();
+            let line = String::from_utf8_lossy(&line[..line.len() - 1]);
+            f(line.strip_suffix('\r').unwrap_or(&line));
+        }
+    }
+    pub fn finish(&mut self, mut f: impl FnMut(&str)) {
+        if !self.buf.is_empty() {
+            let line = String::from_utf8_lossy(&self.buf).into_owned();
+            self.buf.clear();
+            f(&line);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_lines_across_chunks() {
+        let mut s = LineSplitter::default();
+        let mut got = Vec::new();
+        s.push(b"ab", |l| got.push(l.to_string()));
+        s.push(b"c\r\nd\ne", |l| got.push(l.to_string()));
+        s.finish(|l| got.push(l.to_string()));
+        assert_eq!(got, ["abc", "d", "e"]);
+    }
+
+    #[test]
+    fn cancel_shares_flag_with_timeout_copies() {
+        let c = Cancel::new();
+        let t = c.with_timeout(Some(Duration::from_secs(3600)));
+        assert!(!t.timed_out());
+        c.cancel();
+        assert!(t.is_cancelled());
+        assert!(c.with_timeout(Some(Duration::ZERO)).timed_out());
+    }
+}

@@ -1,1 +1,530 @@
-//! placeholder
+//! The sandbox provider: a fresh environment is an overlayfs over the image's
+//! layers with an empty upper folder, entered through new mount, PID, UTS, IPC
+//! and (unless the build asks for network) network namespaces.
+//!
+//! Each `exec` is a new set of namespaces over the same upper folder, so files
+//! persist from one command to the next while processes do not. The overlay is
+//! mounted inside the environment's private mount namespace only: the host never
+//! sees it, so no mount can outlive the environment. On disk an environment is
+//! one folder with a lease naming slate's pid; `reap` removes the folders whose
+//! owner is gone.
+
+mod cgroup;
+mod child;
+pub mod fsutil;
+
+pub use cgroup::{detect as cgroup_version, CgroupVersion};
+
+use child::{Mount, Plan, Prep};
+use slate_provider::*;
+use std::ffi::CString;
+use std::io::Read;
+use std::os::fd::FromRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+pub struct SandboxProvider {
+    state_dir: PathBuf,
+}
+
+impl SandboxProvider {
+    /// `state_dir` holds one folder per live environment.
+    pub fn new(state_dir: PathBuf) -> Self {
+        SandboxProvider { state_dir }
+    }
+
+    /// Whether this host can run sandboxes, and if not, why.
+    pub fn probe() -> Result<(), String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("the sandbox provider needs root (run slate with sudo)".into());
+        }
+        let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+        if !fs.contains("overlay") {
+            return Err("the kernel has no overlayfs (try `modprobe overlay`)".into());
+        }
+        Ok(())
+    }
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Provider for SandboxProvider {
+    type Env = SandboxEnv;
+
+    fn name(&self) -> &'static str {
+        "sandbox"
+    }
+
+    fn create(&self, spec: &EnvSpec) -> Result<SandboxEnv, ProviderError> {
+        let cerr = |what: String, source: std::io::Error| ProviderError::Create {
+            env: spec.name.clone(),
+            what,
+            source: Some(source),
+        };
+        if spec.layers.is_empty() {
+            return Err(ProviderError::Create {
+                env: spec.name.clone(),
+                what: "the image has no layers".into(),
+                source: None,
+            });
+        }
+        let id = format!(
+            "{}-{}-{}",
+            sanitize(&spec.name),
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = self.state_dir.join(&id);
+        std::fs::create_dir_all(dir.join("root")).map_err(|e| cerr(format!("create `{}`", dir.display()), e))?;
+        std::fs::write(dir.join("lease"), lease_text()).map_err(|e| cerr("write lease".into(), e))?;
+        // A caller-owned upper folder (a layer being baked) outlives us.
+        let upper = spec.upper.clone().unwrap_or_else(|| dir.join("upper"));
+        let mut env = SandboxEnv {
+            id: id.clone(),
+            dir: dir.clone(),
+            upper,
+            spec: spec.clone(),
+            cgroup: None,
+            destroyed: false,
+        };
+        std::fs::create_dir_all(&env.upper).map_err(|e| cerr(format!("create `{}`", env.upper.display()), e))?;
+        std::fs::create_dir_all(dir.join("work")).map_err(|e| cerr("create overlay workdir".into(), e))?;
+        if !spec.limits.is_empty() {
+            let cg = cgroup::Cgroup::create(&id, &spec.limits).map_err(|e| cerr("set up cgroup limits".into(), e))?;
+            env.cgroup = Some(cg);
+        }
+        Ok(env)
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' })
+        .collect()
+}
+
+fn lease_text() -> String {
+    format!("{} {}\n", std::process::id(), process_start(std::process::id() as i32).unwrap_or(0))
+}
+
+/// A process's start time (clock ticks since boot): tells a live owner from a
+/// later process that reuses its pid.
+fn process_start(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn lease_alive(lease: &str) -> bool {
+    let mut it = lease.split_whitespace();
+    let (Some(pid), Some(start)) = (it.next(), it.next()) else {
+        return false;
+    };
+    let (Ok(pid), Ok(start)) = (pid.parse::<i32>(), start.parse::<u64>()) else {
+        return false;
+    };
+    process_start(pid) == Some(start)
+}
+
+/// What `reap` removed.
+#[derive(Debug, Default)]
+pub struct Reaped {
+    pub environments: usize,
+    pub bytes: u64,
+    pub cgroups: usize,
+}
+
+/// Removes environments whose owning slate process is gone.
+pub fn reap(state_dir: &Path) -> std::io::Result<Reaped> {
+    let mut r = Reaped::default();
+    let Ok(rd) = std::fs::read_dir(state_dir) else {
+        return Ok(r);
+    };
+    for e in rd.flatten() {
+        let lease = std::fs::read_to_string(e.path().join("lease")).unwrap_or_default();
+        if lease_alive(&lease) {
+            continue;
+        }
+        r.bytes += fsutil::disk_usage(&e.path());
+        fsutil::remove_tree(&e.path())?;
+        r.environments += 1;
+    }
+    r.cgroups = cgroup::reap_leftovers();
+    Ok(r)
+}
+
+pub struct SandboxEnv {
+    id: String,
+    dir: PathBuf,
+    upper: PathBuf,
+    spec: EnvSpec,
+    cgroup: Option<cgroup::Cgroup>,
+    destroyed: bool,
+}
+
+fn cstr(s: impl AsRef<[u8]>) -> CString {
+    CString::new(s.as_ref().to_vec()).unwrap_or_else(|_| CString::new("?").unwrap())
+}
+
+fn cpath(p: &Path) -> CString {
+    use std::os::unix::ffi::OsStrExt;
+    cstr(p.as_os_str().as_bytes())
+}
+
+impl SandboxEnv {
+    fn err(&self, op: impl Into<String>, e: std::io::Error) -> ProviderError {
+        ProviderError::op(&self.id, op, e)
+    }
+
+    /// The host path of `guest` in the upper folder, refusing paths that climb out.
+    fn upper_path(&self, guest: &str) -> Result<PathBuf, ProviderError> {
+        let rel = guest.trim_start_matches('/');
+        if rel.split('/').any(|c| c == "..") {
+            return Err(ProviderError::Other {
+                env: self.id.clone(),
+                what: format!("path `{guest}` leaves the environment"),
+            });
+        }
+        Ok(self.upper.join(rel))
+    }
+
+    fn plan(&self, spec: &ExecSpec, status_fd: libc::c_int) -> Result<Plan, ProviderError> {
+        let root = self.dir.join("root");
+        let r = |p: &str| cpath(&root.join(p.trim_start_matches('/')));
+        let lower: Vec<String> = self.spec.layers.iter().rev().map(|l| l.display().to_string()).collect();
+        let overlay_opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            self.upper.display(),
+            self.dir.join("work").display()
+        );
+        if overlay_opts.len() >= 4000 {
+            return Err(ProviderError::Other {
+                env: self.id.clone(),
+                what: format!("the image has too many layers ({}) for one overlay mount", lower.len()),
+            });
+        }
+        let mount = |source: &str, target: CString, fstype: &str, flags: libc::c_ulong, data: Option<&str>| {
+            Prep::Mount(Mount {
+                source: cstr(source),
+                target,
+                fstype: cstr(fstype),
+                flags,
+                data: data.map(cstr),
+                optional: false,
+            })
+        };
+        let nosuid = libc::MS_NOSUID | libc::MS_NODEV;
+        let mut preps = vec![
+            mount("overlay", cpath(&root), "overlay", 0, Some(&overlay_opts)),
+            Prep::Mkdir(r("proc"), 0o555),
+            mount("proc", r("proc"), "proc", nosuid | libc::MS_NOEXEC, None),
+            Prep::Mkdir(r("dev"), 0o755),
+            mount("tmpfs", r("dev"), "tmpfs", libc::MS_NOSUID, Some("mode=0755,size=65536k")),
+        ];
+        for d in DEVICES {
+            preps.push(Prep::Touch(r(&format!("dev/{d}"))));
+            preps.push(mount(&format!("/dev/{d}"), r(&format!("dev/{d}")), "", libc::MS_BIND, None));
+        }
+        preps.extend([
+            Prep::Mkdir(r("dev/pts"), 0o755),
+            mount("devpts", r("dev/pts"), "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620")),
+            Prep::Symlink(cstr("pts/ptmx"), r("dev/ptmx")),
+            Prep::Symlink(cstr("/proc/self/fd"), r("dev/fd")),
+            Prep::Symlink(cstr("/proc/self/fd/0"), r("dev/stdin")),
+            Prep::Symlink(cstr("/proc/self/fd/1"), r("dev/stdout")),
+            Prep::Symlink(cstr("/proc/self/fd/2"), r("dev/stderr")),
+            Prep::Mkdir(r("dev/shm"), 0o1777),
+            mount("tmpfs", r("dev/shm"), "tmpfs", nosuid, Some("mode=1777")),
+            Prep::Mkdir(r("tmp"), 0o1777),
+            mount("tmpfs", r("tmp"), "tmpfs", nosuid, Some("mode=1777")),
+            Prep::Mkdir(r("run"), 0o755),
+            mount("tmpfs", r("run"), "tmpfs", nosuid, Some("mode=0755")),
+            Prep::Mkdir(r("sys"), 0o555),
+        ]);
+        if let Prep::Mount(m) = mount("sysfs", r("sys"), "sysfs", nosuid | libc::MS_NOEXEC | libc::MS_RDONLY, None) {
+            preps.push(Prep::Mount(Mount { optional: true, ..m }));
+        }
+        let mut binds = self.spec.binds.clone();
+        if self.spec.network && Path::new("/etc/resolv.conf").exists() {
+            binds.push(Bind {
+                host: PathBuf::from("/etc/resolv.conf"),
+                guest: "/etc/resolv.conf".into(),
+                readonly: true,
+            });
+        }
+        for b in &binds {
+            let guest = b.guest.trim_start_matches('/');
+            let mut acc = String::new();
+            let parts: Vec<&str> = guest.split('/').collect();
+            for part in &parts[..parts.len().saturating_sub(1)] {
+                acc.push_str(part);
+                preps.push(Prep::Mkdir(r(&acc), 0o755));
+                acc.push('/');
+            }
+            if b.host.is_dir() {
+                preps.push(Prep::Mkdir(r(guest), 0o755));
+            } else {
+                preps.push(Prep::Touch(r(guest)));
+            }
+            preps.push(mount(&b.host.display().to_string(), r(guest), "", libc::MS_BIND | libc::MS_REC, None));
+            if b.readonly {
+                preps.push(Prep::RemountRo(r(guest)));
+            }
+        }
+
+        let mut env: Vec<(String, String)> = Vec::new();
+        let mut set = |k: &str, v: &str| {
+            if let Some(e) = env.iter_mut().find(|(ek, _)| ek == k) {
+                e.1 = v.to_string();
+            } else {
+                env.push((k.to_string(), v.to_string()));
+            }
+        };
+        set("PATH", DEFAULT_PATH);
+        set("HOME", "/root");
+        if spec.interactive {
+            set("TERM", &std::env::var("TERM").unwrap_or_else(|_| "xterm".into()));
+        }
+        for (k, v) in &spec.env {
+            set(k, v);
+        }
+        let path_var = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone()).unwrap_or_default();
+        let argv0 = spec.argv.first().ok_or_else(|| ProviderError::Other {
+            env: self.id.clone(),
+            what: "empty command".into(),
+        })?;
+        let exe_candidates = if argv0.contains('/') {
+            vec![cstr(argv0)]
+        } else {
+            path_var.split(':').filter(|d| !d.is_empty()).map(|d| cstr(format!("{d}/{argv0}"))).collect()
+        };
+        if spec.argv.len() > child::MAX_ARGS || env.len() > child::MAX_ARGS {
+            return Err(ProviderError::Other {
+                env: self.id.clone(),
+                what: format!("more than {} arguments or environment variables", child::MAX_ARGS),
+            });
+        }
+        let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+        if !self.spec.network {
+            flags |= libc::CLONE_NEWNET;
+        }
+        Ok(Plan {
+            // SAFETY: getpid has no preconditions.
+            parent_pid: unsafe { libc::getpid() },
+            status_fd,
+            cgroup_procs: self.cgroup.iter().flat_map(|c| c.procs_files()).map(|p| cpath(&p)).collect(),
+            unshare_flags: flags,
+            root: cpath(&root),
+            preps,
+            hostname: cstr(&self.spec.name),
+            loopback_up: !self.spec.network,
+            cwd: cstr(if spec.cwd.is_empty() { "/" } else { &spec.cwd }),
+            exe_candidates,
+            argv: spec.argv.iter().map(cstr).collect(),
+            envp: env.iter().map(|(k, v)| cstr(format!("{k}={v}"))).collect(),
+            new_session: !spec.interactive,
+        })
+    }
+
+    fn destroy_inner(&mut self) -> Result<(), ProviderError> {
+        if self.destroyed {
+            return Ok(());
+        }
+        self.destroyed = true;
+        let mut first: Option<ProviderError> = None;
+        if let Some(cg) = &self.cgroup {
+            if let Err(e) = cg.destroy() {
+                first = Some(self.err("remove cgroup", e));
+            }
+        }
+        if let Err(e) = fsutil::remove_tree(&self.dir) {
+            first.get_or_insert(self.err(format!("remove `{}`", self.dir.display()), e));
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+fn decode_status(buf: &[u8]) -> (String, Option<std::io::Error>) {
+    let mut parts = buf.splitn(2, |&b| b == 0);
+    let step = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+    let errno = parts
+        .next()
+        .and_then(|e| std::str::from_utf8(e).ok())
+        .and_then(|e| e.parse::<i32>().ok())
+        .map(std::io::Error::from_raw_os_error);
+    (step, errno)
+}
+
+impl Environment for SandboxEnv {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn put(&mut self, base: &Path, entries: &[PathBuf], dest: &str) -> Result<u64, ProviderError> {
+        let to = self.upper_path(dest)?;
+        fsutil::copy_entries(base, entries, &to).map_err(|e| self.err(format!("copy inputs into `{dest}`"), e))
+    }
+
+    fn put_bytes(&mut self, data: &[u8], dest: &str, mode: u32) -> Result<(), ProviderError> {
+        use std::os::unix::fs::PermissionsExt;
+        let to = self.upper_path(dest)?;
+        let res = (|| {
+            if let Some(p) = to.parent() {
+                std::fs::create_dir_all(p)?;
+            }
+            std::fs::write(&to, data)?;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))
+        })();
+        res.map_err(|e| self.err(format!("write `{dest}`"), e))
+    }
+
+    fn exec(&mut self, spec: &ExecSpec, out: &mut dyn OutputSink, cancel: &Cancel) -> Result<ExecOutcome, ProviderError> {
+        let mut fds = [0; 2];
+        // SAFETY: fds is a valid two-element array.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(self.err("create status pipe", std::io::Error::last_os_error()));
+        }
+        // SAFETY: pipe2 returned two fresh descriptors that we now own.
+        let mut status_r = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+        let status_w = fds[1];
+        let plan = match self.plan(spec, status_w) {
+            Ok(p) => p,
+            Err(e) => {
+                // SAFETY: closing the descriptor we own.
+                unsafe { libc::close(status_w) };
+                return Err(e);
+            }
+        };
+        let mut cmd = Command::new("/proc/self/exe");
+        if spec.interactive {
+            cmd.stdin(Stdio::inherit()).stdout(Stdio::inherit()).stderr(Stdio::inherit());
+        } else {
+            cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
+        // SAFETY: `outer` only makes async-signal-safe calls on preallocated data.
+        unsafe {
+            cmd.pre_exec(move || child::outer(&plan));
+        }
+        let spawned = cmd.spawn();
+        // SAFETY: the child has its own copy; ours must go so EOF can arrive.
+        unsafe { libc::close(status_w) };
+        let mut child = spawned.map_err(|e| self.err("start sandbox process", e))?;
+        let mut status = Vec::new();
+        let _ = status_r.read_to_end(&mut status);
+        if !status.is_empty() {
+            let _ = child.kill();
+            let _ = child.wait();
+            let (step, errno) = decode_status(&status);
+            return Err(ProviderError::Create {
+                env: self.id.clone(),
+                what: step,
+                source: errno,
+            });
+        }
+
+        let pid = child.id() as libc::pid_t;
+        let mut fds: Vec<(i32, Stream, LineSplitter)> = Vec::new();
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        use std::os::fd::AsRawFd;
+        if let Some(s) = &stdout {
+            fds.push((s.as_raw_fd(), Stream::Stdout, LineSplitter::default()));
+        }
+        if let Some(s) = &stderr {
+            fds.push((s.as_raw_fd(), Stream::Stderr, LineSplitter::default()));
+        }
+        let mut stop: Option<ExecOutcome> = None;
+        let mut buf = vec![0u8; 65536];
+        while !fds.is_empty() {
+            let mut pfds: Vec<libc::pollfd> = fds.iter().map(|(fd, _, _)| libc::pollfd { fd: *fd, events: libc::POLLIN, revents: 0 }).collect();
+            // SAFETY: pfds is a valid array of pollfd for its length.
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 100) };
+            if n < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                break;
+            }
+            let mut closed = Vec::new();
+            for (i, p) in pfds.iter().enumerate() {
+                if p.revents == 0 {
+                    continue;
+                }
+                // SAFETY: reading into our buffer from a descriptor we own.
+                let r = unsafe { libc::read(p.fd, buf.as_mut_ptr().cast(), buf.len()) };
+                if r <= 0 {
+                    closed.push(i);
+                    continue;
+                }
+                let (_, stream, splitter) = &mut fds[i];
+                let stream = *stream;
+                splitter.push(&buf[..r as usize], |l| out.line(stream, l));
+            }
+            for i in closed.into_iter().rev() {
+                let (_, stream, mut splitter) = fds.remove(i);
+                splitter.finish(|l| out.line(stream, l));
+            }
+            if stop.is_none() {
+                if cancel.is_cancelled() {
+                    stop = Some(ExecOutcome::Cancelled);
+                } else if cancel.timed_out() {
+                    stop = Some(ExecOutcome::TimedOut);
+                }
+                if stop.is_some() {
+                    // SAFETY: signalling our own child; PDEATHSIG takes init
+                    // and so the whole PID namespace down with it.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        if spec.interactive {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) => {}
+                }
+                if cancel.is_cancelled() || cancel.timed_out() {
+                    let _ = child.kill();
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let st = child.wait().map_err(|e| self.err("wait for sandbox", e))?;
+        drop((stdout, stderr));
+        if let Some(s) = stop {
+            return Ok(s);
+        }
+        use std::os::unix::process::ExitStatusExt;
+        Ok(match (st.code(), st.signal()) {
+            (Some(c), _) if c > 128 && c < 128 + 65 => ExecOutcome::Signaled(c - 128),
+            (Some(c), _) => ExecOutcome::Exited(c),
+            (None, Some(s)) => ExecOutcome::Signaled(s),
+            _ => ExecOutcome::Exited(-1),
+        })
+    }
+
+    fn list(&mut self, dir: &str) -> Result<Vec<String>, ProviderError> {
+        let base = self.upper_path(dir)?;
+        fsutil::list_files(&base).map_err(|e| self.err(format!("list `{dir}`"), e))
+    }
+
+    fn fetch(&mut self, src: &str, dest: &Path) -> Result<u64, ProviderError> {
+        let from = self.upper_path(src)?;
+        fsutil::copy_no_follow(&self.upper, &from, dest).map_err(|e| self.err(format!("copy out `{src}`"), e))
+    }
+
+    fn destroy(mut self) -> Result<(), ProviderError> {
+        self.destroy_inner()
+    }
+}
+
+impl Drop for SandboxEnv {
+    fn drop(&mut self) {
+        let _ = self.destroy_inner();
+    }
+}

@@ -1,0 +1,320 @@
+//! What runs between `fork` and `execve`: namespaces, mounts, pivot_root.
+//!
+//! This code runs in the child of a multi-threaded process, so it may only make
+//! async-signal-safe calls: no allocation, no locks. Everything it needs — paths,
+//! option strings, argv, envp — is prepared in a [`Plan`] before the fork.
+//!
+//! Three processes are involved. The *outer* process joins the cgroup, unshares
+//! the namespaces and forks; it stays in the host PID namespace and relays the
+//! exit code. Its child is *init*, PID 1 of the new PID namespace: it builds the
+//! root filesystem, pivots into it, forks the command and reaps zombies until the
+//! command ends. When init exits the kernel kills everything left in the
+//! namespace, and when the mount namespace loses its last process every mount
+//! goes with it: nothing can leak onto the host. Both carry a parent-death
+//! signal, so a SIGKILL of slate takes the whole tree down.
+
+use std::ffi::CString;
+use std::ptr;
+
+pub struct Mount {
+    pub source: CString,
+    pub target: CString,
+    pub fstype: CString,
+    pub flags: libc::c_ulong,
+    pub data: Option<CString>,
+    /// A mount that may fail without failing the environment (e.g. sysfs).
+    pub optional: bool,
+}
+
+pub enum Prep {
+    Mkdir(CString, libc::mode_t),
+    /// Create an empty file, to bind a host file over it.
+    Touch(CString),
+    Symlink(CString, CString),
+    Mount(Mount),
+    /// Remount a bind mount read-only.
+    RemountRo(CString),
+}
+
+pub struct Plan {
+    pub parent_pid: libc::pid_t,
+    pub status_fd: libc::c_int,
+    pub cgroup_procs: Vec<CString>,
+    pub unshare_flags: libc::c_int,
+    pub root: CString,
+    pub preps: Vec<Prep>,
+    pub hostname: CString,
+    pub loopback_up: bool,
+    pub cwd: CString,
+    /// Candidate paths for argv[0] (PATH search done in advance).
+    pub exe_candidates: Vec<CString>,
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+    pub new_session: bool,
+}
+
+/// Reports a failed setup step to the parent and exits.
+fn fail(plan: &Plan, step: &[u8]) -> ! {
+    // SAFETY: errno read and raw writes of stack buffers are async-signal-safe.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let mut buf = [0u8; 160];
+        let mut n = 0;
+        for &b in step.iter().take(120) {
+            buf[n] = b;
+            n += 1;
+        }
+        buf[n] = 0;
+        n += 1;
+        n += write_int(&mut buf[n..], errno as i64);
+        libc::write(plan.status_fd, buf.as_ptr().cast(), n);
+        libc::_exit(125)
+    }
+}
+
+fn write_int(buf: &mut [u8], mut v: i64) -> usize {
+    let mut tmp = [0u8; 20];
+    let mut i = 0;
+    let neg = v < 0;
+    if neg {
+        v = -v;
+    }
+    loop {
+        tmp[i] = b'0' + (v % 10) as u8;
+        i += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    let mut n = 0;
+    if neg {
+        buf[0] = b'-';
+        n = 1;
+    }
+    while i > 0 {
+        i -= 1;
+        buf[n] = tmp[i];
+        n += 1;
+    }
+    n
+}
+
+fn bytes(c: &CString) -> &[u8] {
+    c.as_bytes()
+}
+
+/// Runs in the outer process; never returns.
+///
+/// # Safety
+/// Must only be called in a freshly forked child.
+pub unsafe fn outer(plan: &Plan) -> ! {
+    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+    if libc::getppid() != plan.parent_pid {
+        libc::_exit(125);
+    }
+    // Emulate close-on-exec now: we never exec here, and a held copy of the
+    // spawner's own status pipe would make it wait for the whole build.
+    let fd = plan.status_fd as libc::c_uint;
+    close_range(3, fd - 1);
+    close_range(fd + 1, libc::c_uint::MAX);
+
+    for procs in &plan.cgroup_procs {
+        let f = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if f < 0 {
+            fail(plan, b"join cgroup");
+        }
+        let mut buf = [0u8; 24];
+        let n = write_int(&mut buf, libc::getpid() as i64);
+        if libc::write(f, buf.as_ptr().cast(), n) < 0 {
+            fail(plan, b"join cgroup");
+        }
+        libc::close(f);
+    }
+    if libc::unshare(plan.unshare_flags) != 0 {
+        fail(plan, b"unshare namespaces");
+    }
+    let pid = libc::fork();
+    if pid < 0 {
+        fail(plan, b"fork init");
+    }
+    if pid == 0 {
+        init(plan);
+    }
+    libc::close(plan.status_fd);
+    libc::_exit(wait_for(pid))
+}
+
+unsafe fn close_range(first: libc::c_uint, last: libc::c_uint) {
+    if first > last {
+        return;
+    }
+    if libc::syscall(libc::SYS_close_range, first, last, 0) != 0 {
+        let last = last.min(65536);
+        for fd in first..=last {
+            libc::close(fd as libc::c_int);
+        }
+    }
+}
+
+/// Waits for `pid`, reaping any other child on the way; returns a shell-style code.
+unsafe fn wait_for(pid: libc::pid_t) -> libc::c_int {
+    loop {
+        let mut status = 0;
+        let r = libc::waitpid(-1, &mut status, 0);
+        if r < 0 {
+            if *libc::__errno_location() == libc::EINTR {
+                continue;
+            }
+            return 125;
+        }
+        if r == pid {
+            if libc::WIFEXITED(status) {
+                return libc::WEXITSTATUS(status);
+            }
+            if libc::WIFSIGNALED(status) {
+                return 128 + libc::WTERMSIG(status);
+            }
+        }
+    }
+}
+
+unsafe fn init(plan: &Plan) -> ! {
+    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+    let none = c"none";
+    if libc::mount(none.as_ptr(), c"/".as_ptr(), ptr::null(), libc::MS_REC | libc::MS_PRIVATE, ptr::null()) != 0 {
+        fail(plan, b"make mounts private");
+    }
+    for p in &plan.preps {
+        match p {
+            Prep::Mkdir(path, mode) => {
+                if libc::mkdir(path.as_ptr(), *mode) != 0 && *libc::__errno_location() != libc::EEXIST {
+                    fail2(plan, b"mkdir ", bytes(path));
+                }
+            }
+            Prep::Touch(path) => {
+                let f = libc::open(path.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644);
+                if f < 0 {
+                    fail2(plan, b"create ", bytes(path));
+                }
+                libc::close(f);
+            }
+            Prep::Symlink(target, link) => {
+                if libc::symlink(target.as_ptr(), link.as_ptr()) != 0 && *libc::__errno_location() != libc::EEXIST {
+                    fail2(plan, b"symlink ", bytes(link));
+                }
+            }
+            Prep::Mount(m) => {
+                let data = m.data.as_ref().map_or(ptr::null(), |d| d.as_ptr().cast());
+                if libc::mount(m.source.as_ptr(), m.target.as_ptr(), m.fstype.as_ptr(), m.flags, data) != 0 && !m.optional {
+                    fail2(plan, b"mount ", bytes(&m.target));
+                }
+            }
+            Prep::RemountRo(target) => {
+                let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC;
+                if libc::mount(none.as_ptr(), target.as_ptr(), ptr::null(), flags, ptr::null()) != 0 {
+                    fail2(plan, b"remount read-only ", bytes(target));
+                }
+            }
+        }
+    }
+    if libc::sethostname(plan.hostname.as_ptr(), plan.hostname.as_bytes().len()) != 0 {
+        fail(plan, b"set hostname");
+    }
+    if plan.loopback_up {
+        loopback_up(plan);
+    }
+    if libc::chdir(plan.root.as_ptr()) != 0 {
+        fail(plan, b"enter new root");
+    }
+    let dot = c".";
+    if libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) != 0 {
+        fail(plan, b"pivot_root");
+    }
+    if libc::umount2(dot.as_ptr(), libc::MNT_DETACH) != 0 {
+        fail(plan, b"detach old root");
+    }
+    if libc::chdir(c"/".as_ptr()) != 0 {
+        fail(plan, b"chdir /");
+    }
+    if libc::chdir(plan.cwd.as_ptr()) != 0 {
+        fail2(plan, b"chdir to workdir ", bytes(&plan.cwd));
+    }
+    let pid = libc::fork();
+    if pid < 0 {
+        fail(plan, b"fork command");
+    }
+    if pid == 0 {
+        command(plan);
+    }
+    libc::close(plan.status_fd);
+    libc::_exit(wait_for(pid))
+}
+
+fn fail2(plan: &Plan, what: &[u8], path: &[u8]) -> ! {
+    let mut buf = [0u8; 120];
+    let mut n = 0;
+    for &b in what.iter().chain(path.iter()).take(buf.len()) {
+        buf[n] = b;
+        n += 1;
+    }
+    fail(plan, &buf[..n])
+}
+
+unsafe fn loopback_up(plan: &Plan) {
+    let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+    if s < 0 {
+        fail(plan, b"socket for loopback");
+    }
+    let mut req: libc::ifreq = std::mem::zeroed();
+    req.ifr_name[0] = b'l' as libc::c_char;
+    req.ifr_name[1] = b'o' as libc::c_char;
+    if libc::ioctl(s, libc::SIOCGIFFLAGS, &mut req) != 0 {
+        fail(plan, b"read loopback flags");
+    }
+    req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    if libc::ioctl(s, libc::SIOCSIFFLAGS, &req) != 0 {
+        fail(plan, b"bring loopback up");
+    }
+    libc::close(s);
+}
+
+unsafe fn command(plan: &Plan) -> ! {
+    libc::close(plan.status_fd);
+    if plan.new_session {
+        libc::setsid();
+    }
+    let argv = ptrs_of(&plan.argv);
+    let envp = ptrs_of(&plan.envp);
+    for exe in &plan.exe_candidates {
+        libc::execve(exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
+    }
+    let msg = b"slate: command not found: ";
+    libc::write(2, msg.as_ptr().cast(), msg.len());
+    let a0 = plan.argv[0].as_bytes();
+    libc::write(2, a0.as_ptr().cast(), a0.len());
+    libc::write(2, b"\n".as_ptr().cast(), 1);
+    libc::_exit(127)
+}
+
+/// The null-terminated pointer array execve wants, on the stack (no allocation
+/// after fork). The parent refuses more than `MAX_ARGS` entries.
+fn ptrs_of(v: &[CString]) -> PtrArray {
+    let mut a = PtrArray { p: [ptr::null(); MAX_ARGS + 1] };
+    for (i, c) in v.iter().take(MAX_ARGS).enumerate() {
+        a.p[i] = c.as_ptr();
+    }
+    a
+}
+
+pub const MAX_ARGS: usize = 4096;
+
+struct PtrArray {
+    p: [*const libc::c_char; MAX_ARGS + 1],
+}
+
+impl PtrArray {
+    fn as_ptr(&self) -> *const *const libc::c_char {
+        self.p.as_ptr()
+    }
+}
