@@ -1,1 +1,303 @@
-//! placeholder
+//! Images: recipes planned into content-addressed layers, baked once, reused.
+
+pub mod plan;
+pub mod store;
+
+pub use plan::{plan, ImagePlan, LayerKind, LayerPlan};
+pub use store::{LayerMeta, LayerStore};
+
+use slate_provider::{Bind, Cancel, EnvSpec, Environment, ExecOutcome, ExecSpec, Provider, ProviderError, Stream};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("image `{name}` is not defined")]
+    Unknown { name: String },
+    #[error("image `{image}`: {what}")]
+    Unsupported { image: String, what: String },
+    #[error("cannot read `{path}`")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("image `{image}`: layer `{layer}` failed ({outcome})")]
+    StepFailed { image: String, layer: String, outcome: String },
+    #[error("image `{image}`: no bootstrap tool found")]
+    NoBootstrapper { image: String },
+    #[error("image `{image}`: bootstrapping `{suite}` failed ({outcome})")]
+    Bootstrap { image: String, suite: String, outcome: String },
+    #[error("image `{image}`: layer store operation `{op}` failed")]
+    Store {
+        image: String,
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error("image `{image}`: baking was cancelled")]
+    Cancelled { image: String },
+}
+
+impl ImageError {
+    /// A fix the user can apply, when there is one.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            ImageError::NoBootstrapper { .. } => Some("install one: `apt-get install mmdebstrap` (or `debootstrap`)".into()),
+            ImageError::Bootstrap { .. } => Some("check that the Debian mirror is reachable; set `mirror = \"http://…\"` on the image to use another".into()),
+            ImageError::StepFailed { .. } => Some("the bake log above shows the step's output; fix the step and run `slate bake` again (earlier layers are kept)".into()),
+            _ => None,
+        }
+    }
+
+    /// Whether the failure is the recipe's own (exit 1) rather than the infrastructure's (exit 3).
+    pub fn is_recipe_failure(&self) -> bool {
+        matches!(self, ImageError::StepFailed { .. })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LayerState {
+    Cached,
+    Started,
+    Built(Duration),
+}
+
+/// Progress of a bake, drawn by whoever owns the terminal.
+pub trait BakeReporter: Sync {
+    fn layer(&self, image: &str, layer: &LayerPlan, state: LayerState);
+    fn output(&self, image: &str, stream: Stream, line: &str);
+}
+
+/// A baked image: what an environment is made from.
+#[derive(Debug, Clone)]
+pub struct BakedImage {
+    pub name: String,
+    pub digest: String,
+    pub layers: Vec<PathBuf>,
+    pub env: Vec<(String, String)>,
+}
+
+pub struct Baker<'a, P: Provider> {
+    pub store: &'a LayerStore,
+    pub provider: &'a P,
+    pub reporter: &'a dyn BakeReporter,
+    pub cancel: Cancel,
+}
+
+impl<P: Provider> Baker<'_, P> {
+    /// Bakes whatever layers of `plan` are missing.
+    pub fn bake(&self, plan: &ImagePlan) -> Result<BakedImage, ImageError> {
+        let serr = |op: &str, source| ImageError::Store { image: plan.name.clone(), op: op.into(), source };
+        for (i, layer) in plan.layers.iter().enumerate() {
+            if self.store.has(&layer.key) {
+                self.store.touch_used(&layer.key);
+                self.reporter.layer(&plan.name, layer, LayerState::Cached);
+                continue;
+            }
+            let _lock = self.store.lock(&layer.key).map_err(|e| serr("lock", e))?;
+            // Another slate may have baked it while we waited for the lock.
+            if self.store.has(&layer.key) {
+                self.reporter.layer(&plan.name, layer, LayerState::Cached);
+                continue;
+            }
+            if self.cancel.is_cancelled() {
+                return Err(ImageError::Cancelled { image: plan.name.clone() });
+            }
+            self.reporter.layer(&plan.name, layer, LayerState::Started);
+            let started = Instant::now();
+            let staging = self.store.staging(&layer.key).map_err(|e| serr("create staging folder", e))?;
+            let below: Vec<PathBuf> = plan.layers[..i].iter().map(|l| self.store.layer_fs(&l.key)).collect();
+            let res = self.build_layer(plan, layer, &below, &staging.join("fs"));
+            if let Err(e) = res {
+                let _ = store::remove_tree(&staging);
+                return Err(e);
+            }
+            let meta = LayerMeta {
+                key: layer.key.clone(),
+                parent: layer.parent.clone(),
+                description: layer.describe(),
+                created: 0,
+                size: 0,
+                bake_seconds: started.elapsed().as_secs_f64(),
+            };
+            self.store.commit(&staging, meta).map_err(|e| serr("commit layer", e))?;
+            self.reporter.layer(&plan.name, layer, LayerState::Built(started.elapsed()));
+        }
+        Ok(self.baked(plan))
+    }
+
+    /// The image as it is in the store, if every layer is there.
+    pub fn baked(&self, plan: &ImagePlan) -> BakedImage {
+        BakedImage {
+            name: plan.name.clone(),
+            digest: plan.digest().to_string(),
+            layers: plan.layers.iter().map(|l| self.store.layer_fs(&l.key)).collect(),
+            env: plan.env.clone(),
+        }
+    }
+
+    fn build_layer(&self, plan: &ImagePlan, layer: &LayerPlan, below: &[PathBuf], fs: &Path) -> Result<(), ImageError> {
+        match &layer.kind {
+            LayerKind::Debian { suite, mirror, variant, arch } => self.bootstrap(plan, suite, mirror.as_deref(), variant, arch.as_deref(), fs),
+            LayerKind::Tar { path } => {
+                let mut cmd = Command::new("tar");
+                cmd.args(["-x", "-p", "--numeric-owner", "-f"]).arg(path).arg("-C").arg(fs);
+                self.host_command(plan, cmd, "unpack")
+                    .map_err(|outcome| ImageError::Bootstrap { image: plan.name.clone(), suite: path.display().to_string(), outcome })
+            }
+            LayerKind::Files(files) => {
+                for (host, dest) in files {
+                    let to = fs.join(dest.trim_start_matches('/'));
+                    let res = (|| {
+                        if let Some(p) = to.parent() {
+                            std::fs::create_dir_all(p)?;
+                        }
+                        std::fs::copy(host, &to).map(|_| ())
+                    })();
+                    res.map_err(|source| ImageError::Read { path: host.clone(), source })?;
+                }
+                Ok(())
+            }
+            LayerKind::Packages(pkgs) => {
+                let script = format!(
+                    "set -e\napt-get update -q\nDEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {}\nrm -rf /var/lib/apt/lists/*\n",
+                    pkgs.join(" ")
+                );
+                self.run_in_sandbox(plan, layer, below, fs, &script, &[])
+            }
+            LayerKind::Step { command, env } => self.run_in_sandbox(plan, layer, below, fs, command, env),
+        }
+    }
+
+    fn run_in_sandbox(&self, plan: &ImagePlan, layer: &LayerPlan, below: &[PathBuf], fs: &Path, script: &str, env: &[(String, String)]) -> Result<(), ImageError> {
+        let spec = EnvSpec {
+            name: format!("bake-{}", plan.name),
+            layers: below.to_vec(),
+            upper: Some(fs.to_path_buf()),
+            network: true,
+            limits: Default::default(),
+            binds: vec![Bind { host: self.store.apt_archives(), guest: "/var/cache/apt/archives".into(), readonly: false }],
+        };
+        let mut envir = self.provider.create(&spec)?;
+        let mut sink = |s: Stream, l: &str| self.reporter.output(&plan.name, s, l);
+        let exec = ExecSpec {
+            argv: vec!["/bin/sh".into(), "-ec".into(), script.to_string()],
+            env: env.to_vec(),
+            cwd: "/".into(),
+            interactive: false,
+        };
+        let res = envir.exec(&exec, &mut sink, &self.cancel);
+        let destroyed = envir.destroy();
+        let outcome = res?;
+        destroyed?;
+        match outcome {
+            ExecOutcome::Exited(0) => Ok(()),
+            ExecOutcome::Cancelled => Err(ImageError::Cancelled { image: plan.name.clone() }),
+            o => Err(ImageError::StepFailed { image: plan.name.clone(), layer: layer.describe(), outcome: describe(o) }),
+        }
+    }
+
+    fn bootstrap(&self, plan: &ImagePlan, suite: &str, mirror: Option<&str>, variant: &str, arch: Option<&str>, fs: &Path) -> Result<(), ImageError> {
+        let opts = host_apt_options();
+        let mut cmd = if which("mmdebstrap") {
+            let mut c = Command::new("mmdebstrap");
+            c.arg(format!("--variant={variant}"));
+            if let Some(a) = arch {
+                c.arg(format!("--architectures={a}"));
+            }
+            for o in &opts {
+                c.arg(format!("--aptopt={o}"));
+            }
+            c.arg(suite).arg(fs);
+            c
+        } else if which("debootstrap") {
+            let mut c = Command::new("debootstrap");
+            let v = if variant == "minbase" || variant == "buildd" { variant } else { "minbase" };
+            c.arg(format!("--variant={v}"));
+            if let Some(a) = arch {
+                c.arg(format!("--arch={a}"));
+            }
+            c.arg(suite).arg(fs);
+            c
+        } else {
+            return Err(ImageError::NoBootstrapper { image: plan.name.clone() });
+        };
+        if let Some(m) = mirror {
+            cmd.arg(m);
+        }
+        self.host_command(plan, cmd, "bootstrap")
+            .map_err(|outcome| ImageError::Bootstrap { image: plan.name.clone(), suite: suite.to_string(), outcome })?;
+        // Carry the host's apt settings that bootstrapping needed into the
+        // image, and drop host-specific files the bootstrapper copied in.
+        let conf: String = opts.iter().map(|o| format!("{o};\n")).collect();
+        let w = |rel: &str, data: &str| std::fs::write(fs.join(rel), data).map_err(|source| ImageError::Read { path: fs.join(rel), source });
+        if !conf.is_empty() {
+            w("etc/apt/apt.conf.d/99slate-host", &conf)?;
+        }
+        w("etc/resolv.conf", "")?;
+        w("etc/hostname", "slate\n")?;
+        Ok(())
+    }
+
+    /// Runs a host tool, streaming its output as bake output.
+    fn host_command(&self, plan: &ImagePlan, mut cmd: Command, what: &str) -> Result<(), String> {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| format!("cannot start {what}: {e}"))?;
+        let stderr = child.stderr.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    self.reporter.output(&plan.name, Stream::Stderr, &l);
+                }
+            });
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                self.reporter.output(&plan.name, Stream::Stdout, &l);
+            }
+        });
+        let st = child.wait().map_err(|e| e.to_string())?;
+        if st.success() {
+            Ok(())
+        } else {
+            Err(format!("{what} {st}"))
+        }
+    }
+}
+
+pub fn describe(o: ExecOutcome) -> String {
+    match o {
+        ExecOutcome::Exited(c) => format!("exit code {c}"),
+        ExecOutcome::Signaled(s) => format!("killed by signal {s}"),
+        ExecOutcome::TimedOut => "timed out".into(),
+        ExecOutcome::Cancelled => "cancelled".into(),
+    }
+}
+
+pub fn which(tool: &str) -> bool {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .any(|d| Path::new(d).join(tool).is_file())
+}
+
+/// The host's apt options that decide whether the archive can be reached at
+/// all: proxies, and `Check-Valid-Until` for snapshot mirrors.
+fn host_apt_options() -> Vec<String> {
+    let Ok(out) = Command::new("apt-config").arg("dump").output() else {
+        return vec![];
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter(|l| {
+            let key = l.split_whitespace().next().unwrap_or("");
+            ["Acquire::Check-Valid-Until", "Acquire::Check-Date", "Acquire::http::Proxy", "Acquire::https::Proxy"].contains(&key)
+        })
+        .map(|l| l.trim_end_matches(';').to_string())
+        .collect()
+}

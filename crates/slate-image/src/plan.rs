@@ -1,0 +1,192 @@
+//! A recipe → an ordered list of layers, each keyed by a digest of its parent
+//! and its own content, so an unchanged prefix is reused and a change reruns
+//! from the changed layer on.
+
+use crate::ImageError;
+use sha2::{Digest, Sha256};
+use slate_config::{BaseSpec, ImageSpec, Project};
+use std::path::PathBuf;
+
+/// Bumped when the meaning of a layer changes, so old layers are not reused.
+const FORMAT: &str = "slate-layer-v1";
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum LayerKind {
+    Debian {
+        suite: String,
+        mirror: Option<String>,
+        variant: String,
+        arch: Option<String>,
+    },
+    Tar {
+        path: PathBuf,
+    },
+    Packages(Vec<String>),
+    Files(Vec<(PathBuf, String)>),
+    Step {
+        command: String,
+        env: Vec<(String, String)>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct LayerPlan {
+    pub key: String,
+    pub parent: Option<String>,
+    pub kind: LayerKind,
+    /// Which image of the project the layer belongs to.
+    pub image: String,
+}
+
+impl LayerPlan {
+    pub fn describe(&self) -> String {
+        match &self.kind {
+            LayerKind::Debian { suite, variant, arch, .. } => {
+                format!("bootstrap debian:{suite} ({variant}{})", arch.as_ref().map(|a| format!(", {a}")).unwrap_or_default())
+            }
+            LayerKind::Tar { path } => format!("unpack {}", path.display()),
+            LayerKind::Packages(p) => format!("apt-get install {}", p.join(" ")),
+            LayerKind::Files(f) => format!("copy {} file(s)", f.len()),
+            LayerKind::Step { command, .. } => format!("run: {command}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ImagePlan {
+    pub name: String,
+    pub layers: Vec<LayerPlan>,
+    pub env: Vec<(String, String)>,
+}
+
+impl ImagePlan {
+    /// The image's digest: the key of its top layer.
+    pub fn digest(&self) -> &str {
+        &self.layers.last().expect("an image has at least one layer").key
+    }
+}
+
+fn hash(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    hex(&h.finalize())
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn file_digest(path: &std::path::Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex(&h.finalize()))
+}
+
+/// Plans `name` and, through `image:` bases, the images below it.
+pub fn plan(project: &Project, name: &str) -> Result<ImagePlan, ImageError> {
+    plan_inner(project, name, 0)
+}
+
+fn plan_inner(project: &Project, name: &str, depth: usize) -> Result<ImagePlan, ImageError> {
+    let spec: &ImageSpec = project.image(name).ok_or_else(|| ImageError::Unknown { name: name.to_string() })?;
+    if depth > 32 {
+        return Err(ImageError::Unknown { name: name.to_string() });
+    }
+    let mut layers: Vec<LayerPlan> = Vec::new();
+    let mut env: Vec<(String, String)> = Vec::new();
+    let push = |layers: &mut Vec<LayerPlan>, kind: LayerKind, content: String| {
+        let parent = layers.last().map(|l| l.key.clone());
+        let key = hash(&[FORMAT.as_bytes(), parent.as_deref().unwrap_or("").as_bytes(), content.as_bytes()]);
+        layers.push(LayerPlan { key, parent, kind, image: name.to_string() });
+    };
+    match &spec.base {
+        BaseSpec::Debian { suite, mirror, variant, arch } => {
+            let content = format!("debian\n{suite}\n{}\n{variant}\n{}", mirror.as_deref().unwrap_or(""), arch.as_deref().unwrap_or(""));
+            push(&mut layers, LayerKind::Debian { suite: suite.clone(), mirror: mirror.clone(), variant: variant.clone(), arch: arch.clone() }, content);
+        }
+        BaseSpec::Tar { path } => {
+            let digest = file_digest(path).map_err(|source| ImageError::Read { path: path.clone(), source })?;
+            push(&mut layers, LayerKind::Tar { path: path.clone() }, format!("tar\n{digest}"));
+        }
+        BaseSpec::Oci { reference } => {
+            return Err(ImageError::Unsupported {
+                image: name.to_string(),
+                what: format!("`oci:{reference}` bases are not supported by this version of slate"),
+            })
+        }
+        BaseSpec::Image { name: base } => {
+            let below = plan_inner(project, base, depth + 1)?;
+            layers = below.layers;
+            env = below.env;
+        }
+    }
+    for (k, v) in &spec.env {
+        if let Some(e) = env.iter_mut().find(|(ek, _)| ek == k) {
+            e.1 = v.clone();
+        } else {
+            env.push((k.clone(), v.clone()));
+        }
+    }
+    if !spec.packages.is_empty() {
+        let mut pk = spec.packages.clone();
+        pk.sort();
+        pk.dedup();
+        push(&mut layers, LayerKind::Packages(pk.clone()), format!("packages\n{}", pk.join("\n")));
+    }
+    if !spec.files.is_empty() {
+        let mut content = String::from("files\n");
+        for (host, dest) in &spec.files {
+            let d = file_digest(host).map_err(|source| ImageError::Read { path: host.clone(), source })?;
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(host).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644);
+            content.push_str(&format!("{dest}\n{d}\n{mode:o}\n"));
+        }
+        push(&mut layers, LayerKind::Files(spec.files.clone()), content);
+    }
+    for step in &spec.steps {
+        let envs: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+        push(&mut layers, LayerKind::Step { command: step.clone(), env: env.clone() }, format!("step\n{envs}\n{step}"));
+    }
+    Ok(ImagePlan { name: name.to_string(), layers, env })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn project(src: &str) -> Project {
+        slate_config::load_str(std::path::Path::new("/nonexistent/slate.toml"), src).unwrap()
+    }
+
+    const BASE: &str = "[images.a]\nfrom = \"debian:bookworm\"\npackages = [\"make\"]\nsteps = [\"echo 1\", \"echo 2\"]\n";
+
+    #[test]
+    fn changing_a_step_changes_it_and_later_keys_only() {
+        let p1 = plan(&project(BASE), "a").unwrap();
+        let p2 = plan(&project(&BASE.replace("echo 2", "echo 3")), "a").unwrap();
+        let p3 = plan(&project(&BASE.replace("echo 1", "echo 0")), "a").unwrap();
+        let keys = |p: &ImagePlan| p.layers.iter().map(|l| l.key.clone()).collect::<Vec<_>>();
+        let (k1, k2, k3) = (keys(&p1), keys(&p2), keys(&p3));
+        assert_eq!(k1.len(), 4);
+        assert_eq!(k1[..3], k2[..3]);
+        assert_ne!(k1[3], k2[3]);
+        assert_eq!(k1[..2], k3[..2]);
+        assert_ne!(k1[2], k3[2]);
+        assert_ne!(k1[3], k3[3]);
+        assert_eq!(plan(&project(BASE), "a").unwrap().digest(), p1.digest());
+    }
+
+    #[test]
+    fn image_bases_extend_the_chain_and_env() {
+        let src = format!("{BASE}env = {{ A = \"1\" }}\n[images.b]\nfrom = \"image:a\"\nsteps = [\"echo b\"]\nenv = {{ B = \"2\" }}\n");
+        let a = plan(&project(&src), "a").unwrap();
+        let b = plan(&project(&src), "b").unwrap();
+        assert_eq!(b.layers.len(), a.layers.len() + 1);
+        assert_eq!(b.layers[..a.layers.len()].iter().map(|l| &l.key).collect::<Vec<_>>(), a.layers.iter().map(|l| &l.key).collect::<Vec<_>>());
+        assert_eq!(b.env, [("A".to_string(), "1".to_string()), ("B".to_string(), "2".to_string())]);
+    }
+}

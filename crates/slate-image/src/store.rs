@@ -1,0 +1,189 @@
+//! The content-addressed layer store.
+//!
+//! Layout (versioned, so a later format can live beside this one):
+//!
+//! ```text
+//! $CACHE/v1/layers/<key>/fs/          the layer's tree (an overlay lower dir)
+//! $CACHE/v1/layers/<key>/layer.json   what made it, its size, when
+//! $CACHE/v1/tmp/                      layers being built (never used as layers)
+//! $CACHE/v1/locks/<key>.lock          one baker per key at a time
+//! $CACHE/v1/envs/                     live environments (see slate-sandbox)
+//! $CACHE/v1/apt/archives/             .deb downloads shared by every bake
+//! ```
+//!
+//! A layer becomes visible only by the rename of a complete folder, so a crash
+//! mid-bake leaves junk in `tmp/`, never a half layer.
+
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerMeta {
+    pub key: String,
+    pub parent: Option<String>,
+    pub description: String,
+    pub created: u64,
+    pub size: u64,
+    pub bake_seconds: f64,
+}
+
+pub struct LayerStore {
+    root: PathBuf,
+}
+
+/// Holds an exclusive lock on one key until dropped.
+pub struct KeyLock {
+    _file: fs::File,
+}
+
+impl LayerStore {
+    /// The default cache: `SLATE_CACHE`, else `/var/cache/slate` as root, else
+    /// `$XDG_CACHE_HOME/slate` (or `~/.cache/slate`).
+    pub fn default_root() -> PathBuf {
+        if let Some(p) = std::env::var_os("SLATE_CACHE") {
+            return PathBuf::from(p);
+        }
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            return PathBuf::from("/var/cache/slate");
+        }
+        if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+            return PathBuf::from(x).join("slate");
+        }
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+        home.join(".cache/slate")
+    }
+
+    pub fn open(cache: &Path) -> io::Result<LayerStore> {
+        let root = cache.join("v1");
+        for d in ["layers", "tmp", "locks", "envs", "apt/archives/partial"] {
+            fs::create_dir_all(root.join(d)).map_err(|e| io::Error::new(e.kind(), format!("create `{}`: {e}", root.join(d).display())))?;
+        }
+        Ok(LayerStore { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn envs_dir(&self) -> PathBuf {
+        self.root.join("envs")
+    }
+    pub fn apt_archives(&self) -> PathBuf {
+        self.root.join("apt/archives")
+    }
+    pub fn layer_dir(&self, key: &str) -> PathBuf {
+        self.root.join("layers").join(key)
+    }
+    pub fn layer_fs(&self, key: &str) -> PathBuf {
+        self.layer_dir(key).join("fs")
+    }
+    pub fn has(&self, key: &str) -> bool {
+        self.layer_dir(key).join("layer.json").is_file()
+    }
+
+    pub fn meta(&self, key: &str) -> Option<LayerMeta> {
+        let text = fs::read_to_string(self.layer_dir(key).join("layer.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Every complete layer in the store.
+    pub fn layers(&self) -> Vec<LayerMeta> {
+        let mut out: Vec<LayerMeta> = fs::read_dir(self.root.join("layers"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| self.meta(&e.file_name().to_string_lossy()))
+            .collect();
+        out.sort_by(|a, b| a.created.cmp(&b.created));
+        out
+    }
+
+    /// When a layer was last used by a bake or a build.
+    pub fn last_used(&self, key: &str) -> Option<SystemTime> {
+        fs::metadata(self.layer_dir(key).join("used")).and_then(|m| m.modified()).ok()
+    }
+
+    pub fn touch_used(&self, key: &str) {
+        let _ = fs::write(self.layer_dir(key).join("used"), b"");
+    }
+
+    /// Waits for, then holds, the lock of `key`.
+    pub fn lock(&self, key: &str) -> io::Result<KeyLock> {
+        let path = self.root.join("locks").join(format!("{key}.lock"));
+        let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(KeyLock { _file: file })
+    }
+
+    /// A fresh staging folder; its `fs/` is where the layer is built.
+    pub fn staging(&self, key: &str) -> io::Result<PathBuf> {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let dir = self.root.join("tmp").join(format!("{key}-{}-{nanos}", std::process::id()));
+        fs::create_dir_all(dir.join("fs"))?;
+        Ok(dir)
+    }
+
+    /// Makes a built staging folder the layer `meta.key`, atomically.
+    pub fn commit(&self, staging: &Path, mut meta: LayerMeta) -> io::Result<()> {
+        meta.size = slate_size(&staging.join("fs"));
+        meta.created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        fs::write(staging.join("layer.json"), serde_json::to_vec_pretty(&meta).map_err(io::Error::other)?)?;
+        fs::rename(staging, self.layer_dir(&meta.key))?;
+        self.touch_used(&meta.key);
+        Ok(())
+    }
+
+    /// Removes one layer; returns the bytes freed.
+    pub fn remove(&self, key: &str) -> io::Result<u64> {
+        let size = self.meta(key).map(|m| m.size).unwrap_or(0);
+        let dir = self.layer_dir(key);
+        // Rename first so a reader never sees a half-removed layer.
+        let trash = self.root.join("tmp").join(format!("trash-{key}-{}", std::process::id()));
+        fs::rename(&dir, &trash)?;
+        remove_tree(&trash)?;
+        Ok(size)
+    }
+
+    /// Removes staging folders left by killed bakes; returns the bytes freed.
+    pub fn clean_tmp(&self) -> u64 {
+        let mut freed = 0;
+        for e in fs::read_dir(self.root.join("tmp")).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            // `<key>-<pid>-<nanos>`: skip folders whose baker is still alive.
+            let pid = name.rsplit('-').nth(1).and_then(|p| p.parse::<i32>().ok());
+            if let Some(pid) = pid {
+                if Path::new(&format!("/proc/{pid}")).exists() && pid != std::process::id() as i32 {
+                    continue;
+                }
+            }
+            freed += slate_size(&e.path());
+            let _ = remove_tree(&e.path());
+        }
+        freed
+    }
+}
+
+pub fn slate_size(p: &Path) -> u64 {
+    let Ok(m) = fs::symlink_metadata(p) else { return 0 };
+    if m.is_dir() {
+        fs::read_dir(p).map(|rd| rd.flatten().map(|e| slate_size(&e.path())).sum()).unwrap_or(0)
+    } else if m.is_file() {
+        m.len()
+    } else {
+        0
+    }
+}
+
+pub fn remove_tree(p: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(p) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io::Error::new(e.kind(), format!("remove `{}`: {e}", p.display()))),
+        _ => Ok(()),
+    }
+}
