@@ -1,1 +1,355 @@
-//! placeholder
+//! Orchestration: bake what the targets need, build each target in a fresh
+//! environment with `jobs` at once, retry infrastructure failures, collect
+//! artifacts, and tell everything through events.
+//!
+//! Generic over the provider, so its logic is tested with the fake provider.
+
+pub mod artifacts;
+pub mod events;
+pub mod inputs;
+pub mod record;
+
+use artifacts::{ArtifactRecord, ArtifactStore, ManifestTarget};
+use events::{Event, EventKind, EventSink, TargetStatus};
+use slate_config::{BuildCommand, Project, TargetSpec};
+use slate_image::{BakeReporter, BakedImage, Baker, ImageError, LayerPlan, LayerState, LayerStore};
+use slate_provider::*;
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// How many times making an environment is tried before it counts as failed.
+pub const CREATE_ATTEMPTS: u32 = 3;
+/// The pids limit when a build sets none (a fork bomb must not take the host).
+pub const DEFAULT_PIDS: u64 = 32768;
+
+pub struct BuildOptions {
+    pub run_id: String,
+    pub jobs: usize,
+    pub fail_fast: bool,
+    pub artifacts_dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct TargetResult {
+    pub name: String,
+    pub status: TargetStatus,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    pub artifacts: Vec<ArtifactRecord>,
+}
+
+pub struct Orchestrator<'a, P: Provider> {
+    pub project: &'a Project,
+    pub store: &'a LayerStore,
+    pub provider: &'a P,
+    pub sink: &'a dyn EventSink,
+    pub cancel: Cancel,
+}
+
+/// Replaces secret values in a line with `***`.
+pub fn mask(line: &str, secrets: &[String]) -> String {
+    let mut out = line.to_string();
+    for s in secrets.iter().filter(|s| !s.is_empty()) {
+        out = out.replace(s.as_str(), "***");
+    }
+    out
+}
+
+struct BakeEvents<'a> {
+    sink: &'a dyn EventSink,
+}
+
+impl BakeReporter for BakeEvents<'_> {
+    fn layer(&self, image: &str, layer: &LayerPlan, state: LayerState) {
+        let (state, seconds) = match state {
+            LayerState::Cached => ("cached", None),
+            LayerState::Started => ("baking", None),
+            LayerState::Built(d) => ("baked", Some(d.as_secs_f64())),
+        };
+        self.sink.event(&Event::new(
+            Some(image),
+            EventKind::BakeLayer { layer: layer.key.clone(), description: layer.describe(), state: state.into(), seconds },
+        ));
+    }
+    fn output(&self, image: &str, stream: Stream, line: &str) {
+        self.sink.event(&Event::new(Some(image), EventKind::BakeOutput { stream: stream_name(stream), line: line.to_string() }));
+    }
+}
+
+fn stream_name(s: Stream) -> &'static str {
+    match s {
+        Stream::Stdout => "stdout",
+        Stream::Stderr => "stderr",
+    }
+}
+
+/// What went wrong with one target; decides its status.
+enum TargetError {
+    Script { exit_code: Option<i32>, message: String },
+    Infra(String),
+    Cancelled,
+}
+
+impl<P: Provider> Orchestrator<'_, P> {
+    /// Bakes `names` (and the images below them); returns each image or its error.
+    pub fn bake(&self, names: &[String]) -> BTreeMap<String, Result<BakedImage, ImageError>> {
+        let reporter = BakeEvents { sink: self.sink };
+        let baker = Baker { store: self.store, provider: self.provider, reporter: &reporter, cancel: self.cancel.clone() };
+        let mut out = BTreeMap::new();
+        for name in names {
+            let res = slate_image::plan(self.project, name).and_then(|p| baker.bake(&p));
+            if let Err(e) = &res {
+                self.sink.event(&Event::new(Some(name), EventKind::BakeFailed { error: error_chain(e) }));
+            }
+            out.insert(name.clone(), res);
+        }
+        out
+    }
+
+    /// Builds `targets`: bake, then run them `jobs` at a time.
+    pub fn build(&self, targets: &[&TargetSpec], opts: &BuildOptions) -> Vec<TargetResult> {
+        self.sink.event(&Event::new(None, EventKind::RunStarted { run_id: opts.run_id.clone(), targets: targets.iter().map(|t| t.name.clone()).collect() }));
+        let mut images: Vec<String> = targets.iter().map(|t| t.image.clone()).collect();
+        images.sort();
+        images.dedup();
+        let baked = self.bake(&images);
+        let store = ArtifactStore::new(opts.artifacts_dir.clone(), &opts.run_id);
+        let queue: Mutex<VecDeque<&TargetSpec>> = Mutex::new(targets.iter().copied().collect());
+        let results: Mutex<Vec<TargetResult>> = Mutex::new(Vec::new());
+        let failed_fast = std::sync::atomic::AtomicBool::new(false);
+        for t in targets {
+            self.sink.event(&Event::new(Some(&t.name), EventKind::TargetQueued));
+        }
+        std::thread::scope(|s| {
+            for _ in 0..opts.jobs.max(1).min(targets.len().max(1)) {
+                s.spawn(|| loop {
+                    let Some(t) = queue.lock().unwrap().pop_front() else { break };
+                    let res = if failed_fast.load(std::sync::atomic::Ordering::SeqCst) {
+                        self.finish(t, TargetStatus::Skipped, None, Some("not started: an earlier target failed (--fail-fast)".into()), vec![])
+                    } else if self.cancel.is_cancelled() {
+                        self.finish(t, TargetStatus::Cancelled, None, Some("not started: the run was cancelled".into()), vec![])
+                    } else {
+                        match &baked[&t.image] {
+                            Err(e) => {
+                                let status = if e.is_recipe_failure() { TargetStatus::Failed } else { TargetStatus::InfraFailed };
+                                let status = if matches!(e, ImageError::Cancelled { .. }) { TargetStatus::Cancelled } else { status };
+                                self.finish(t, status, None, Some(format!("image `{}` did not bake: {}", t.image, error_chain(e))), vec![])
+                            }
+                            Ok(img) => self.run_target(t, img, &store),
+                        }
+                    };
+                    if res.status != TargetStatus::Succeeded {
+                        let _ = store.record_failure(ManifestTarget {
+                            name: t.name.clone(),
+                            status: res.status.as_str().into(),
+                            image: t.image.clone(),
+                            image_digest: baked[&t.image].as_ref().map(|b| b.digest.clone()).unwrap_or_default(),
+                            provider: self.provider.name().into(),
+                            artifacts: vec![],
+                        });
+                        if opts.fail_fast && matches!(res.status, TargetStatus::Failed | TargetStatus::InfraFailed) {
+                            failed_fast.store(true, std::sync::atomic::Ordering::SeqCst);
+                            // Stop the targets still running, too.
+                            self.cancel.cancel();
+                        }
+                    }
+                    results.lock().unwrap().push(res);
+                });
+            }
+        });
+        store.finish();
+        let mut results = results.into_inner().unwrap();
+        results.sort_by_key(|r| targets.iter().position(|t| t.name == r.name));
+        let succeeded = results.iter().filter(|r| r.status == TargetStatus::Succeeded).count();
+        self.sink.event(&Event::new(None, EventKind::RunFinished { succeeded, failed: results.len() - succeeded }));
+        results
+    }
+
+    fn finish(&self, t: &TargetSpec, status: TargetStatus, exit_code: Option<i32>, error: Option<String>, artifacts: Vec<ArtifactRecord>) -> TargetResult {
+        self.sink.event(&Event::new(Some(&t.name), EventKind::TargetFinished { status, exit_code, error: error.clone() }));
+        TargetResult { name: t.name.clone(), status, exit_code, error, artifacts }
+    }
+
+    fn phase<T>(&self, t: &TargetSpec, name: &str, f: impl FnOnce() -> Result<T, TargetError>) -> Result<T, TargetError> {
+        self.sink.event(&Event::new(Some(&t.name), EventKind::PhaseStarted { phase: name.to_string() }));
+        let r = f();
+        self.sink.event(&Event::new(Some(&t.name), EventKind::PhaseEnded { phase: name.to_string(), ok: r.is_ok() }));
+        r
+    }
+
+    /// One target from environment to artifacts; the environment is destroyed
+    /// whatever happens.
+    pub fn run_target(&self, t: &TargetSpec, img: &BakedImage, store: &ArtifactStore) -> TargetResult {
+        let secrets: Vec<(String, String)> = t.secrets.iter().map(|k| (k.clone(), std::env::var(k).unwrap_or_default())).collect();
+        let secret_values: Vec<String> = secrets.iter().map(|(_, v)| v.clone()).collect();
+        let spec = EnvSpec {
+            name: t.name.clone(),
+            layers: img.layers.clone(),
+            upper: None,
+            network: t.network,
+            limits: Limits { cpus: t.cpus, memory: t.memory, pids: Some(t.pids.unwrap_or(DEFAULT_PIDS)) },
+            binds: vec![],
+        };
+        let env = self.phase(t, "create", || {
+            let mut attempt = 1;
+            loop {
+                match self.provider.create(&spec) {
+                    Ok(e) => return Ok(e),
+                    Err(e) if attempt < CREATE_ATTEMPTS && !self.cancel.is_cancelled() => {
+                        self.sink.event(&Event::new(Some(&t.name), EventKind::Retry { attempt, error: error_chain(&e) }));
+                        attempt += 1;
+                    }
+                    Err(e) => return Err(TargetError::Infra(error_chain(&e))),
+                }
+            }
+        });
+        let mut env = match env {
+            Ok(e) => e,
+            Err(e) => return self.fail(t, e),
+        };
+        let result = self.in_env(t, img, &mut env, &secrets, &secret_values, store);
+        let destroyed = self.phase(t, "destroy", || env.destroy().map_err(|e| TargetError::Infra(error_chain(&e))));
+        match (result, destroyed) {
+            (Ok(arts), Ok(())) => {
+                let total = arts.len();
+                let commit = store.commit(ManifestTarget {
+                    name: t.name.clone(),
+                    status: String::new(),
+                    image: t.image.clone(),
+                    image_digest: img.digest.clone(),
+                    provider: self.provider.name().into(),
+                    artifacts: arts.clone(),
+                });
+                match commit {
+                    Ok(()) => self.finish(t, TargetStatus::Succeeded, Some(0), None, arts),
+                    Err(e) => self.finish(t, TargetStatus::InfraFailed, None, Some(format!("could not store {total} artifact(s): {e}")), vec![]),
+                }
+            }
+            (Err(e), _) | (Ok(_), Err(e)) => self.fail(t, e),
+        }
+    }
+
+    fn fail(&self, t: &TargetSpec, e: TargetError) -> TargetResult {
+        match e {
+            TargetError::Script { exit_code, message } => self.finish(t, TargetStatus::Failed, exit_code, Some(message), vec![]),
+            TargetError::Infra(m) => self.finish(t, TargetStatus::InfraFailed, None, Some(m), vec![]),
+            TargetError::Cancelled => self.finish(t, TargetStatus::Cancelled, None, Some("cancelled".into()), vec![]),
+        }
+    }
+
+    fn in_env(
+        &self,
+        t: &TargetSpec,
+        img: &BakedImage,
+        env: &mut P::Env,
+        secrets: &[(String, String)],
+        secret_values: &[String],
+        store: &ArtifactStore,
+    ) -> Result<Vec<ArtifactRecord>, TargetError> {
+        let infra = |e: ProviderError| TargetError::Infra(error_chain(&e));
+        self.phase(t, "inputs", || {
+            let skip = vec![self.project.dir.join(".slate"), self.project.dir.join(&self.project.settings.artifacts)];
+            for input in &t.inputs {
+                let set = inputs::collect(input, &t.exclude, &skip).map_err(|e| TargetError::Infra(error_chain(&e)))?;
+                env.put(&set.base, &set.entries, &t.workdir).map_err(infra)?;
+            }
+            // The workdir exists even when there are no inputs.
+            env.put(Path::new("/"), &[], &t.workdir).map_err(infra)?;
+            Ok(())
+        })?;
+        let mut vars: Vec<(String, String)> = img.env.clone();
+        vars.extend(t.env.iter().cloned());
+        vars.push(("SLATE_TARGET".into(), t.name.clone()));
+        vars.extend(secrets.iter().cloned());
+        let commands: Vec<(String, Vec<String>)> = match &t.command {
+            BuildCommand::Script(path) => {
+                let data = std::fs::read(path).map_err(|e| TargetError::Infra(format!("cannot read script `{}`: {e}", path.display())))?;
+                env.put_bytes(&data, "/.slate/build-script", 0o755).map_err(infra)?;
+                let argv = if data.starts_with(b"#!") {
+                    vec!["/.slate/build-script".to_string()]
+                } else {
+                    vec!["/bin/sh".into(), "-e".into(), "/.slate/build-script".into()]
+                };
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                vec![(format!("script {name}"), argv)]
+            }
+            BuildCommand::Run(lines) => lines.iter().map(|l| (format!("run: {l}"), vec!["/bin/sh".into(), "-ec".into(), l.clone()])).collect(),
+        };
+        let cancel = self.cancel.with_timeout(t.timeout);
+        for (phase, argv) in commands {
+            self.phase(t, &phase, || {
+                let exec = ExecSpec { argv, env: vars.clone(), cwd: t.workdir.clone(), interactive: false };
+                let sink = self.sink;
+                let name = t.name.clone();
+                let mut out = |s: Stream, l: &str| {
+                    sink.event(&Event::new(Some(&name), EventKind::Output { stream: stream_name(s), line: mask(l, secret_values) }));
+                };
+                match env.exec(&exec, &mut out, &cancel).map_err(infra)? {
+                    ExecOutcome::Exited(0) => Ok(()),
+                    ExecOutcome::Exited(c) => Err(TargetError::Script { exit_code: Some(c), message: format!("`{phase}` exited with code {c}") }),
+                    ExecOutcome::Signaled(s) => Err(TargetError::Script { exit_code: Some(128 + s), message: format!("`{phase}` was killed by signal {s}") }),
+                    ExecOutcome::TimedOut => Err(TargetError::Script {
+                        exit_code: None,
+                        message: format!("timed out after {}s (`timeout` in the build)", t.timeout.map(|d| d.as_secs()).unwrap_or(0)),
+                    }),
+                    ExecOutcome::Cancelled => Err(TargetError::Cancelled),
+                }
+            })?;
+        }
+        self.phase(t, "artifacts", || {
+            let files = env.list(&t.workdir).map_err(infra)?;
+            let mut picked: Vec<String> = Vec::new();
+            for pattern in &t.artifacts {
+                let glob = globset::GlobBuilder::new(pattern)
+                    .literal_separator(true)
+                    .build()
+                    .map_err(|e| TargetError::Script { exit_code: None, message: format!("artifact glob `{pattern}` is invalid: {e}") })?
+                    .compile_matcher();
+                let matched: Vec<&String> = files.iter().filter(|f| glob.is_match(f.as_str())).collect();
+                if matched.is_empty() {
+                    return Err(TargetError::Script {
+                        exit_code: None,
+                        message: format!("artifact glob `{pattern}` matched no file under `{}`", t.workdir),
+                    });
+                }
+                picked.extend(matched.into_iter().cloned());
+            }
+            picked.sort();
+            picked.dedup();
+            let staging = store.staging_for(&t.name).map_err(|e| TargetError::Infra(e.to_string()))?;
+            let mut out = Vec::new();
+            for rel in picked {
+                let base = rel.rsplit('/').next().unwrap_or(&rel).to_string();
+                let dest = staging.join(&base);
+                if dest.exists() {
+                    return Err(TargetError::Script { exit_code: None, message: format!("two artifacts are both named `{base}`; artifacts are stored by file name") });
+                }
+                let size = env.fetch(&format!("{}/{rel}", t.workdir.trim_end_matches('/')), &dest).map_err(infra)?;
+                let sha256 = ArtifactStore::sha256(&dest).map_err(|e| TargetError::Infra(e.to_string()))?;
+                let path = format!("{}/{base}", t.name);
+                self.sink.event(&Event::new(Some(&t.name), EventKind::Artifact { path: path.clone(), size, sha256: sha256.clone() }));
+                out.push(ArtifactRecord { path, size, sha256 });
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// An error and its causes on one line: `a: b: c`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let cs = c.to_string();
+        if !s.contains(&cs) {
+            s.push_str(": ");
+            s.push_str(&cs);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests;

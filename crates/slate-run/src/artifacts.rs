@@ -1,0 +1,123 @@
+//! The artifacts folder: a target's files appear all at once, only after its
+//! success and with their checksums; `SHA256SUMS` and `manifest.json` are
+//! rewritten atomically as targets finish, so an interrupted run keeps what it
+//! had already built.
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ArtifactRecord {
+    /// Relative to the artifacts folder, e.g. `agent-bookworm/agent.deb`.
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ManifestTarget {
+    pub name: String,
+    pub status: String,
+    pub image: String,
+    pub image_digest: String,
+    pub provider: String,
+    pub artifacts: Vec<ArtifactRecord>,
+}
+
+#[derive(Debug, Serialize)]
+struct Manifest<'a> {
+    run_id: &'a str,
+    slate_version: &'a str,
+    targets: &'a [ManifestTarget],
+}
+
+pub struct ArtifactStore {
+    dir: PathBuf,
+    run_id: String,
+    staging: PathBuf,
+    done: Mutex<Vec<ManifestTarget>>,
+}
+
+fn ioerr(e: io::Error, what: &str, p: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{what} `{}`: {e}", p.display()))
+}
+
+impl ArtifactStore {
+    pub fn new(dir: PathBuf, run_id: &str) -> ArtifactStore {
+        let staging = dir.join(format!(".slate-tmp-{run_id}"));
+        ArtifactStore { dir, run_id: run_id.to_string(), staging, done: Mutex::new(Vec::new()) }
+    }
+
+    /// Where a target's artifacts are fetched to before they are checked.
+    pub fn staging_for(&self, target: &str) -> io::Result<PathBuf> {
+        let p = self.staging.join(target);
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).map_err(|e| ioerr(e, "create", &p))?;
+        Ok(p)
+    }
+
+    /// Checksums a staged file.
+    pub fn sha256(path: &Path) -> io::Result<String> {
+        let mut f = std::fs::File::open(path).map_err(|e| ioerr(e, "open", path))?;
+        let mut h = Sha256::new();
+        io::copy(&mut f, &mut h)?;
+        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// Moves a target's staged artifacts into place and rewrites the indexes.
+    pub fn commit(&self, mut t: ManifestTarget) -> io::Result<()> {
+        let staged = self.staging.join(&t.name);
+        let dest = self.dir.join(&t.name);
+        if dest.exists() {
+            let old = self.staging.join(format!("{}.old", t.name));
+            let _ = std::fs::remove_dir_all(&old);
+            std::fs::rename(&dest, &old).map_err(|e| ioerr(e, "move away", &dest))?;
+            let _ = std::fs::remove_dir_all(&old);
+        }
+        if staged.exists() {
+            std::fs::rename(&staged, &dest).map_err(|e| ioerr(e, "move into place", &dest))?;
+        } else {
+            std::fs::create_dir_all(&dest).map_err(|e| ioerr(e, "create", &dest))?;
+        }
+        t.status = "succeeded".into();
+        let mut done = self.done.lock().unwrap();
+        done.push(t);
+        self.write_indexes(&done)
+    }
+
+    /// Records a target that produced nothing (failed, skipped) in the manifest.
+    pub fn record_failure(&self, t: ManifestTarget) -> io::Result<()> {
+        let mut done = self.done.lock().unwrap();
+        done.push(t);
+        self.write_indexes(&done)
+    }
+
+    fn write_indexes(&self, done: &[ManifestTarget]) -> io::Result<()> {
+        let mut sums = String::new();
+        let mut sorted: Vec<&ArtifactRecord> = done.iter().flat_map(|t| &t.artifacts).collect();
+        sorted.sort_by(|a, b| a.path.cmp(&b.path));
+        for a in sorted {
+            sums.push_str(&format!("{}  {}\n", a.sha256, a.path));
+        }
+        let mut targets = done.to_vec();
+        targets.sort_by(|a, b| a.name.cmp(&b.name));
+        let manifest = Manifest { run_id: &self.run_id, slate_version: env!("CARGO_PKG_VERSION"), targets: &targets };
+        self.write_atomic("SHA256SUMS", sums.as_bytes())?;
+        self.write_atomic("manifest.json", &serde_json::to_vec_pretty(&manifest).map_err(io::Error::other)?)
+    }
+
+    fn write_atomic(&self, name: &str, data: &[u8]) -> io::Result<()> {
+        std::fs::create_dir_all(&self.staging).map_err(|e| ioerr(e, "create", &self.staging))?;
+        let tmp = self.staging.join(name);
+        std::fs::write(&tmp, data).map_err(|e| ioerr(e, "write", &tmp))?;
+        std::fs::rename(&tmp, self.dir.join(name)).map_err(|e| ioerr(e, "move into place", &self.dir.join(name)))
+    }
+
+    /// Removes the staging folder (what failed targets fetched).
+    pub fn finish(&self) {
+        let _ = std::fs::remove_dir_all(&self.staging);
+    }
+}

@@ -1,0 +1,83 @@
+//! Which host files are a target's inputs: `.gitignore` and `exclude` honoured,
+//! slate's own folders never included. The host tree is only read.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    #[error("bad `exclude` pattern `{pattern}`")]
+    Pattern {
+        pattern: String,
+        #[source]
+        source: ignore::Error,
+    },
+    #[error("cannot read input `{path}`")]
+    Walk {
+        path: PathBuf,
+        #[source]
+        source: ignore::Error,
+    },
+}
+
+/// An input root and the entries under it, relative to it.
+pub struct InputSet {
+    pub base: PathBuf,
+    pub entries: Vec<PathBuf>,
+}
+
+/// Lists `input` (a folder or a file). `skip` are absolute paths never copied.
+pub fn collect(input: &Path, exclude: &[String], skip: &[PathBuf]) -> Result<InputSet, InputError> {
+    if input.is_file() {
+        let base = input.parent().unwrap_or(Path::new("/")).to_path_buf();
+        return Ok(InputSet { base, entries: vec![PathBuf::from(input.file_name().unwrap_or_default())] });
+    }
+    let mut ob = ignore::overrides::OverrideBuilder::new(input);
+    for pat in exclude.iter().map(String::as_str).chain([".git/", ".slate/"]) {
+        ob.add(&format!("!{pat}")).map_err(|source| InputError::Pattern { pattern: pat.to_string(), source })?;
+    }
+    let overrides = ob.build().map_err(|source| InputError::Pattern { pattern: exclude.join(" "), source })?;
+    let walker = ignore::WalkBuilder::new(input)
+        .hidden(false)
+        .git_ignore(true)
+        .git_global(false)
+        .git_exclude(true)
+        .require_git(false)
+        .parents(false)
+        .ignore(false)
+        .overrides(overrides)
+        .sort_by_file_path(|a, b| a.cmp(b))
+        .build();
+    let mut entries = Vec::new();
+    for e in walker {
+        let e = e.map_err(|source| InputError::Walk { path: input.to_path_buf(), source })?;
+        let p = e.path();
+        if skip.iter().any(|s| p.starts_with(s)) {
+            continue;
+        }
+        if let Ok(rel) = p.strip_prefix(input) {
+            if !rel.as_os_str().is_empty() {
+                entries.push(rel.to_path_buf());
+            }
+        }
+    }
+    Ok(InputSet { base: input.to_path_buf(), entries })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn honours_gitignore_exclude_and_skips() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path();
+        for f in ["src/main.c", "target/big", "build/out.o", "notes.txt", ".slate/runs/x", "artifacts/a"] {
+            std::fs::create_dir_all(d.join(f).parent().unwrap()).unwrap();
+            std::fs::write(d.join(f), "x").unwrap();
+        }
+        std::fs::write(d.join(".gitignore"), "build/\n").unwrap();
+        let set = collect(d, &["target/".into(), "*.txt".into()], &[d.join("artifacts")]).unwrap();
+        let names: Vec<String> = set.entries.iter().map(|p| p.display().to_string()).collect();
+        assert_eq!(names, [".gitignore", "src", "src/main.c"]);
+    }
+}

@@ -1,0 +1,210 @@
+//! The run folder: `run.json` and one whole log per target (and per baked image).
+
+use crate::events::{Event, EventKind, EventSink, TargetStatus};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct RunRecord {
+    pub run_id: String,
+    pub started: f64,
+    pub ended: Option<f64>,
+    pub command: Vec<String>,
+    pub targets: Vec<TargetRecord>,
+    pub images: Vec<ImageRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TargetRecord {
+    pub name: String,
+    pub status: Option<TargetStatus>,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    pub phases: Vec<PhaseRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PhaseRecord {
+    pub name: String,
+    pub start: f64,
+    pub end: Option<f64>,
+    pub ok: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub name: String,
+    pub layers: Vec<LayerRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerRecord {
+    pub layer: String,
+    pub description: String,
+    pub state: String,
+    pub seconds: Option<f64>,
+}
+
+impl<'de> Deserialize<'de> for TargetStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(match s.as_str() {
+            "succeeded" => TargetStatus::Succeeded,
+            "failed" => TargetStatus::Failed,
+            "infra_failed" => TargetStatus::InfraFailed,
+            "cancelled" => TargetStatus::Cancelled,
+            _ => TargetStatus::Skipped,
+        })
+    }
+}
+
+struct Inner {
+    record: RunRecord,
+    logs: HashMap<String, File>,
+}
+
+/// Writes the run folder from the event stream.
+pub struct RunRecorder {
+    dir: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+impl RunRecorder {
+    pub fn create(runs_dir: &Path, run_id: &str, command: Vec<String>) -> std::io::Result<RunRecorder> {
+        let dir = runs_dir.join(run_id);
+        std::fs::create_dir_all(&dir).map_err(|e| std::io::Error::new(e.kind(), format!("create `{}`: {e}", dir.display())))?;
+        let rec = RunRecorder {
+            dir,
+            inner: Mutex::new(Inner {
+                record: RunRecord { run_id: run_id.to_string(), started: crate::events::now(), command, ..Default::default() },
+                logs: HashMap::new(),
+            }),
+        };
+        rec.save(&rec.inner.lock().unwrap().record);
+        Ok(rec)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn save(&self, r: &RunRecord) {
+        let tmp = self.dir.join("run.json.tmp");
+        if let Ok(data) = serde_json::to_vec_pretty(r) {
+            if std::fs::write(&tmp, data).is_ok() {
+                let _ = std::fs::rename(&tmp, self.dir.join("run.json"));
+            }
+        }
+    }
+
+    fn log_line(&self, inner: &mut Inner, file: &str, line: &str) {
+        let f = inner.logs.entry(file.to_string()).or_insert_with(|| {
+            File::options().create(true).append(true).open(self.dir.join(file)).unwrap_or_else(|_| File::open("/dev/null").unwrap())
+        });
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+fn target<'a>(r: &'a mut RunRecord, name: &str) -> &'a mut TargetRecord {
+    if let Some(i) = r.targets.iter().position(|t| t.name == name) {
+        return &mut r.targets[i];
+    }
+    r.targets.push(TargetRecord { name: name.to_string(), status: None, exit_code: None, error: None, phases: vec![] });
+    r.targets.last_mut().unwrap()
+}
+
+impl EventSink for RunRecorder {
+    fn event(&self, e: &Event) {
+        let mut inner = self.inner.lock().unwrap();
+        let name = e.target.clone().unwrap_or_default();
+        let log = format!("{name}.log");
+        let bake_log = format!("bake-{name}.log");
+        match &e.kind {
+            EventKind::RunStarted { targets, .. } => {
+                for t in targets {
+                    target(&mut inner.record, t);
+                }
+                let r = inner.record.clone();
+                self.save(&r);
+            }
+            EventKind::BakeLayer { layer, description, state, seconds } => {
+                let line = format!("==> layer {} {description}: {state}{}", &layer[..12.min(layer.len())], seconds.map(|s| format!(" in {s:.1}s")).unwrap_or_default());
+                self.log_line(&mut inner, &bake_log, &line);
+                let images = &mut inner.record.images;
+                let img = match images.iter().position(|i| i.name == name) {
+                    Some(i) => &mut images[i],
+                    None => {
+                        images.push(ImageRecord { name: name.clone(), layers: vec![] });
+                        images.last_mut().unwrap()
+                    }
+                };
+                match img.layers.iter_mut().find(|l| &l.layer == layer) {
+                    Some(l) => {
+                        l.state = state.clone();
+                        l.seconds = *seconds;
+                    }
+                    None => img.layers.push(LayerRecord { layer: layer.clone(), description: description.clone(), state: state.clone(), seconds: *seconds }),
+                }
+            }
+            EventKind::BakeOutput { line, .. } => self.log_line(&mut inner, &bake_log, line),
+            EventKind::BakeFailed { error } => self.log_line(&mut inner, &bake_log, &format!("==> bake failed: {error}")),
+            EventKind::TargetQueued => {}
+            EventKind::PhaseStarted { phase } => {
+                self.log_line(&mut inner, &log, &format!("==> {phase}"));
+                target(&mut inner.record, &name).phases.push(PhaseRecord { name: phase.clone(), start: e.time, end: None, ok: None });
+            }
+            EventKind::PhaseEnded { phase, ok } => {
+                if !ok {
+                    self.log_line(&mut inner, &log, &format!("==> {phase} failed"));
+                }
+                if let Some(p) = target(&mut inner.record, &name).phases.iter_mut().rev().find(|p| &p.name == phase) {
+                    p.end = Some(e.time);
+                    p.ok = Some(*ok);
+                }
+                let r = inner.record.clone();
+                self.save(&r);
+            }
+            EventKind::Output { line, .. } => self.log_line(&mut inner, &log, line),
+            EventKind::Retry { attempt, error } => self.log_line(&mut inner, &log, &format!("==> infrastructure failure, retrying (attempt {attempt}): {error}")),
+            EventKind::Artifact { path, size, sha256 } => self.log_line(&mut inner, &log, &format!("==> artifact {path} ({size} bytes, sha256 {sha256})")),
+            EventKind::TargetFinished { status, exit_code, error } => {
+                let line = format!("==> {}{}", status.as_str(), error.as_ref().map(|e| format!(": {e}")).unwrap_or_default());
+                self.log_line(&mut inner, &log, &line);
+                let t = target(&mut inner.record, &name);
+                t.status = Some(*status);
+                t.exit_code = *exit_code;
+                t.error = error.clone();
+                let r = inner.record.clone();
+                self.save(&r);
+            }
+            EventKind::RunFinished { .. } => {
+                inner.record.ended = Some(e.time);
+                let r = inner.record.clone();
+                self.save(&r);
+            }
+        }
+    }
+}
+
+/// Reads a run's record.
+pub fn read_record(runs_dir: &Path, run_id: &str) -> std::io::Result<RunRecord> {
+    let text = std::fs::read_to_string(runs_dir.join(run_id).join("run.json"))?;
+    serde_json::from_str(&text).map_err(std::io::Error::other)
+}
+
+/// Run ids, oldest first (ids sort by time).
+pub fn list_runs(runs_dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(runs_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("run.json").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
