@@ -75,7 +75,10 @@ fn first_line(d: &[Diagnostic]) -> String {
 }
 
 /// The closest candidate to `word`, if it is close enough to be a likely typo.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|c| (levenshtein(word, c), c))
@@ -113,7 +116,10 @@ mod tests {
 
     #[test]
     fn suggests_close_names_only() {
-        assert_eq!(did_you_mean("pakages", ["packages", "steps"]), Some("packages"));
+        assert_eq!(
+            did_you_mean("pakages", ["packages", "steps"]),
+            Some("packages")
+        );
         assert_eq!(did_you_mean("zzz", ["packages", "steps"]), None);
     }
 }

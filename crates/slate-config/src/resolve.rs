@@ -38,9 +38,8 @@ fn find_config(dir: &Path) -> Result<PathBuf, ConfigError> {
 
 /// Parses and resolves config text read from `path`.
 pub fn load_str(path: &Path, src: &str) -> Result<Project, ConfigError> {
-    let file: ConfigFile = toml::from_str(src).map_err(|e| {
-        ConfigError::Invalid(vec![parse_diagnostic(path, src, &e)])
-    })?;
+    let file: ConfigFile = toml::from_str(src)
+        .map_err(|e| ConfigError::Invalid(vec![parse_diagnostic(path, src, &e)]))?;
     let dir = path
         .parent()
         .map(Path::to_path_buf)
@@ -161,12 +160,20 @@ impl Resolver<'_> {
         if let Some(vm) = &file.providers.vm {
             if let Some(a) = &vm.accel {
                 if !["auto", "kvm", "tcg"].contains(&a.get_ref().as_str()) {
-                    self.err(a, format!("unknown accel `{}`", a.get_ref()), Some("use `auto`, `kvm` or `tcg`".into()));
+                    self.err(
+                        a,
+                        format!("unknown accel `{}`", a.get_ref()),
+                        Some("use `auto`, `kvm` or `tcg`".into()),
+                    );
                 }
             }
             if let Some(i) = &vm.init {
                 if !["slate", "systemd"].contains(&i.get_ref().as_str()) {
-                    self.err(i, format!("unknown init `{}`", i.get_ref()), Some("use `slate` or `systemd`".into()));
+                    self.err(
+                        i,
+                        format!("unknown init `{}`", i.get_ref()),
+                        Some("use `slate` or `systemd`".into()),
+                    );
                 }
             }
         }
@@ -191,18 +198,26 @@ impl Resolver<'_> {
             Some(("oci", r)) if !r.is_empty() => BaseSpec::Oci {
                 reference: r.to_string(),
             },
-            Some(("image", n)) if !n.is_empty() => BaseSpec::Image { name: n.to_string() },
+            Some(("image", n)) if !n.is_empty() => BaseSpec::Image {
+                name: n.to_string(),
+            },
             _ => {
                 self.err(
                     &img.from,
                     format!("image `{name}`: cannot read `from = \"{from}\"`"),
                     Some("use `debian:SUITE`, `oci:REF`, `tar:PATH` or `image:NAME`".into()),
                 );
-                BaseSpec::Image { name: String::new() }
+                BaseSpec::Image {
+                    name: String::new(),
+                }
             }
         };
         if !matches!(base, BaseSpec::Debian { .. }) {
-            for (field, v) in [("mirror", &img.mirror), ("variant", &img.variant), ("arch", &img.arch)] {
+            for (field, v) in [
+                ("mirror", &img.mirror),
+                ("variant", &img.variant),
+                ("arch", &img.arch),
+            ] {
                 if let Some(v) = v {
                     self.err(
                         v,
@@ -213,9 +228,20 @@ impl Resolver<'_> {
             }
         }
         if let Some(v) = &img.variant {
-            let ok = ["minbase", "buildd", "required", "important", "standard", "apt"];
+            let ok = [
+                "minbase",
+                "buildd",
+                "required",
+                "important",
+                "standard",
+                "apt",
+            ];
             if !ok.contains(&v.get_ref().as_str()) {
-                self.err(v, format!("unknown variant `{}`", v.get_ref()), Some(format!("use one of {}", ok.join(", "))));
+                self.err(
+                    v,
+                    format!("unknown variant `{}`", v.get_ref()),
+                    Some(format!("use one of {}", ok.join(", "))),
+                );
             }
         }
         let mut files = Vec::new();
@@ -223,7 +249,10 @@ impl Resolver<'_> {
             if !dest.get_ref().starts_with('/') {
                 self.err(
                     dest,
-                    format!("image `{name}`: file destination `{}` is not an absolute path", dest.get_ref()),
+                    format!(
+                        "image `{name}`: file destination `{}` is not an absolute path",
+                        dest.get_ref()
+                    ),
                     Some(format!("write it as `/{}`", dest.get_ref())),
                 );
             }
@@ -232,7 +261,10 @@ impl Resolver<'_> {
                 self.err(
                     dest,
                     format!("image `{name}`: file `{host}` does not exist"),
-                    Some(format!("paths in `files` are relative to `{}`", self.dir.display())),
+                    Some(format!(
+                        "paths in `files` are relative to `{}`",
+                        self.dir.display()
+                    )),
                 );
             }
             files.push((hp, dest.get_ref().clone()));
@@ -243,7 +275,11 @@ impl Resolver<'_> {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || "+-.:=~_/".contains(c));
             if !ok {
-                self.err(p, format!("`{}` is not a Debian package name", p.get_ref()), None);
+                self.err(
+                    p,
+                    format!("`{}` is not a Debian package name", p.get_ref()),
+                    None,
+                );
             }
         }
         ImageSpec {
@@ -251,7 +287,11 @@ impl Resolver<'_> {
             base,
             packages: img.packages.iter().map(|p| p.get_ref().clone()).collect(),
             files,
-            env: img.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            env: img
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             steps: img.steps.iter().map(|s| s.get_ref().clone()).collect(),
             vm: img.vm,
         }
@@ -267,7 +307,11 @@ impl Resolver<'_> {
                 let hint = did_you_mean(base, names.iter().copied())
                     .map(|b| format!("did you mean `image:{b}`?"))
                     .unwrap_or_else(|| format!("define `[images.{base}]` or fix the name"));
-                self.err(&img.get_ref().from, format!("image `{name}` is based on `{base}`, which is not defined"), Some(hint));
+                self.err(
+                    &img.get_ref().from,
+                    format!("image `{name}` is based on `{base}`, which is not defined"),
+                    Some(hint),
+                );
                 continue;
             }
             // Follow the chain of bases; coming back to `name` is a cycle.
@@ -294,12 +338,22 @@ impl Resolver<'_> {
         }
     }
 
-    fn build(&mut self, name: &str, b: &Spanned<BuildConfig>, images: &[&str], out: &mut Vec<TargetSpec>) {
+    fn build(
+        &mut self,
+        name: &str,
+        b: &Spanned<BuildConfig>,
+        images: &[&str],
+        out: &mut Vec<TargetSpec>,
+    ) {
         let bc = b.get_ref();
         let axes: Vec<(&String, &Spanned<Vec<String>>)> = bc.matrix.iter().collect();
         for (axis, values) in &axes {
             if values.get_ref().is_empty() {
-                self.err(*values, format!("build `{name}`: matrix axis `{axis}` has no values"), None);
+                self.err(
+                    *values,
+                    format!("build `{name}`: matrix axis `{axis}` has no values"),
+                    None,
+                );
                 return;
             }
         }
@@ -315,24 +369,40 @@ impl Resolver<'_> {
                     } else {
                         format!("the matrix axes are: {}", axis_names.join(", "))
                     };
-                    self.err(s, format!("build `{name}`: placeholder `{{{ph}}}` has no matrix axis"), Some(hint));
+                    self.err(
+                        s,
+                        format!("build `{name}`: placeholder `{{{ph}}}` has no matrix axis"),
+                        Some(hint),
+                    );
                     return;
                 }
             }
         }
         let command = match (&bc.script, &bc.run) {
             (Some(_), Some(r)) => {
-                self.err(r, format!("build `{name}` has both `script` and `run`"), Some("keep one of them".into()));
+                self.err(
+                    r,
+                    format!("build `{name}` has both `script` and `run`"),
+                    Some("keep one of them".into()),
+                );
                 return;
             }
             (None, None) => {
-                self.err(b, format!("build `{name}` has neither `script` nor `run`"), Some("add `script = \"build.sh\"` or `run = [\"make\"]`".into()));
+                self.err(
+                    b,
+                    format!("build `{name}` has neither `script` nor `run`"),
+                    Some("add `script = \"build.sh\"` or `run = [\"make\"]`".into()),
+                );
                 return;
             }
             (Some(s), None) => {
                 let p = self.dir.join(s.get_ref());
                 if !p.is_file() {
-                    self.err(s, format!("build `{name}`: script `{}` does not exist", s.get_ref()), Some(format!("paths are relative to `{}`", self.dir.display())));
+                    self.err(
+                        s,
+                        format!("build `{name}`: script `{}` does not exist", s.get_ref()),
+                        Some(format!("paths are relative to `{}`", self.dir.display())),
+                    );
                 }
                 BuildCommand::Script(p)
             }
@@ -348,37 +418,62 @@ impl Resolver<'_> {
             Some(p) => match ProviderKind::parse(p.get_ref()) {
                 Some(k) => k,
                 None => {
-                    self.err(p, format!("unknown provider `{}`", p.get_ref()), Some("use `sandbox`, `vm`, `ssh` or `ec2`".into()));
+                    self.err(
+                        p,
+                        format!("unknown provider `{}`", p.get_ref()),
+                        Some("use `sandbox`, `vm`, `ssh` or `ec2`".into()),
+                    );
                     ProviderKind::Sandbox
                 }
             },
         };
-        let memory = bc.memory.as_ref().and_then(|m| match parse_size(m.get_ref()) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                self.err(m, e, None);
-                None
-            }
-        });
-        let timeout = bc.timeout.as_ref().and_then(|t| match parse_duration(t.get_ref()) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                self.err(t, e, None);
-                None
-            }
-        });
+        let memory = bc
+            .memory
+            .as_ref()
+            .and_then(|m| match parse_size(m.get_ref()) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    self.err(m, e, None);
+                    None
+                }
+            });
+        let timeout = bc
+            .timeout
+            .as_ref()
+            .and_then(|t| match parse_duration(t.get_ref()) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    self.err(t, e, None);
+                    None
+                }
+            });
         if let Some(c) = &bc.cpus {
             if *c.get_ref() <= 0.0 {
                 self.err(c, "`cpus` must be more than 0".into(), None);
             }
         }
-        let workdir = bc.workdir.as_ref().map(|w| w.get_ref().clone()).unwrap_or_else(|| "/src".into());
+        let workdir = bc
+            .workdir
+            .as_ref()
+            .map(|w| w.get_ref().clone())
+            .unwrap_or_else(|| "/src".into());
         if !workdir.starts_with('/') || workdir == "/" {
-            self.err(bc.workdir.as_ref().unwrap(), format!("`workdir = \"{workdir}\"` must be an absolute path below /"), Some("e.g. `workdir = \"/src\"`".into()));
+            self.err(
+                bc.workdir.as_ref().unwrap(),
+                format!("`workdir = \"{workdir}\"` must be an absolute path below /"),
+                Some("e.g. `workdir = \"/src\"`".into()),
+            );
         }
         for a in &bc.artifacts {
             if a.get_ref().starts_with('/') || a.get_ref().split('/').any(|c| c == "..") {
-                self.err(a, format!("artifact glob `{}` must be relative to workdir", a.get_ref()), None);
+                self.err(
+                    a,
+                    format!(
+                        "artifact glob `{}` must be relative to workdir",
+                        a.get_ref()
+                    ),
+                    None,
+                );
             }
         }
         if bc.artifacts.is_empty() {
@@ -391,7 +486,11 @@ impl Resolver<'_> {
                 .map(|i| {
                     let p = self.dir.join(i.get_ref());
                     if !p.exists() {
-                        self.err(i, format!("build `{name}`: input `{}` does not exist", i.get_ref()), None);
+                        self.err(
+                            i,
+                            format!("build `{name}`: input `{}` does not exist", i.get_ref()),
+                            None,
+                        );
                     }
                     p
                 })
@@ -399,7 +498,11 @@ impl Resolver<'_> {
         };
         for s in &bc.secrets {
             if s.get_ref().is_empty() || s.get_ref().contains('=') {
-                self.err(s, format!("`{}` is not an environment variable name", s.get_ref()), None);
+                self.err(
+                    s,
+                    format!("`{}` is not an environment variable name", s.get_ref()),
+                    None,
+                );
             }
         }
 
@@ -408,14 +511,25 @@ impl Resolver<'_> {
             let target_name = if combo.is_empty() {
                 name.to_string()
             } else {
-                format!("{name}-{}", combo.iter().map(|(_, v)| v.as_str()).collect::<Vec<_>>().join("-"))
+                format!(
+                    "{name}-{}",
+                    combo
+                        .iter()
+                        .map(|(_, v)| v.as_str())
+                        .collect::<Vec<_>>()
+                        .join("-")
+                )
             };
             let image = subst(bc.image.get_ref());
             if !images.contains(&image.as_str()) {
                 let hint = did_you_mean(&image, images.iter().copied())
                     .map(|b| format!("did you mean `{b}`?"))
                     .unwrap_or_else(|| format!("define `[images.{image}]`"));
-                self.err(&bc.image, format!("target `{target_name}` uses image `{image}`, which is not defined"), Some(hint));
+                self.err(
+                    &bc.image,
+                    format!("target `{target_name}` uses image `{image}`, which is not defined"),
+                    Some(hint),
+                );
                 continue;
             }
             out.push(TargetSpec {
@@ -470,7 +584,11 @@ pub fn placeholders(s: &str) -> Vec<String> {
         if b[i] == b'{' && (i == 0 || b[i - 1] != b'$') {
             if let Some(end) = s[i + 1..].find('}') {
                 let name = &s[i + 1..i + 1 + end];
-                if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                if !name.is_empty()
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
                     out.push(name.to_string());
                     i += end + 2;
                     continue;
@@ -542,7 +660,10 @@ memory = "2GiB"
         assert_eq!(names, ["agent-bookworm", "agent-trixie"]);
         let t = &p.targets[1];
         assert_eq!(t.image, "builder-trixie");
-        assert_eq!(t.command, BuildCommand::Run(vec!["make trixie".into(), "echo ${distro}".into()]));
+        assert_eq!(
+            t.command,
+            BuildCommand::Run(vec!["make trixie".into(), "echo ${distro}".into()])
+        );
         assert_eq!(t.artifacts, ["dist/trixie/*.deb"]);
         assert_eq!(t.env, [("D".to_string(), "trixie".to_string())]);
         assert_eq!(t.memory, Some(2 << 30));
@@ -554,7 +675,11 @@ memory = "2GiB"
     fn unknown_key_suggests_fix_with_position() {
         let d = diags("[images.a]\nfrom = \"debian:bookworm\"\npakages = [\"x\"]\n");
         assert_eq!((d[0].line, d[0].col), (3, 1));
-        assert!(d[0].message.contains("unknown field `pakages`"), "{}", d[0].message);
+        assert!(
+            d[0].message.contains("unknown field `pakages`"),
+            "{}",
+            d[0].message
+        );
         assert_eq!(d[0].hint.as_deref(), Some("did you mean `packages`?"));
     }
 
@@ -572,19 +697,30 @@ memory = "2GiB"
         assert!(d[0].message.contains("image `aa`"));
         assert_eq!(d[0].hint.as_deref(), Some("did you mean `a`?"));
         let d = diags("[images.a]\nfrom = \"debian:bookworm\"\n[builds.b]\nimage = \"a-{distro}\"\nrun = [\"true\"]\n");
-        assert!(d[0].message.contains("placeholder `{distro}` has no matrix axis"), "{}", d[0].message);
+        assert!(
+            d[0].message
+                .contains("placeholder `{distro}` has no matrix axis"),
+            "{}",
+            d[0].message
+        );
         assert_eq!((d[0].line, d[0].col), (4, 9));
     }
 
     #[test]
     fn image_cycles_are_errors() {
         let d = diags("[images.a]\nfrom = \"image:b\"\n[images.b]\nfrom = \"image:a\"\n");
-        assert!(d.iter().any(|d| d.message.contains("cycle: a → b → a")), "{d:?}");
+        assert!(
+            d.iter().any(|d| d.message.contains("cycle: a → b → a")),
+            "{d:?}"
+        );
     }
 
     #[test]
     fn placeholders_skip_shell_syntax() {
         assert_eq!(placeholders("a {x} ${y} {z}"), ["x", "z"]);
-        assert_eq!(substitute("{x}-${x}", &[("x".into(), "1".into())]), "1-${x}");
+        assert_eq!(
+            substitute("{x}-${x}", &[("x".into(), "1".into())]),
+            "1-${x}"
+        );
     }
 }

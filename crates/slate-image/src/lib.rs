@@ -6,7 +6,9 @@ pub mod store;
 pub use plan::{plan, ImagePlan, LayerKind, LayerPlan};
 pub use store::{LayerMeta, LayerStore};
 
-use slate_provider::{Bind, Cancel, EnvSpec, Environment, ExecOutcome, ExecSpec, Provider, ProviderError, Stream};
+use slate_provider::{
+    Bind, Cancel, EnvSpec, Environment, ExecOutcome, ExecSpec, Provider, ProviderError, Stream,
+};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -25,11 +27,19 @@ pub enum ImageError {
         source: std::io::Error,
     },
     #[error("image `{image}`: layer `{layer}` failed ({outcome})")]
-    StepFailed { image: String, layer: String, outcome: String },
+    StepFailed {
+        image: String,
+        layer: String,
+        outcome: String,
+    },
     #[error("image `{image}`: no bootstrap tool found")]
     NoBootstrapper { image: String },
     #[error("image `{image}`: bootstrapping `{suite}` failed ({outcome})")]
-    Bootstrap { image: String, suite: String, outcome: String },
+    Bootstrap {
+        image: String,
+        suite: String,
+        outcome: String,
+    },
     #[error("image `{image}`: layer store operation `{op}` failed")]
     Store {
         image: String,
@@ -92,7 +102,11 @@ pub struct Baker<'a, P: Provider> {
 impl<P: Provider> Baker<'_, P> {
     /// Bakes whatever layers of `plan` are missing.
     pub fn bake(&self, plan: &ImagePlan) -> Result<BakedImage, ImageError> {
-        let serr = |op: &str, source| ImageError::Store { image: plan.name.clone(), op: op.into(), source };
+        let serr = |op: &str, source| ImageError::Store {
+            image: plan.name.clone(),
+            op: op.into(),
+            source,
+        };
         for (i, layer) in plan.layers.iter().enumerate() {
             if self.store.has(&layer.key) {
                 self.store.touch_used(&layer.key);
@@ -106,12 +120,20 @@ impl<P: Provider> Baker<'_, P> {
                 continue;
             }
             if self.cancel.is_cancelled() {
-                return Err(ImageError::Cancelled { image: plan.name.clone() });
+                return Err(ImageError::Cancelled {
+                    image: plan.name.clone(),
+                });
             }
             self.reporter.layer(&plan.name, layer, LayerState::Started);
             let started = Instant::now();
-            let staging = self.store.staging(&layer.key).map_err(|e| serr("create staging folder", e))?;
-            let below: Vec<PathBuf> = plan.layers[..i].iter().map(|l| self.store.layer_fs(&l.key)).collect();
+            let staging = self
+                .store
+                .staging(&layer.key)
+                .map_err(|e| serr("create staging folder", e))?;
+            let below: Vec<PathBuf> = plan.layers[..i]
+                .iter()
+                .map(|l| self.store.layer_fs(&l.key))
+                .collect();
             let res = self.build_layer(plan, layer, &below, &staging.join("fs"));
             if let Err(e) = res {
                 let _ = store::remove_tree(&staging);
@@ -125,8 +147,11 @@ impl<P: Provider> Baker<'_, P> {
                 size: 0,
                 bake_seconds: started.elapsed().as_secs_f64(),
             };
-            self.store.commit(&staging, meta).map_err(|e| serr("commit layer", e))?;
-            self.reporter.layer(&plan.name, layer, LayerState::Built(started.elapsed()));
+            self.store
+                .commit(&staging, meta)
+                .map_err(|e| serr("commit layer", e))?;
+            self.reporter
+                .layer(&plan.name, layer, LayerState::Built(started.elapsed()));
         }
         Ok(self.baked(plan))
     }
@@ -136,19 +161,41 @@ impl<P: Provider> Baker<'_, P> {
         BakedImage {
             name: plan.name.clone(),
             digest: plan.digest().to_string(),
-            layers: plan.layers.iter().map(|l| self.store.layer_fs(&l.key)).collect(),
+            layers: plan
+                .layers
+                .iter()
+                .map(|l| self.store.layer_fs(&l.key))
+                .collect(),
             env: plan.env.clone(),
         }
     }
 
-    fn build_layer(&self, plan: &ImagePlan, layer: &LayerPlan, below: &[PathBuf], fs: &Path) -> Result<(), ImageError> {
+    fn build_layer(
+        &self,
+        plan: &ImagePlan,
+        layer: &LayerPlan,
+        below: &[PathBuf],
+        fs: &Path,
+    ) -> Result<(), ImageError> {
         match &layer.kind {
-            LayerKind::Debian { suite, mirror, variant, arch } => self.bootstrap(plan, suite, mirror.as_deref(), variant, arch.as_deref(), fs),
+            LayerKind::Debian {
+                suite,
+                mirror,
+                variant,
+                arch,
+            } => self.bootstrap(plan, suite, mirror.as_deref(), variant, arch.as_deref(), fs),
             LayerKind::Tar { path } => {
                 let mut cmd = Command::new("tar");
-                cmd.args(["-x", "-p", "--numeric-owner", "-f"]).arg(path).arg("-C").arg(fs);
+                cmd.args(["-x", "-p", "--numeric-owner", "-f"])
+                    .arg(path)
+                    .arg("-C")
+                    .arg(fs);
                 self.host_command(plan, cmd, "unpack")
-                    .map_err(|outcome| ImageError::Bootstrap { image: plan.name.clone(), suite: path.display().to_string(), outcome })
+                    .map_err(|outcome| ImageError::Bootstrap {
+                        image: plan.name.clone(),
+                        suite: path.display().to_string(),
+                        outcome,
+                    })
             }
             LayerKind::Files(files) => {
                 for (host, dest) in files {
@@ -159,7 +206,10 @@ impl<P: Provider> Baker<'_, P> {
                         }
                         std::fs::copy(host, &to).map(|_| ())
                     })();
-                    res.map_err(|source| ImageError::Read { path: host.clone(), source })?;
+                    res.map_err(|source| ImageError::Read {
+                        path: host.clone(),
+                        source,
+                    })?;
                 }
                 Ok(())
             }
@@ -170,18 +220,32 @@ impl<P: Provider> Baker<'_, P> {
                 );
                 self.run_in_sandbox(plan, layer, below, fs, &script, &[])
             }
-            LayerKind::Step { command, env } => self.run_in_sandbox(plan, layer, below, fs, command, env),
+            LayerKind::Step { command, env } => {
+                self.run_in_sandbox(plan, layer, below, fs, command, env)
+            }
         }
     }
 
-    fn run_in_sandbox(&self, plan: &ImagePlan, layer: &LayerPlan, below: &[PathBuf], fs: &Path, script: &str, env: &[(String, String)]) -> Result<(), ImageError> {
+    fn run_in_sandbox(
+        &self,
+        plan: &ImagePlan,
+        layer: &LayerPlan,
+        below: &[PathBuf],
+        fs: &Path,
+        script: &str,
+        env: &[(String, String)],
+    ) -> Result<(), ImageError> {
         let spec = EnvSpec {
             name: format!("bake-{}", plan.name),
             layers: below.to_vec(),
             upper: Some(fs.to_path_buf()),
             network: true,
             limits: Default::default(),
-            binds: vec![Bind { host: self.store.apt_archives(), guest: "/var/cache/apt/archives".into(), readonly: false }],
+            binds: vec![Bind {
+                host: self.store.apt_archives(),
+                guest: "/var/cache/apt/archives".into(),
+                readonly: false,
+            }],
         };
         let mut envir = self.provider.create(&spec)?;
         let mut sink = |s: Stream, l: &str| self.reporter.output(&plan.name, s, l);
@@ -197,12 +261,26 @@ impl<P: Provider> Baker<'_, P> {
         destroyed?;
         match outcome {
             ExecOutcome::Exited(0) => Ok(()),
-            ExecOutcome::Cancelled => Err(ImageError::Cancelled { image: plan.name.clone() }),
-            o => Err(ImageError::StepFailed { image: plan.name.clone(), layer: layer.describe(), outcome: describe(o) }),
+            ExecOutcome::Cancelled => Err(ImageError::Cancelled {
+                image: plan.name.clone(),
+            }),
+            o => Err(ImageError::StepFailed {
+                image: plan.name.clone(),
+                layer: layer.describe(),
+                outcome: describe(o),
+            }),
         }
     }
 
-    fn bootstrap(&self, plan: &ImagePlan, suite: &str, mirror: Option<&str>, variant: &str, arch: Option<&str>, fs: &Path) -> Result<(), ImageError> {
+    fn bootstrap(
+        &self,
+        plan: &ImagePlan,
+        suite: &str,
+        mirror: Option<&str>,
+        variant: &str,
+        arch: Option<&str>,
+        fs: &Path,
+    ) -> Result<(), ImageError> {
         let opts = host_apt_options();
         let mut cmd = if which("mmdebstrap") {
             let mut c = Command::new("mmdebstrap");
@@ -217,7 +295,11 @@ impl<P: Provider> Baker<'_, P> {
             c
         } else if which("debootstrap") {
             let mut c = Command::new("debootstrap");
-            let v = if variant == "minbase" || variant == "buildd" { variant } else { "minbase" };
+            let v = if variant == "minbase" || variant == "buildd" {
+                variant
+            } else {
+                "minbase"
+            };
             c.arg(format!("--variant={v}"));
             if let Some(a) = arch {
                 c.arg(format!("--arch={a}"));
@@ -225,17 +307,28 @@ impl<P: Provider> Baker<'_, P> {
             c.arg(suite).arg(fs);
             c
         } else {
-            return Err(ImageError::NoBootstrapper { image: plan.name.clone() });
+            return Err(ImageError::NoBootstrapper {
+                image: plan.name.clone(),
+            });
         };
         if let Some(m) = mirror {
             cmd.arg(m);
         }
         self.host_command(plan, cmd, "bootstrap")
-            .map_err(|outcome| ImageError::Bootstrap { image: plan.name.clone(), suite: suite.to_string(), outcome })?;
+            .map_err(|outcome| ImageError::Bootstrap {
+                image: plan.name.clone(),
+                suite: suite.to_string(),
+                outcome,
+            })?;
         // Carry the host's apt settings that bootstrapping needed into the
         // image, and drop host-specific files the bootstrapper copied in.
         let conf: String = opts.iter().map(|o| format!("{o};\n")).collect();
-        let w = |rel: &str, data: &str| std::fs::write(fs.join(rel), data).map_err(|source| ImageError::Read { path: fs.join(rel), source });
+        let w = |rel: &str, data: &str| {
+            std::fs::write(fs.join(rel), data).map_err(|source| ImageError::Read {
+                path: fs.join(rel),
+                source,
+            })
+        };
         if !conf.is_empty() {
             w("etc/apt/apt.conf.d/99slate-host", &conf)?;
         }
@@ -246,8 +339,12 @@ impl<P: Provider> Baker<'_, P> {
 
     /// Runs a host tool, streaming its output as bake output.
     fn host_command(&self, plan: &ImagePlan, mut cmd: Command, what: &str) -> Result<(), String> {
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|e| format!("cannot start {what}: {e}"))?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {what}: {e}"))?;
         let stderr = child.stderr.take().unwrap();
         let stdout = child.stdout.take().unwrap();
         std::thread::scope(|s| {
@@ -296,7 +393,13 @@ fn host_apt_options() -> Vec<String> {
     text.lines()
         .filter(|l| {
             let key = l.split_whitespace().next().unwrap_or("");
-            ["Acquire::Check-Valid-Until", "Acquire::Check-Date", "Acquire::http::Proxy", "Acquire::https::Proxy"].contains(&key)
+            [
+                "Acquire::Check-Valid-Until",
+                "Acquire::Check-Date",
+                "Acquire::http::Proxy",
+                "Acquire::https::Proxy",
+            ]
+            .contains(&key)
         })
         .map(|l| l.trim_end_matches(';').to_string())
         .collect()

@@ -41,8 +41,16 @@ pub struct LayerPlan {
 impl LayerPlan {
     pub fn describe(&self) -> String {
         match &self.kind {
-            LayerKind::Debian { suite, variant, arch, .. } => {
-                format!("bootstrap debian:{suite} ({variant}{})", arch.as_ref().map(|a| format!(", {a}")).unwrap_or_default())
+            LayerKind::Debian {
+                suite,
+                variant,
+                arch,
+                ..
+            } => {
+                format!(
+                    "bootstrap debian:{suite} ({variant}{})",
+                    arch.as_ref().map(|a| format!(", {a}")).unwrap_or_default()
+                )
             }
             LayerKind::Tar { path } => format!("unpack {}", path.display()),
             LayerKind::Packages(p) => format!("apt-get install {}", p.join(" ")),
@@ -62,7 +70,11 @@ pub struct ImagePlan {
 impl ImagePlan {
     /// The image's digest: the key of its top layer.
     pub fn digest(&self) -> &str {
-        &self.layers.last().expect("an image has at least one layer").key
+        &self
+            .layers
+            .last()
+            .expect("an image has at least one layer")
+            .key
     }
 }
 
@@ -79,11 +91,38 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+static DIGEST_CACHE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Remembers file digests in `dir`, keyed by path, size, mtime and inode, so a
+/// large `tar:` base is not hashed again on every run.
+pub fn set_digest_cache(dir: PathBuf) {
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = DIGEST_CACHE.set(dir);
+}
+
 pub fn file_digest(path: &std::path::Path) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    let id = format!(
+        "{}\n{}\n{}\n{}\n{}",
+        path.display(),
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ino()
+    );
+    let slot = DIGEST_CACHE.get().map(|d| d.join(hash(&[id.as_bytes()])));
+    if let Some(cached) = slot.as_ref().and_then(|s| std::fs::read_to_string(s).ok()) {
+        return Ok(cached);
+    }
     let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h)?;
-    Ok(hex(&h.finalize()))
+    let d = hex(&h.finalize());
+    if let Some(s) = slot {
+        let _ = std::fs::write(s, &d);
+    }
+    Ok(d)
 }
 
 /// Plans `name` and, through `image:` bases, the images below it.
@@ -92,25 +131,63 @@ pub fn plan(project: &Project, name: &str) -> Result<ImagePlan, ImageError> {
 }
 
 fn plan_inner(project: &Project, name: &str, depth: usize) -> Result<ImagePlan, ImageError> {
-    let spec: &ImageSpec = project.image(name).ok_or_else(|| ImageError::Unknown { name: name.to_string() })?;
+    let spec: &ImageSpec = project.image(name).ok_or_else(|| ImageError::Unknown {
+        name: name.to_string(),
+    })?;
     if depth > 32 {
-        return Err(ImageError::Unknown { name: name.to_string() });
+        return Err(ImageError::Unknown {
+            name: name.to_string(),
+        });
     }
     let mut layers: Vec<LayerPlan> = Vec::new();
     let mut env: Vec<(String, String)> = Vec::new();
     let push = |layers: &mut Vec<LayerPlan>, kind: LayerKind, content: String| {
         let parent = layers.last().map(|l| l.key.clone());
-        let key = hash(&[FORMAT.as_bytes(), parent.as_deref().unwrap_or("").as_bytes(), content.as_bytes()]);
-        layers.push(LayerPlan { key, parent, kind, image: name.to_string() });
+        let key = hash(&[
+            FORMAT.as_bytes(),
+            parent.as_deref().unwrap_or("").as_bytes(),
+            content.as_bytes(),
+        ]);
+        layers.push(LayerPlan {
+            key,
+            parent,
+            kind,
+            image: name.to_string(),
+        });
     };
     match &spec.base {
-        BaseSpec::Debian { suite, mirror, variant, arch } => {
-            let content = format!("debian\n{suite}\n{}\n{variant}\n{}", mirror.as_deref().unwrap_or(""), arch.as_deref().unwrap_or(""));
-            push(&mut layers, LayerKind::Debian { suite: suite.clone(), mirror: mirror.clone(), variant: variant.clone(), arch: arch.clone() }, content);
+        BaseSpec::Debian {
+            suite,
+            mirror,
+            variant,
+            arch,
+        } => {
+            let content = format!(
+                "debian\n{suite}\n{}\n{variant}\n{}",
+                mirror.as_deref().unwrap_or(""),
+                arch.as_deref().unwrap_or("")
+            );
+            push(
+                &mut layers,
+                LayerKind::Debian {
+                    suite: suite.clone(),
+                    mirror: mirror.clone(),
+                    variant: variant.clone(),
+                    arch: arch.clone(),
+                },
+                content,
+            );
         }
         BaseSpec::Tar { path } => {
-            let digest = file_digest(path).map_err(|source| ImageError::Read { path: path.clone(), source })?;
-            push(&mut layers, LayerKind::Tar { path: path.clone() }, format!("tar\n{digest}"));
+            let digest = file_digest(path).map_err(|source| ImageError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            push(
+                &mut layers,
+                LayerKind::Tar { path: path.clone() },
+                format!("tar\n{digest}"),
+            );
         }
         BaseSpec::Oci { reference } => {
             return Err(ImageError::Unsupported {
@@ -135,23 +212,43 @@ fn plan_inner(project: &Project, name: &str, depth: usize) -> Result<ImagePlan, 
         let mut pk = spec.packages.clone();
         pk.sort();
         pk.dedup();
-        push(&mut layers, LayerKind::Packages(pk.clone()), format!("packages\n{}", pk.join("\n")));
+        push(
+            &mut layers,
+            LayerKind::Packages(pk.clone()),
+            format!("packages\n{}", pk.join("\n")),
+        );
     }
     if !spec.files.is_empty() {
         let mut content = String::from("files\n");
         for (host, dest) in &spec.files {
-            let d = file_digest(host).map_err(|source| ImageError::Read { path: host.clone(), source })?;
+            let d = file_digest(host).map_err(|source| ImageError::Read {
+                path: host.clone(),
+                source,
+            })?;
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(host).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644);
+            let mode = std::fs::metadata(host)
+                .map(|m| m.permissions().mode() & 0o7777)
+                .unwrap_or(0o644);
             content.push_str(&format!("{dest}\n{d}\n{mode:o}\n"));
         }
         push(&mut layers, LayerKind::Files(spec.files.clone()), content);
     }
     for step in &spec.steps {
         let envs: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
-        push(&mut layers, LayerKind::Step { command: step.clone(), env: env.clone() }, format!("step\n{envs}\n{step}"));
+        push(
+            &mut layers,
+            LayerKind::Step {
+                command: step.clone(),
+                env: env.clone(),
+            },
+            format!("step\n{envs}\n{step}"),
+        );
     }
-    Ok(ImagePlan { name: name.to_string(), layers, env })
+    Ok(ImagePlan {
+        name: name.to_string(),
+        layers,
+        env,
+    })
 }
 
 #[cfg(test)]
@@ -186,7 +283,19 @@ mod tests {
         let a = plan(&project(&src), "a").unwrap();
         let b = plan(&project(&src), "b").unwrap();
         assert_eq!(b.layers.len(), a.layers.len() + 1);
-        assert_eq!(b.layers[..a.layers.len()].iter().map(|l| &l.key).collect::<Vec<_>>(), a.layers.iter().map(|l| &l.key).collect::<Vec<_>>());
-        assert_eq!(b.env, [("A".to_string(), "1".to_string()), ("B".to_string(), "2".to_string())]);
+        assert_eq!(
+            b.layers[..a.layers.len()]
+                .iter()
+                .map(|l| &l.key)
+                .collect::<Vec<_>>(),
+            a.layers.iter().map(|l| &l.key).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            b.env,
+            [
+                ("A".to_string(), "1".to_string()),
+                ("B".to_string(), "2".to_string())
+            ]
+        );
     }
 }

@@ -54,14 +54,21 @@ impl LayerStore {
         if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
             return PathBuf::from(x).join("slate");
         }
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."));
         home.join(".cache/slate")
     }
 
     pub fn open(cache: &Path) -> io::Result<LayerStore> {
         let root = cache.join("v1");
         for d in ["layers", "tmp", "locks", "envs", "apt/archives/partial"] {
-            fs::create_dir_all(root.join(d)).map_err(|e| io::Error::new(e.kind(), format!("create `{}`: {e}", root.join(d).display())))?;
+            fs::create_dir_all(root.join(d)).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("create `{}`: {e}", root.join(d).display()),
+                )
+            })?;
         }
         Ok(LayerStore { root })
     }
@@ -104,7 +111,9 @@ impl LayerStore {
 
     /// When a layer was last used by a bake or a build.
     pub fn last_used(&self, key: &str) -> Option<SystemTime> {
-        fs::metadata(self.layer_dir(key).join("used")).and_then(|m| m.modified()).ok()
+        fs::metadata(self.layer_dir(key).join("used"))
+            .and_then(|m| m.modified())
+            .ok()
     }
 
     pub fn touch_used(&self, key: &str) {
@@ -114,7 +123,11 @@ impl LayerStore {
     /// Waits for, then holds, the lock of `key`.
     pub fn lock(&self, key: &str) -> io::Result<KeyLock> {
         let path = self.root.join("locks").join(format!("{key}.lock"));
-        let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(io::Error::last_os_error());
@@ -124,8 +137,14 @@ impl LayerStore {
 
     /// A fresh staging folder; its `fs/` is where the layer is built.
     pub fn staging(&self, key: &str) -> io::Result<PathBuf> {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-        let dir = self.root.join("tmp").join(format!("{key}-{}-{nanos}", std::process::id()));
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = self
+            .root
+            .join("tmp")
+            .join(format!("{key}-{}-{nanos}", std::process::id()));
         fs::create_dir_all(dir.join("fs"))?;
         Ok(dir)
     }
@@ -133,8 +152,14 @@ impl LayerStore {
     /// Makes a built staging folder the layer `meta.key`, atomically.
     pub fn commit(&self, staging: &Path, mut meta: LayerMeta) -> io::Result<()> {
         meta.size = slate_size(&staging.join("fs"));
-        meta.created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        fs::write(staging.join("layer.json"), serde_json::to_vec_pretty(&meta).map_err(io::Error::other)?)?;
+        meta.created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        fs::write(
+            staging.join("layer.json"),
+            serde_json::to_vec_pretty(&meta).map_err(io::Error::other)?,
+        )?;
         fs::rename(staging, self.layer_dir(&meta.key))?;
         self.touch_used(&meta.key);
         Ok(())
@@ -145,7 +170,10 @@ impl LayerStore {
         let size = self.meta(key).map(|m| m.size).unwrap_or(0);
         let dir = self.layer_dir(key);
         // Rename first so a reader never sees a half-removed layer.
-        let trash = self.root.join("tmp").join(format!("trash-{key}-{}", std::process::id()));
+        let trash = self
+            .root
+            .join("tmp")
+            .join(format!("trash-{key}-{}", std::process::id()));
         fs::rename(&dir, &trash)?;
         remove_tree(&trash)?;
         Ok(size)
@@ -154,7 +182,11 @@ impl LayerStore {
     /// Removes staging folders left by killed bakes; returns the bytes freed.
     pub fn clean_tmp(&self) -> u64 {
         let mut freed = 0;
-        for e in fs::read_dir(self.root.join("tmp")).into_iter().flatten().flatten() {
+        for e in fs::read_dir(self.root.join("tmp"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let name = e.file_name().to_string_lossy().into_owned();
             // `<key>-<pid>-<nanos>`: skip folders whose baker is still alive.
             let pid = name.rsplit('-').nth(1).and_then(|p| p.parse::<i32>().ok());
@@ -171,9 +203,13 @@ impl LayerStore {
 }
 
 pub fn slate_size(p: &Path) -> u64 {
-    let Ok(m) = fs::symlink_metadata(p) else { return 0 };
+    let Ok(m) = fs::symlink_metadata(p) else {
+        return 0;
+    };
     if m.is_dir() {
-        fs::read_dir(p).map(|rd| rd.flatten().map(|e| slate_size(&e.path())).sum()).unwrap_or(0)
+        fs::read_dir(p)
+            .map(|rd| rd.flatten().map(|e| slate_size(&e.path())).sum())
+            .unwrap_or(0)
     } else if m.is_file() {
         m.len()
     } else {
@@ -183,7 +219,10 @@ pub fn slate_size(p: &Path) -> u64 {
 
 pub fn remove_tree(p: &Path) -> io::Result<()> {
     match fs::remove_dir_all(p) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io::Error::new(e.kind(), format!("remove `{}`: {e}", p.display()))),
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io::Error::new(
+            e.kind(),
+            format!("remove `{}`: {e}", p.display()),
+        )),
         _ => Ok(()),
     }
 }

@@ -66,7 +66,10 @@ impl Provider for FakeProvider {
             });
         }
         let n = self.created.fetch_add(1, Ordering::SeqCst);
-        self.log.lock().unwrap().push(format!("create {}", spec.name));
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("create {}", spec.name));
         Ok(FakeEnv {
             id: format!("{}-{n}", spec.name),
             files: BTreeMap::new(),
@@ -90,9 +93,12 @@ impl Environment for FakeEnv {
         for e in entries {
             let p = base.join(e);
             if p.is_file() {
-                let data = std::fs::read(&p).map_err(|err| ProviderError::op(&self.id, format!("read `{}`", p.display()), err))?;
+                let data = std::fs::read(&p).map_err(|err| {
+                    ProviderError::op(&self.id, format!("read `{}`", p.display()), err)
+                })?;
                 n += data.len() as u64;
-                self.files.insert(join(dest, &e.display().to_string()), data);
+                self.files
+                    .insert(join(dest, &e.display().to_string()), data);
             }
         }
         Ok(n)
@@ -101,15 +107,26 @@ impl Environment for FakeEnv {
         self.files.insert(dest.to_string(), data.to_vec());
         Ok(())
     }
-    fn exec(&mut self, spec: &ExecSpec, out: &mut dyn OutputSink, cancel: &Cancel) -> Result<ExecOutcome, ProviderError> {
+    fn exec(
+        &mut self,
+        spec: &ExecSpec,
+        out: &mut dyn OutputSink,
+        cancel: &Cancel,
+    ) -> Result<ExecOutcome, ProviderError> {
         let cmd = spec.argv.join(" ");
-        self.log.lock().unwrap().push(format!("exec {} {cmd}", self.id));
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("exec {} {cmd}", self.id));
         let action = self
             .rules
             .iter()
             .find(|(s, _)| cmd.contains(s.as_str()))
             .map(|(_, a)| a.clone())
-            .unwrap_or(FakeAction::Exit { lines: vec![], code: 0 });
+            .unwrap_or(FakeAction::Exit {
+                lines: vec![],
+                code: 0,
+            });
         match action {
             FakeAction::Exit { lines, code } => {
                 for l in lines {
@@ -145,12 +162,16 @@ impl Environment for FakeEnv {
             env: self.id.clone(),
             what: format!("no file `{src}`"),
         })?;
-        std::fs::write(dest, data).map_err(|e| ProviderError::op(&self.id, format!("write `{}`", dest.display()), e))?;
+        std::fs::write(dest, data)
+            .map_err(|e| ProviderError::op(&self.id, format!("write `{}`", dest.display()), e))?;
         Ok(data.len() as u64)
     }
     fn destroy(self) -> Result<(), ProviderError> {
         self.destroyed.fetch_add(1, Ordering::SeqCst);
-        self.log.lock().unwrap().push(format!("destroy {}", self.id));
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("destroy {}", self.id));
         Ok(())
     }
 }

@@ -173,7 +173,12 @@ pub trait Environment: Send {
     fn put(&mut self, base: &Path, entries: &[PathBuf], dest: &str) -> Result<u64, ProviderError>;
     /// Writes one file inside.
     fn put_bytes(&mut self, data: &[u8], dest: &str, mode: u32) -> Result<(), ProviderError>;
-    fn exec(&mut self, spec: &ExecSpec, out: &mut dyn OutputSink, cancel: &Cancel) -> Result<ExecOutcome, ProviderError>;
+    fn exec(
+        &mut self,
+        spec: &ExecSpec,
+        out: &mut dyn OutputSink,
+        cancel: &Cancel,
+    ) -> Result<ExecOutcome, ProviderError>;
     /// Regular files under `dir` inside, as paths relative to it.
     fn list(&mut self, dir: &str) -> Result<Vec<String>, ProviderError>;
     /// Copies the file `src` inside to `dest` on the host.

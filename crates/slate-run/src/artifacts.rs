@@ -48,7 +48,12 @@ fn ioerr(e: io::Error, what: &str, p: &Path) -> io::Error {
 impl ArtifactStore {
     pub fn new(dir: PathBuf, run_id: &str) -> ArtifactStore {
         let staging = dir.join(format!(".slate-tmp-{run_id}"));
-        ArtifactStore { dir, run_id: run_id.to_string(), staging, done: Mutex::new(Vec::new()) }
+        ArtifactStore {
+            dir,
+            run_id: run_id.to_string(),
+            staging,
+            done: Mutex::new(Vec::new()),
+        }
     }
 
     /// Where a target's artifacts are fetched to before they are checked.
@@ -104,16 +109,24 @@ impl ArtifactStore {
         }
         let mut targets = done.to_vec();
         targets.sort_by(|a, b| a.name.cmp(&b.name));
-        let manifest = Manifest { run_id: &self.run_id, slate_version: env!("CARGO_PKG_VERSION"), targets: &targets };
+        let manifest = Manifest {
+            run_id: &self.run_id,
+            slate_version: env!("CARGO_PKG_VERSION"),
+            targets: &targets,
+        };
         self.write_atomic("SHA256SUMS", sums.as_bytes())?;
-        self.write_atomic("manifest.json", &serde_json::to_vec_pretty(&manifest).map_err(io::Error::other)?)
+        self.write_atomic(
+            "manifest.json",
+            &serde_json::to_vec_pretty(&manifest).map_err(io::Error::other)?,
+        )
     }
 
     fn write_atomic(&self, name: &str, data: &[u8]) -> io::Result<()> {
         std::fs::create_dir_all(&self.staging).map_err(|e| ioerr(e, "create", &self.staging))?;
         let tmp = self.staging.join(name);
         std::fs::write(&tmp, data).map_err(|e| ioerr(e, "write", &tmp))?;
-        std::fs::rename(&tmp, self.dir.join(name)).map_err(|e| ioerr(e, "move into place", &self.dir.join(name)))
+        std::fs::rename(&tmp, self.dir.join(name))
+            .map_err(|e| ioerr(e, "move into place", &self.dir.join(name)))
     }
 
     /// Removes the staging folder (what failed targets fetched).

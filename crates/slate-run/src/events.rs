@@ -16,12 +16,19 @@ pub struct Event {
 
 impl Event {
     pub fn new(target: Option<&str>, kind: EventKind) -> Event {
-        Event { time: now(), target: target.map(str::to_string), kind }
+        Event {
+            time: now(),
+            target: target.map(str::to_string),
+            kind,
+        }
     }
 }
 
 pub fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -52,18 +59,53 @@ impl TargetStatus {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum EventKind {
-    RunStarted { run_id: String, targets: Vec<String> },
-    BakeLayer { layer: String, description: String, state: String, seconds: Option<f64> },
-    BakeOutput { stream: &'static str, line: String },
-    BakeFailed { error: String },
+    RunStarted {
+        run_id: String,
+        targets: Vec<String>,
+    },
+    BakeLayer {
+        layer: String,
+        description: String,
+        state: String,
+        seconds: Option<f64>,
+    },
+    BakeOutput {
+        stream: &'static str,
+        line: String,
+    },
+    BakeFailed {
+        error: String,
+    },
     TargetQueued,
-    PhaseStarted { phase: String },
-    PhaseEnded { phase: String, ok: bool },
-    Output { stream: &'static str, line: String },
-    Retry { attempt: u32, error: String },
-    Artifact { path: String, size: u64, sha256: String },
-    TargetFinished { status: TargetStatus, exit_code: Option<i32>, error: Option<String> },
-    RunFinished { succeeded: usize, failed: usize },
+    PhaseStarted {
+        phase: String,
+    },
+    PhaseEnded {
+        phase: String,
+        ok: bool,
+    },
+    Output {
+        stream: &'static str,
+        line: String,
+    },
+    Retry {
+        attempt: u32,
+        error: String,
+    },
+    Artifact {
+        path: String,
+        size: u64,
+        sha256: String,
+    },
+    TargetFinished {
+        status: TargetStatus,
+        exit_code: Option<i32>,
+        error: Option<String>,
+    },
+    RunFinished {
+        succeeded: usize,
+        failed: usize,
+    },
 }
 
 /// Receives events; implementations lock internally.

@@ -29,13 +29,27 @@ pub struct InputSet {
 pub fn collect(input: &Path, exclude: &[String], skip: &[PathBuf]) -> Result<InputSet, InputError> {
     if input.is_file() {
         let base = input.parent().unwrap_or(Path::new("/")).to_path_buf();
-        return Ok(InputSet { base, entries: vec![PathBuf::from(input.file_name().unwrap_or_default())] });
+        return Ok(InputSet {
+            base,
+            entries: vec![PathBuf::from(input.file_name().unwrap_or_default())],
+        });
     }
     let mut ob = ignore::overrides::OverrideBuilder::new(input);
-    for pat in exclude.iter().map(String::as_str).chain([".git/", ".slate/"]) {
-        ob.add(&format!("!{pat}")).map_err(|source| InputError::Pattern { pattern: pat.to_string(), source })?;
+    for pat in exclude
+        .iter()
+        .map(String::as_str)
+        .chain([".git/", ".slate/"])
+    {
+        ob.add(&format!("!{pat}"))
+            .map_err(|source| InputError::Pattern {
+                pattern: pat.to_string(),
+                source,
+            })?;
     }
-    let overrides = ob.build().map_err(|source| InputError::Pattern { pattern: exclude.join(" "), source })?;
+    let overrides = ob.build().map_err(|source| InputError::Pattern {
+        pattern: exclude.join(" "),
+        source,
+    })?;
     let walker = ignore::WalkBuilder::new(input)
         .hidden(false)
         .git_ignore(true)
@@ -49,7 +63,10 @@ pub fn collect(input: &Path, exclude: &[String], skip: &[PathBuf]) -> Result<Inp
         .build();
     let mut entries = Vec::new();
     for e in walker {
-        let e = e.map_err(|source| InputError::Walk { path: input.to_path_buf(), source })?;
+        let e = e.map_err(|source| InputError::Walk {
+            path: input.to_path_buf(),
+            source,
+        })?;
         let p = e.path();
         if skip.iter().any(|s| p.starts_with(s)) {
             continue;
@@ -60,7 +77,10 @@ pub fn collect(input: &Path, exclude: &[String], skip: &[PathBuf]) -> Result<Inp
             }
         }
     }
-    Ok(InputSet { base: input.to_path_buf(), entries })
+    Ok(InputSet {
+        base: input.to_path_buf(),
+        entries,
+    })
 }
 
 #[cfg(test)]
@@ -71,13 +91,29 @@ mod tests {
     fn honours_gitignore_exclude_and_skips() {
         let t = tempfile::tempdir().unwrap();
         let d = t.path();
-        for f in ["src/main.c", "target/big", "build/out.o", "notes.txt", ".slate/runs/x", "artifacts/a"] {
+        for f in [
+            "src/main.c",
+            "target/big",
+            "build/out.o",
+            "notes.txt",
+            ".slate/runs/x",
+            "artifacts/a",
+        ] {
             std::fs::create_dir_all(d.join(f).parent().unwrap()).unwrap();
             std::fs::write(d.join(f), "x").unwrap();
         }
         std::fs::write(d.join(".gitignore"), "build/\n").unwrap();
-        let set = collect(d, &["target/".into(), "*.txt".into()], &[d.join("artifacts")]).unwrap();
-        let names: Vec<String> = set.entries.iter().map(|p| p.display().to_string()).collect();
+        let set = collect(
+            d,
+            &["target/".into(), "*.txt".into()],
+            &[d.join("artifacts")],
+        )
+        .unwrap();
+        let names: Vec<String> = set
+            .entries
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
         assert_eq!(names, [".gitignore", "src", "src/main.c"]);
     }
 }

@@ -69,11 +69,22 @@ impl BakeReporter for BakeEvents<'_> {
         };
         self.sink.event(&Event::new(
             Some(image),
-            EventKind::BakeLayer { layer: layer.key.clone(), description: layer.describe(), state: state.into(), seconds },
+            EventKind::BakeLayer {
+                layer: layer.key.clone(),
+                description: layer.describe(),
+                state: state.into(),
+                seconds,
+            },
         ));
     }
     fn output(&self, image: &str, stream: Stream, line: &str) {
-        self.sink.event(&Event::new(Some(image), EventKind::BakeOutput { stream: stream_name(stream), line: line.to_string() }));
+        self.sink.event(&Event::new(
+            Some(image),
+            EventKind::BakeOutput {
+                stream: stream_name(stream),
+                line: line.to_string(),
+            },
+        ));
     }
 }
 
@@ -86,7 +97,10 @@ fn stream_name(s: Stream) -> &'static str {
 
 /// What went wrong with one target; decides its status.
 enum TargetError {
-    Script { exit_code: Option<i32>, message: String },
+    Script {
+        exit_code: Option<i32>,
+        message: String,
+    },
     Infra(String),
     Cancelled,
 }
@@ -95,12 +109,22 @@ impl<P: Provider> Orchestrator<'_, P> {
     /// Bakes `names` (and the images below them); returns each image or its error.
     pub fn bake(&self, names: &[String]) -> BTreeMap<String, Result<BakedImage, ImageError>> {
         let reporter = BakeEvents { sink: self.sink };
-        let baker = Baker { store: self.store, provider: self.provider, reporter: &reporter, cancel: self.cancel.clone() };
+        let baker = Baker {
+            store: self.store,
+            provider: self.provider,
+            reporter: &reporter,
+            cancel: self.cancel.clone(),
+        };
         let mut out = BTreeMap::new();
         for name in names {
             let res = slate_image::plan(self.project, name).and_then(|p| baker.bake(&p));
             if let Err(e) = &res {
-                self.sink.event(&Event::new(Some(name), EventKind::BakeFailed { error: error_chain(e) }));
+                self.sink.event(&Event::new(
+                    Some(name),
+                    EventKind::BakeFailed {
+                        error: error_chain(e),
+                    },
+                ));
             }
             out.insert(name.clone(), res);
         }
@@ -109,7 +133,13 @@ impl<P: Provider> Orchestrator<'_, P> {
 
     /// Builds `targets`: bake, then run them `jobs` at a time.
     pub fn build(&self, targets: &[&TargetSpec], opts: &BuildOptions) -> Vec<TargetResult> {
-        self.sink.event(&Event::new(None, EventKind::RunStarted { run_id: opts.run_id.clone(), targets: targets.iter().map(|t| t.name.clone()).collect() }));
+        self.sink.event(&Event::new(
+            None,
+            EventKind::RunStarted {
+                run_id: opts.run_id.clone(),
+                targets: targets.iter().map(|t| t.name.clone()).collect(),
+            },
+        ));
         let mut images: Vec<String> = targets.iter().map(|t| t.image.clone()).collect();
         images.sort();
         images.dedup();
@@ -119,22 +149,55 @@ impl<P: Provider> Orchestrator<'_, P> {
         let results: Mutex<Vec<TargetResult>> = Mutex::new(Vec::new());
         let failed_fast = std::sync::atomic::AtomicBool::new(false);
         for t in targets {
-            self.sink.event(&Event::new(Some(&t.name), EventKind::TargetQueued));
+            self.sink
+                .event(&Event::new(Some(&t.name), EventKind::TargetQueued));
         }
         std::thread::scope(|s| {
             for _ in 0..opts.jobs.max(1).min(targets.len().max(1)) {
                 s.spawn(|| loop {
-                    let Some(t) = queue.lock().unwrap().pop_front() else { break };
+                    let Some(t) = queue.lock().unwrap().pop_front() else {
+                        break;
+                    };
                     let res = if failed_fast.load(std::sync::atomic::Ordering::SeqCst) {
-                        self.finish(t, TargetStatus::Skipped, None, Some("not started: an earlier target failed (--fail-fast)".into()), vec![])
+                        self.finish(
+                            t,
+                            TargetStatus::Skipped,
+                            None,
+                            Some("not started: an earlier target failed (--fail-fast)".into()),
+                            vec![],
+                        )
                     } else if self.cancel.is_cancelled() {
-                        self.finish(t, TargetStatus::Cancelled, None, Some("not started: the run was cancelled".into()), vec![])
+                        self.finish(
+                            t,
+                            TargetStatus::Cancelled,
+                            None,
+                            Some("not started: the run was cancelled".into()),
+                            vec![],
+                        )
                     } else {
                         match &baked[&t.image] {
                             Err(e) => {
-                                let status = if e.is_recipe_failure() { TargetStatus::Failed } else { TargetStatus::InfraFailed };
-                                let status = if matches!(e, ImageError::Cancelled { .. }) { TargetStatus::Cancelled } else { status };
-                                self.finish(t, status, None, Some(format!("image `{}` did not bake: {}", t.image, error_chain(e))), vec![])
+                                let status = if e.is_recipe_failure() {
+                                    TargetStatus::Failed
+                                } else {
+                                    TargetStatus::InfraFailed
+                                };
+                                let status = if matches!(e, ImageError::Cancelled { .. }) {
+                                    TargetStatus::Cancelled
+                                } else {
+                                    status
+                                };
+                                self.finish(
+                                    t,
+                                    status,
+                                    None,
+                                    Some(format!(
+                                        "image `{}` did not bake: {}",
+                                        t.image,
+                                        error_chain(e)
+                                    )),
+                                    vec![],
+                                )
                             }
                             Ok(img) => self.run_target(t, img, &store),
                         }
@@ -144,11 +207,19 @@ impl<P: Provider> Orchestrator<'_, P> {
                             name: t.name.clone(),
                             status: res.status.as_str().into(),
                             image: t.image.clone(),
-                            image_digest: baked[&t.image].as_ref().map(|b| b.digest.clone()).unwrap_or_default(),
+                            image_digest: baked[&t.image]
+                                .as_ref()
+                                .map(|b| b.digest.clone())
+                                .unwrap_or_default(),
                             provider: self.provider.name().into(),
                             artifacts: vec![],
                         });
-                        if opts.fail_fast && matches!(res.status, TargetStatus::Failed | TargetStatus::InfraFailed) {
+                        if opts.fail_fast
+                            && matches!(
+                                res.status,
+                                TargetStatus::Failed | TargetStatus::InfraFailed
+                            )
+                        {
                             failed_fast.store(true, std::sync::atomic::Ordering::SeqCst);
                             // Stop the targets still running, too.
                             self.cancel.cancel();
@@ -161,34 +232,92 @@ impl<P: Provider> Orchestrator<'_, P> {
         store.finish();
         let mut results = results.into_inner().unwrap();
         results.sort_by_key(|r| targets.iter().position(|t| t.name == r.name));
-        let succeeded = results.iter().filter(|r| r.status == TargetStatus::Succeeded).count();
-        self.sink.event(&Event::new(None, EventKind::RunFinished { succeeded, failed: results.len() - succeeded }));
+        let succeeded = results
+            .iter()
+            .filter(|r| r.status == TargetStatus::Succeeded)
+            .count();
+        self.sink.event(&Event::new(
+            None,
+            EventKind::RunFinished {
+                succeeded,
+                failed: results.len() - succeeded,
+            },
+        ));
         results
     }
 
-    fn finish(&self, t: &TargetSpec, status: TargetStatus, exit_code: Option<i32>, error: Option<String>, artifacts: Vec<ArtifactRecord>) -> TargetResult {
-        self.sink.event(&Event::new(Some(&t.name), EventKind::TargetFinished { status, exit_code, error: error.clone() }));
-        TargetResult { name: t.name.clone(), status, exit_code, error, artifacts }
+    fn finish(
+        &self,
+        t: &TargetSpec,
+        status: TargetStatus,
+        exit_code: Option<i32>,
+        error: Option<String>,
+        artifacts: Vec<ArtifactRecord>,
+    ) -> TargetResult {
+        self.sink.event(&Event::new(
+            Some(&t.name),
+            EventKind::TargetFinished {
+                status,
+                exit_code,
+                error: error.clone(),
+            },
+        ));
+        TargetResult {
+            name: t.name.clone(),
+            status,
+            exit_code,
+            error,
+            artifacts,
+        }
     }
 
-    fn phase<T>(&self, t: &TargetSpec, name: &str, f: impl FnOnce() -> Result<T, TargetError>) -> Result<T, TargetError> {
-        self.sink.event(&Event::new(Some(&t.name), EventKind::PhaseStarted { phase: name.to_string() }));
+    fn phase<T>(
+        &self,
+        t: &TargetSpec,
+        name: &str,
+        f: impl FnOnce() -> Result<T, TargetError>,
+    ) -> Result<T, TargetError> {
+        self.sink.event(&Event::new(
+            Some(&t.name),
+            EventKind::PhaseStarted {
+                phase: name.to_string(),
+            },
+        ));
         let r = f();
-        self.sink.event(&Event::new(Some(&t.name), EventKind::PhaseEnded { phase: name.to_string(), ok: r.is_ok() }));
+        self.sink.event(&Event::new(
+            Some(&t.name),
+            EventKind::PhaseEnded {
+                phase: name.to_string(),
+                ok: r.is_ok(),
+            },
+        ));
         r
     }
 
     /// One target from environment to artifacts; the environment is destroyed
     /// whatever happens.
-    pub fn run_target(&self, t: &TargetSpec, img: &BakedImage, store: &ArtifactStore) -> TargetResult {
-        let secrets: Vec<(String, String)> = t.secrets.iter().map(|k| (k.clone(), std::env::var(k).unwrap_or_default())).collect();
+    pub fn run_target(
+        &self,
+        t: &TargetSpec,
+        img: &BakedImage,
+        store: &ArtifactStore,
+    ) -> TargetResult {
+        let secrets: Vec<(String, String)> = t
+            .secrets
+            .iter()
+            .map(|k| (k.clone(), std::env::var(k).unwrap_or_default()))
+            .collect();
         let secret_values: Vec<String> = secrets.iter().map(|(_, v)| v.clone()).collect();
         let spec = EnvSpec {
             name: t.name.clone(),
             layers: img.layers.clone(),
             upper: None,
             network: t.network,
-            limits: Limits { cpus: t.cpus, memory: t.memory, pids: Some(t.pids.unwrap_or(DEFAULT_PIDS)) },
+            limits: Limits {
+                cpus: t.cpus,
+                memory: t.memory,
+                pids: Some(t.pids.unwrap_or(DEFAULT_PIDS)),
+            },
             binds: vec![],
         };
         let env = self.phase(t, "create", || {
@@ -197,7 +326,13 @@ impl<P: Provider> Orchestrator<'_, P> {
                 match self.provider.create(&spec) {
                     Ok(e) => return Ok(e),
                     Err(e) if attempt < CREATE_ATTEMPTS && !self.cancel.is_cancelled() => {
-                        self.sink.event(&Event::new(Some(&t.name), EventKind::Retry { attempt, error: error_chain(&e) }));
+                        self.sink.event(&Event::new(
+                            Some(&t.name),
+                            EventKind::Retry {
+                                attempt,
+                                error: error_chain(&e),
+                            },
+                        ));
                         attempt += 1;
                     }
                     Err(e) => return Err(TargetError::Infra(error_chain(&e))),
@@ -209,7 +344,10 @@ impl<P: Provider> Orchestrator<'_, P> {
             Err(e) => return self.fail(t, e),
         };
         let result = self.in_env(t, img, &mut env, &secrets, &secret_values, store);
-        let destroyed = self.phase(t, "destroy", || env.destroy().map_err(|e| TargetError::Infra(error_chain(&e))));
+        let destroyed = self.phase(t, "destroy", || {
+            env.destroy()
+                .map_err(|e| TargetError::Infra(error_chain(&e)))
+        });
         match (result, destroyed) {
             (Ok(arts), Ok(())) => {
                 let total = arts.len();
@@ -223,7 +361,13 @@ impl<P: Provider> Orchestrator<'_, P> {
                 });
                 match commit {
                     Ok(()) => self.finish(t, TargetStatus::Succeeded, Some(0), None, arts),
-                    Err(e) => self.finish(t, TargetStatus::InfraFailed, None, Some(format!("could not store {total} artifact(s): {e}")), vec![]),
+                    Err(e) => self.finish(
+                        t,
+                        TargetStatus::InfraFailed,
+                        None,
+                        Some(format!("could not store {total} artifact(s): {e}")),
+                        vec![],
+                    ),
                 }
             }
             (Err(e), _) | (Ok(_), Err(e)) => self.fail(t, e),
@@ -232,9 +376,19 @@ impl<P: Provider> Orchestrator<'_, P> {
 
     fn fail(&self, t: &TargetSpec, e: TargetError) -> TargetResult {
         match e {
-            TargetError::Script { exit_code, message } => self.finish(t, TargetStatus::Failed, exit_code, Some(message), vec![]),
-            TargetError::Infra(m) => self.finish(t, TargetStatus::InfraFailed, None, Some(m), vec![]),
-            TargetError::Cancelled => self.finish(t, TargetStatus::Cancelled, None, Some("cancelled".into()), vec![]),
+            TargetError::Script { exit_code, message } => {
+                self.finish(t, TargetStatus::Failed, exit_code, Some(message), vec![])
+            }
+            TargetError::Infra(m) => {
+                self.finish(t, TargetStatus::InfraFailed, None, Some(m), vec![])
+            }
+            TargetError::Cancelled => self.finish(
+                t,
+                TargetStatus::Cancelled,
+                None,
+                Some("cancelled".into()),
+                vec![],
+            ),
         }
     }
 
@@ -249,10 +403,15 @@ impl<P: Provider> Orchestrator<'_, P> {
     ) -> Result<Vec<ArtifactRecord>, TargetError> {
         let infra = |e: ProviderError| TargetError::Infra(error_chain(&e));
         self.phase(t, "inputs", || {
-            let skip = vec![self.project.dir.join(".slate"), self.project.dir.join(&self.project.settings.artifacts)];
+            let skip = vec![
+                self.project.dir.join(".slate"),
+                self.project.dir.join(&self.project.settings.artifacts),
+            ];
             for input in &t.inputs {
-                let set = inputs::collect(input, &t.exclude, &skip).map_err(|e| TargetError::Infra(error_chain(&e)))?;
-                env.put(&set.base, &set.entries, &t.workdir).map_err(infra)?;
+                let set = inputs::collect(input, &t.exclude, &skip)
+                    .map_err(|e| TargetError::Infra(error_chain(&e)))?;
+                env.put(&set.base, &set.entries, &t.workdir)
+                    .map_err(infra)?;
             }
             // The workdir exists even when there are no inputs.
             env.put(Path::new("/"), &[], &t.workdir).map_err(infra)?;
@@ -264,34 +423,68 @@ impl<P: Provider> Orchestrator<'_, P> {
         vars.extend(secrets.iter().cloned());
         let commands: Vec<(String, Vec<String>)> = match &t.command {
             BuildCommand::Script(path) => {
-                let data = std::fs::read(path).map_err(|e| TargetError::Infra(format!("cannot read script `{}`: {e}", path.display())))?;
-                env.put_bytes(&data, "/.slate/build-script", 0o755).map_err(infra)?;
+                let data = std::fs::read(path).map_err(|e| {
+                    TargetError::Infra(format!("cannot read script `{}`: {e}", path.display()))
+                })?;
+                env.put_bytes(&data, "/.slate/build-script", 0o755)
+                    .map_err(infra)?;
                 let argv = if data.starts_with(b"#!") {
                     vec!["/.slate/build-script".to_string()]
                 } else {
                     vec!["/bin/sh".into(), "-e".into(), "/.slate/build-script".into()]
                 };
-                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 vec![(format!("script {name}"), argv)]
             }
-            BuildCommand::Run(lines) => lines.iter().map(|l| (format!("run: {l}"), vec!["/bin/sh".into(), "-ec".into(), l.clone()])).collect(),
+            BuildCommand::Run(lines) => lines
+                .iter()
+                .map(|l| {
+                    (
+                        format!("run: {l}"),
+                        vec!["/bin/sh".into(), "-ec".into(), l.clone()],
+                    )
+                })
+                .collect(),
         };
         let cancel = self.cancel.with_timeout(t.timeout);
         for (phase, argv) in commands {
             self.phase(t, &phase, || {
-                let exec = ExecSpec { argv, env: vars.clone(), cwd: t.workdir.clone(), interactive: false };
+                let exec = ExecSpec {
+                    argv,
+                    env: vars.clone(),
+                    cwd: t.workdir.clone(),
+                    interactive: false,
+                };
                 let sink = self.sink;
                 let name = t.name.clone();
                 let mut out = |s: Stream, l: &str| {
-                    sink.event(&Event::new(Some(&name), EventKind::Output { stream: stream_name(s), line: mask(l, secret_values) }));
+                    sink.event(&Event::new(
+                        Some(&name),
+                        EventKind::Output {
+                            stream: stream_name(s),
+                            line: mask(l, secret_values),
+                        },
+                    ));
                 };
                 match env.exec(&exec, &mut out, &cancel).map_err(infra)? {
                     ExecOutcome::Exited(0) => Ok(()),
-                    ExecOutcome::Exited(c) => Err(TargetError::Script { exit_code: Some(c), message: format!("`{phase}` exited with code {c}") }),
-                    ExecOutcome::Signaled(s) => Err(TargetError::Script { exit_code: Some(128 + s), message: format!("`{phase}` was killed by signal {s}") }),
+                    ExecOutcome::Exited(c) => Err(TargetError::Script {
+                        exit_code: Some(c),
+                        message: format!("`{phase}` exited with code {c}"),
+                    }),
+                    ExecOutcome::Signaled(s) => Err(TargetError::Script {
+                        exit_code: Some(128 + s),
+                        message: format!("`{phase}` was killed by signal {s}"),
+                    }),
                     ExecOutcome::TimedOut => Err(TargetError::Script {
                         exit_code: None,
-                        message: format!("timed out after {}s (`timeout` in the build)", t.timeout.map(|d| d.as_secs()).unwrap_or(0)),
+                        message: format!(
+                            "timed out after {}s (`timeout` in the build)",
+                            t.timeout.map(|d| d.as_secs()).unwrap_or(0)
+                        ),
                     }),
                     ExecOutcome::Cancelled => Err(TargetError::Cancelled),
                 }

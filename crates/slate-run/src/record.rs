@@ -74,13 +74,24 @@ pub struct RunRecorder {
 }
 
 impl RunRecorder {
-    pub fn create(runs_dir: &Path, run_id: &str, command: Vec<String>) -> std::io::Result<RunRecorder> {
+    pub fn create(
+        runs_dir: &Path,
+        run_id: &str,
+        command: Vec<String>,
+    ) -> std::io::Result<RunRecorder> {
         let dir = runs_dir.join(run_id);
-        std::fs::create_dir_all(&dir).map_err(|e| std::io::Error::new(e.kind(), format!("create `{}`: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("create `{}`: {e}", dir.display()))
+        })?;
         let rec = RunRecorder {
             dir,
             inner: Mutex::new(Inner {
-                record: RunRecord { run_id: run_id.to_string(), started: crate::events::now(), command, ..Default::default() },
+                record: RunRecord {
+                    run_id: run_id.to_string(),
+                    started: crate::events::now(),
+                    command,
+                    ..Default::default()
+                },
                 logs: HashMap::new(),
             }),
         };
@@ -103,7 +114,11 @@ impl RunRecorder {
 
     fn log_line(&self, inner: &mut Inner, file: &str, line: &str) {
         let f = inner.logs.entry(file.to_string()).or_insert_with(|| {
-            File::options().create(true).append(true).open(self.dir.join(file)).unwrap_or_else(|_| File::open("/dev/null").unwrap())
+            File::options()
+                .create(true)
+                .append(true)
+                .open(self.dir.join(file))
+                .unwrap_or_else(|_| File::open("/dev/null").unwrap())
         });
         let _ = writeln!(f, "{line}");
     }
@@ -113,7 +128,13 @@ fn target<'a>(r: &'a mut RunRecord, name: &str) -> &'a mut TargetRecord {
     if let Some(i) = r.targets.iter().position(|t| t.name == name) {
         return &mut r.targets[i];
     }
-    r.targets.push(TargetRecord { name: name.to_string(), status: None, exit_code: None, error: None, phases: vec![] });
+    r.targets.push(TargetRecord {
+        name: name.to_string(),
+        status: None,
+        exit_code: None,
+        error: None,
+        phases: vec![],
+    });
     r.targets.last_mut().unwrap()
 }
 
@@ -131,14 +152,26 @@ impl EventSink for RunRecorder {
                 let r = inner.record.clone();
                 self.save(&r);
             }
-            EventKind::BakeLayer { layer, description, state, seconds } => {
-                let line = format!("==> layer {} {description}: {state}{}", &layer[..12.min(layer.len())], seconds.map(|s| format!(" in {s:.1}s")).unwrap_or_default());
+            EventKind::BakeLayer {
+                layer,
+                description,
+                state,
+                seconds,
+            } => {
+                let line = format!(
+                    "==> layer {} {description}: {state}{}",
+                    &layer[..12.min(layer.len())],
+                    seconds.map(|s| format!(" in {s:.1}s")).unwrap_or_default()
+                );
                 self.log_line(&mut inner, &bake_log, &line);
                 let images = &mut inner.record.images;
                 let img = match images.iter().position(|i| i.name == name) {
                     Some(i) => &mut images[i],
                     None => {
-                        images.push(ImageRecord { name: name.clone(), layers: vec![] });
+                        images.push(ImageRecord {
+                            name: name.clone(),
+                            layers: vec![],
+                        });
                         images.last_mut().unwrap()
                     }
                 };
@@ -147,21 +180,38 @@ impl EventSink for RunRecorder {
                         l.state = state.clone();
                         l.seconds = *seconds;
                     }
-                    None => img.layers.push(LayerRecord { layer: layer.clone(), description: description.clone(), state: state.clone(), seconds: *seconds }),
+                    None => img.layers.push(LayerRecord {
+                        layer: layer.clone(),
+                        description: description.clone(),
+                        state: state.clone(),
+                        seconds: *seconds,
+                    }),
                 }
             }
             EventKind::BakeOutput { line, .. } => self.log_line(&mut inner, &bake_log, line),
-            EventKind::BakeFailed { error } => self.log_line(&mut inner, &bake_log, &format!("==> bake failed: {error}")),
+            EventKind::BakeFailed { error } => {
+                self.log_line(&mut inner, &bake_log, &format!("==> bake failed: {error}"))
+            }
             EventKind::TargetQueued => {}
             EventKind::PhaseStarted { phase } => {
                 self.log_line(&mut inner, &log, &format!("==> {phase}"));
-                target(&mut inner.record, &name).phases.push(PhaseRecord { name: phase.clone(), start: e.time, end: None, ok: None });
+                target(&mut inner.record, &name).phases.push(PhaseRecord {
+                    name: phase.clone(),
+                    start: e.time,
+                    end: None,
+                    ok: None,
+                });
             }
             EventKind::PhaseEnded { phase, ok } => {
                 if !ok {
                     self.log_line(&mut inner, &log, &format!("==> {phase} failed"));
                 }
-                if let Some(p) = target(&mut inner.record, &name).phases.iter_mut().rev().find(|p| &p.name == phase) {
+                if let Some(p) = target(&mut inner.record, &name)
+                    .phases
+                    .iter_mut()
+                    .rev()
+                    .find(|p| &p.name == phase)
+                {
                     p.end = Some(e.time);
                     p.ok = Some(*ok);
                 }
@@ -169,10 +219,26 @@ impl EventSink for RunRecorder {
                 self.save(&r);
             }
             EventKind::Output { line, .. } => self.log_line(&mut inner, &log, line),
-            EventKind::Retry { attempt, error } => self.log_line(&mut inner, &log, &format!("==> infrastructure failure, retrying (attempt {attempt}): {error}")),
-            EventKind::Artifact { path, size, sha256 } => self.log_line(&mut inner, &log, &format!("==> artifact {path} ({size} bytes, sha256 {sha256})")),
-            EventKind::TargetFinished { status, exit_code, error } => {
-                let line = format!("==> {}{}", status.as_str(), error.as_ref().map(|e| format!(": {e}")).unwrap_or_default());
+            EventKind::Retry { attempt, error } => self.log_line(
+                &mut inner,
+                &log,
+                &format!("==> infrastructure failure, retrying (attempt {attempt}): {error}"),
+            ),
+            EventKind::Artifact { path, size, sha256 } => self.log_line(
+                &mut inner,
+                &log,
+                &format!("==> artifact {path} ({size} bytes, sha256 {sha256})"),
+            ),
+            EventKind::TargetFinished {
+                status,
+                exit_code,
+                error,
+            } => {
+                let line = format!(
+                    "==> {}{}",
+                    status.as_str(),
+                    error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+                );
                 self.log_line(&mut inner, &log, &line);
                 let t = target(&mut inner.record, &name);
                 t.status = Some(*status);

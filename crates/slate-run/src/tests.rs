@@ -13,21 +13,38 @@ struct Fixture {
 
 fn fixture(build: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let src = format!("[images.img]\nfrom = \"debian:bookworm\"\n[builds.app]\nimage = \"img\"\n{build}");
+    let src =
+        format!("[images.img]\nfrom = \"debian:bookworm\"\n[builds.app]\nimage = \"img\"\n{build}");
     std::fs::write(dir.path().join("slate.toml"), &src).unwrap();
     std::fs::write(dir.path().join("main.c"), "int main(){}").unwrap();
     let project = slate_config::load(dir.path(), None).unwrap();
     let store = LayerStore::open(&dir.path().join("cache")).unwrap();
     let artifacts = dir.path().join("artifacts");
-    Fixture { _dir: dir, project, store, artifacts }
+    Fixture {
+        _dir: dir,
+        project,
+        store,
+        artifacts,
+    }
 }
 
 fn image() -> BakedImage {
-    BakedImage { name: "img".into(), digest: "d1".into(), layers: vec![PathBuf::from("/l1")], env: vec![("IMG".into(), "1".into())] }
+    BakedImage {
+        name: "img".into(),
+        digest: "d1".into(),
+        layers: vec![PathBuf::from("/l1")],
+        env: vec![("IMG".into(), "1".into())],
+    }
 }
 
 fn run(f: &Fixture, provider: &FakeProvider, sink: &events::Collect) -> TargetResult {
-    let orch = Orchestrator { project: &f.project, store: &f.store, provider, sink, cancel: Cancel::new() };
+    let orch = Orchestrator {
+        project: &f.project,
+        store: &f.store,
+        provider,
+        sink,
+        cancel: Cancel::new(),
+    };
     let store = ArtifactStore::new(f.artifacts.clone(), "run1");
     let r = orch.run_target(&f.project.targets[0], &image(), &store);
     store.finish();
@@ -37,13 +54,26 @@ fn run(f: &Fixture, provider: &FakeProvider, sink: &events::Collect) -> TargetRe
 #[test]
 fn success_collects_artifacts_with_checksums_and_destroys() {
     let f = fixture("run = [\"make\"]\nartifacts = [\"dist/*.txt\"]\n");
-    let p = FakeProvider::new().on("make", FakeAction::Write { path: "dist/a.txt".into(), content: b"hello".to_vec() });
+    let p = FakeProvider::new().on(
+        "make",
+        FakeAction::Write {
+            path: "dist/a.txt".into(),
+            content: b"hello".to_vec(),
+        },
+    );
     let r = run(&f, &p, &events::Collect::default());
     assert_eq!(r.status, TargetStatus::Succeeded, "{:?}", r.error);
-    assert_eq!(std::fs::read(f.artifacts.join("app/a.txt")).unwrap(), b"hello");
+    assert_eq!(
+        std::fs::read(f.artifacts.join("app/a.txt")).unwrap(),
+        b"hello"
+    );
     let sums = std::fs::read_to_string(f.artifacts.join("SHA256SUMS")).unwrap();
-    assert_eq!(sums, "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824  app/a.txt\n");
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(f.artifacts.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        sums,
+        "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824  app/a.txt\n"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.artifacts.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["run_id"], "run1");
     assert_eq!(manifest["targets"][0]["image_digest"], "d1");
     assert_eq!(p.destroyed.load(Ordering::SeqCst), 1);
@@ -64,7 +94,13 @@ fn glob_matching_nothing_fails_and_names_the_glob() {
 #[test]
 fn script_failure_is_not_retried_and_keeps_exit_code() {
     let f = fixture("run = [\"make\", \"never\"]\n");
-    let p = FakeProvider::new().on("make", FakeAction::Exit { lines: vec!["boom".into()], code: 2 });
+    let p = FakeProvider::new().on(
+        "make",
+        FakeAction::Exit {
+            lines: vec!["boom".into()],
+            code: 2,
+        },
+    );
     let r = run(&f, &p, &events::Collect::default());
     assert_eq!((r.status, r.exit_code), (TargetStatus::Failed, Some(2)));
     assert_eq!(p.created.load(Ordering::SeqCst), 1);
@@ -78,23 +114,44 @@ fn create_failures_are_retried_then_reported_as_infrastructure() {
     let p = FakeProvider::new().failing_creates(CREATE_ATTEMPTS as usize - 1);
     let sink = events::Collect::default();
     assert_eq!(run(&f, &p, &sink).status, TargetStatus::Succeeded);
-    let retries = sink.0.lock().unwrap().iter().filter(|e| matches!(e.kind, EventKind::Retry { .. })).count();
+    let retries = sink
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::Retry { .. }))
+        .count();
     assert_eq!(retries, CREATE_ATTEMPTS as usize - 1);
     let p = FakeProvider::new().failing_creates(CREATE_ATTEMPTS as usize);
-    assert_eq!(run(&f, &p, &events::Collect::default()).status, TargetStatus::InfraFailed);
+    assert_eq!(
+        run(&f, &p, &events::Collect::default()).status,
+        TargetStatus::InfraFailed
+    );
 }
 
 #[test]
 fn secrets_are_passed_but_masked_in_output() {
     std::env::set_var("SLATE_TEST_TOKEN", "s3cr3t-value");
     let f = fixture("run = [\"show\"]\nsecrets = [\"SLATE_TEST_TOKEN\"]\n");
-    let p = FakeProvider::new().on("show", FakeAction::Exit { lines: vec!["token=s3cr3t-value!".into()], code: 0 });
+    let p = FakeProvider::new().on(
+        "show",
+        FakeAction::Exit {
+            lines: vec!["token=s3cr3t-value!".into()],
+            code: 0,
+        },
+    );
     let sink = events::Collect::default();
     run(&f, &p, &sink);
-    let lines: Vec<String> = sink.0.lock().unwrap().iter().filter_map(|e| match &e.kind {
-        EventKind::Output { line, .. } => Some(line.clone()),
-        _ => None,
-    }).collect();
+    let lines: Vec<String> = sink
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Output { line, .. } => Some(line.clone()),
+            _ => None,
+        })
+        .collect();
     assert_eq!(lines, ["token=***!"]);
 }
 

@@ -36,8 +36,12 @@ pub struct Cgroup {
 }
 
 fn write(path: &Path, value: &str) -> io::Result<()> {
-    std::fs::write(path, value)
-        .map_err(|e| io::Error::new(e.kind(), format!("write `{value}` to `{}`: {e}", path.display())))
+    std::fs::write(path, value).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("write `{value}` to `{}`: {e}", path.display()),
+        )
+    })
 }
 
 impl Cgroup {
@@ -60,7 +64,9 @@ impl Cgroup {
         let _ = write(&base.join("cgroup.subtree_control"), "+cpu +memory +pids");
         let dir = base.join(id);
         std::fs::create_dir(&dir)?;
-        let cg = Cgroup { dirs: vec![dir.clone()] };
+        let cg = Cgroup {
+            dirs: vec![dir.clone()],
+        };
         if let Some(m) = l.memory {
             write(&dir.join("memory.max"), &m.to_string())?;
             let _ = write(&dir.join("memory.swap.max"), "0");
@@ -95,7 +101,10 @@ impl Cgroup {
         if let Some(c) = l.cpus {
             let dir = make("cpu")?;
             write(&dir.join("cpu.cfs_period_us"), &PERIOD_US.to_string())?;
-            write(&dir.join("cpu.cfs_quota_us"), &((c * PERIOD_US as f64) as u64).to_string())?;
+            write(
+                &dir.join("cpu.cfs_quota_us"),
+                &((c * PERIOD_US as f64) as u64).to_string(),
+            )?;
         }
         Ok(cg)
     }
@@ -106,7 +115,9 @@ impl Cgroup {
     }
 
     pub fn pids(&self) -> Vec<i32> {
-        let Some(d) = self.dirs.first() else { return vec![] };
+        let Some(d) = self.dirs.first() else {
+            return vec![];
+        };
         std::fs::read_to_string(d.join("cgroup.procs"))
             .unwrap_or_default()
             .lines()
@@ -142,7 +153,10 @@ impl Cgroup {
             }
             if let Err(e) = res {
                 if e.kind() != io::ErrorKind::NotFound && first_err.is_none() {
-                    first_err = Some(io::Error::new(e.kind(), format!("remove cgroup `{}`: {e}", d.display())));
+                    first_err = Some(io::Error::new(
+                        e.kind(),
+                        format!("remove cgroup `{}`: {e}", d.display()),
+                    ));
                 }
             }
         }
@@ -155,14 +169,21 @@ pub fn reap_leftovers() -> usize {
     let mut n = 0;
     let bases: Vec<PathBuf> = match detect() {
         CgroupVersion::V2 => vec![Path::new(ROOT).join(GROUP)],
-        CgroupVersion::V1 => ["pids", "memory", "cpu"].iter().map(|c| Path::new(ROOT).join(c).join(GROUP)).collect(),
+        CgroupVersion::V1 => ["pids", "memory", "cpu"]
+            .iter()
+            .map(|c| Path::new(ROOT).join(c).join(GROUP))
+            .collect(),
         CgroupVersion::Missing => vec![],
     };
     for b in bases {
-        let Ok(rd) = std::fs::read_dir(&b) else { continue };
+        let Ok(rd) = std::fs::read_dir(&b) else {
+            continue;
+        };
         for e in rd.flatten() {
             if e.path().is_dir() {
-                let cg = Cgroup { dirs: vec![e.path()] };
+                let cg = Cgroup {
+                    dirs: vec![e.path()],
+                };
                 if cg.destroy().is_ok() {
                     n += 1;
                 }
@@ -190,11 +211,21 @@ mod tests {
     #[test]
     fn v2_limits_written_in_v2_syntax() {
         let t = tempfile::tempdir().unwrap();
-        let l = Limits { cpus: Some(1.5), memory: Some(1 << 30), pids: Some(100) };
+        let l = Limits {
+            cpus: Some(1.5),
+            memory: Some(1 << 30),
+            pids: Some(100),
+        };
         let cg = Cgroup::create_v2(t.path(), "env1", &l).unwrap();
         let d = t.path().join("slate/env1");
-        assert_eq!(std::fs::read_to_string(d.join("cpu.max")).unwrap(), "150000 100000");
-        assert_eq!(std::fs::read_to_string(d.join("memory.max")).unwrap(), "1073741824");
+        assert_eq!(
+            std::fs::read_to_string(d.join("cpu.max")).unwrap(),
+            "150000 100000"
+        );
+        assert_eq!(
+            std::fs::read_to_string(d.join("memory.max")).unwrap(),
+            "1073741824"
+        );
         assert_eq!(std::fs::read_to_string(d.join("pids.max")).unwrap(), "100");
         assert_eq!(cg.procs_files(), [d.join("cgroup.procs")]);
     }
@@ -202,10 +233,21 @@ mod tests {
     #[test]
     fn v1_limits_one_group_per_controller() {
         let t = tempfile::tempdir().unwrap();
-        let l = Limits { cpus: Some(2.0), memory: Some(4096), pids: None };
+        let l = Limits {
+            cpus: Some(2.0),
+            memory: Some(4096),
+            pids: None,
+        };
         let cg = Cgroup::create_v1(t.path(), "env1", &l).unwrap();
         assert_eq!(cg.procs_files().len(), 3);
-        assert_eq!(std::fs::read_to_string(t.path().join("cpu/slate/env1/cpu.cfs_quota_us")).unwrap(), "200000");
-        assert_eq!(std::fs::read_to_string(t.path().join("memory/slate/env1/memory.limit_in_bytes")).unwrap(), "4096");
+        assert_eq!(
+            std::fs::read_to_string(t.path().join("cpu/slate/env1/cpu.cfs_quota_us")).unwrap(),
+            "200000"
+        );
+        assert_eq!(
+            std::fs::read_to_string(t.path().join("memory/slate/env1/memory.limit_in_bytes"))
+                .unwrap(),
+            "4096"
+        );
     }
 }

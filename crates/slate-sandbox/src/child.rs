@@ -109,7 +109,13 @@ fn bytes(c: &CString) -> &[u8] {
 /// # Safety
 /// Must only be called in a freshly forked child.
 pub unsafe fn outer(plan: &Plan) -> ! {
-    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+    libc::prctl(
+        libc::PR_SET_PDEATHSIG,
+        libc::SIGKILL as libc::c_ulong,
+        0,
+        0,
+        0,
+    );
     if libc::getppid() != plan.parent_pid {
         libc::_exit(125);
     }
@@ -180,39 +186,75 @@ unsafe fn wait_for(pid: libc::pid_t) -> libc::c_int {
 }
 
 unsafe fn init(plan: &Plan) -> ! {
-    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+    libc::prctl(
+        libc::PR_SET_PDEATHSIG,
+        libc::SIGKILL as libc::c_ulong,
+        0,
+        0,
+        0,
+    );
     let none = c"none";
-    if libc::mount(none.as_ptr(), c"/".as_ptr(), ptr::null(), libc::MS_REC | libc::MS_PRIVATE, ptr::null()) != 0 {
+    if libc::mount(
+        none.as_ptr(),
+        c"/".as_ptr(),
+        ptr::null(),
+        libc::MS_REC | libc::MS_PRIVATE,
+        ptr::null(),
+    ) != 0
+    {
         fail(plan, b"make mounts private");
     }
     for p in &plan.preps {
         match p {
             Prep::Mkdir(path, mode) => {
-                if libc::mkdir(path.as_ptr(), *mode) != 0 && *libc::__errno_location() != libc::EEXIST {
+                if libc::mkdir(path.as_ptr(), *mode) != 0
+                    && *libc::__errno_location() != libc::EEXIST
+                {
                     fail2(plan, b"mkdir ", bytes(path));
                 }
             }
             Prep::Touch(path) => {
-                let f = libc::open(path.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o644);
+                let f = libc::open(
+                    path.as_ptr(),
+                    libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                    0o644,
+                );
                 if f < 0 {
                     fail2(plan, b"create ", bytes(path));
                 }
                 libc::close(f);
             }
             Prep::Symlink(target, link) => {
-                if libc::symlink(target.as_ptr(), link.as_ptr()) != 0 && *libc::__errno_location() != libc::EEXIST {
+                if libc::symlink(target.as_ptr(), link.as_ptr()) != 0
+                    && *libc::__errno_location() != libc::EEXIST
+                {
                     fail2(plan, b"symlink ", bytes(link));
                 }
             }
             Prep::Mount(m) => {
                 let data = m.data.as_ref().map_or(ptr::null(), |d| d.as_ptr().cast());
-                if libc::mount(m.source.as_ptr(), m.target.as_ptr(), m.fstype.as_ptr(), m.flags, data) != 0 && !m.optional {
+                if libc::mount(
+                    m.source.as_ptr(),
+                    m.target.as_ptr(),
+                    m.fstype.as_ptr(),
+                    m.flags,
+                    data,
+                ) != 0
+                    && !m.optional
+                {
                     fail2(plan, b"mount ", bytes(&m.target));
                 }
             }
             Prep::RemountRo(target) => {
                 let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC;
-                if libc::mount(none.as_ptr(), target.as_ptr(), ptr::null(), flags, ptr::null()) != 0 {
+                if libc::mount(
+                    none.as_ptr(),
+                    target.as_ptr(),
+                    ptr::null(),
+                    flags,
+                    ptr::null(),
+                ) != 0
+                {
                     fail2(plan, b"remount read-only ", bytes(target));
                 }
             }
@@ -300,7 +342,9 @@ unsafe fn command(plan: &Plan) -> ! {
 /// The null-terminated pointer array execve wants, on the stack (no allocation
 /// after fork). The parent refuses more than `MAX_ARGS` entries.
 fn ptrs_of(v: &[CString]) -> PtrArray {
-    let mut a = PtrArray { p: [ptr::null(); MAX_ARGS + 1] };
+    let mut a = PtrArray {
+        p: [ptr::null(); MAX_ARGS + 1],
+    };
     for (i, c) in v.iter().take(MAX_ARGS).enumerate() {
         a.p[i] = c.as_ptr();
     }

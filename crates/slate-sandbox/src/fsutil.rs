@@ -63,12 +63,17 @@ pub fn list_files(base: &Path) -> io::Result<Vec<String>> {
 /// Copies `from` (inside `root`) to `dest` without following any symlink on
 /// the way, so that a build cannot point an artifact at a host file.
 pub fn copy_no_follow(root: &Path, from: &Path, dest: &Path) -> io::Result<u64> {
-    let rel = from.strip_prefix(root).map_err(|_| io::Error::other("path outside the environment"))?;
+    let rel = from
+        .strip_prefix(root)
+        .map_err(|_| io::Error::other("path outside the environment"))?;
     let mut cur = root.to_path_buf();
     for c in rel.components() {
         cur.push(c);
         if fs::symlink_metadata(&cur)?.file_type().is_symlink() {
-            return Err(io::Error::other(format!("`{}` is a symlink; artifacts must be regular files", rel.display())));
+            return Err(io::Error::other(format!(
+                "`{}` is a symlink; artifacts must be regular files",
+                rel.display()
+            )));
         }
     }
     if let Some(p) = dest.parent() {
@@ -107,7 +112,9 @@ fn make_writable(p: &Path) {
 
 /// Bytes used by a tree (apparent sizes of regular files).
 pub fn disk_usage(p: &Path) -> u64 {
-    let Ok(m) = fs::symlink_metadata(p) else { return 0 };
+    let Ok(m) = fs::symlink_metadata(p) else {
+        return 0;
+    };
     if m.is_dir() {
         fs::read_dir(p)
             .map(|rd| rd.flatten().map(|e| disk_usage(&e.path())).sum())
@@ -131,7 +138,12 @@ mod tests {
         fs::write(src.join("a/b/f"), "x").unwrap();
         std::os::unix::fs::symlink("/etc", src.join("a/link")).unwrap();
         let dst = t.path().join("dst");
-        let n = copy_entries(&src, &["a".into(), "a/b".into(), "a/b/f".into(), "a/link".into()], &dst).unwrap();
+        let n = copy_entries(
+            &src,
+            &["a".into(), "a/b".into(), "a/b/f".into(), "a/link".into()],
+            &dst,
+        )
+        .unwrap();
         assert_eq!(n, 1);
         assert_eq!(list_files(&dst).unwrap(), ["a/b/f"]);
         let out = t.path().join("out");

@@ -24,7 +24,6 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
@@ -82,8 +81,10 @@ impl Provider for SandboxProvider {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
         let dir = self.state_dir.join(&id);
-        std::fs::create_dir_all(dir.join("root")).map_err(|e| cerr(format!("create `{}`", dir.display()), e))?;
-        std::fs::write(dir.join("lease"), lease_text()).map_err(|e| cerr("write lease".into(), e))?;
+        std::fs::create_dir_all(dir.join("root"))
+            .map_err(|e| cerr(format!("create `{}`", dir.display()), e))?;
+        std::fs::write(dir.join("lease"), lease_text())
+            .map_err(|e| cerr("write lease".into(), e))?;
         // A caller-owned upper folder (a layer being baked) outlives us.
         let upper = spec.upper.clone().unwrap_or_else(|| dir.join("upper"));
         let mut env = SandboxEnv {
@@ -94,10 +95,13 @@ impl Provider for SandboxProvider {
             cgroup: None,
             destroyed: false,
         };
-        std::fs::create_dir_all(&env.upper).map_err(|e| cerr(format!("create `{}`", env.upper.display()), e))?;
-        std::fs::create_dir_all(dir.join("work")).map_err(|e| cerr("create overlay workdir".into(), e))?;
+        std::fs::create_dir_all(&env.upper)
+            .map_err(|e| cerr(format!("create `{}`", env.upper.display()), e))?;
+        std::fs::create_dir_all(dir.join("work"))
+            .map_err(|e| cerr("create overlay workdir".into(), e))?;
         if !spec.limits.is_empty() {
-            let cg = cgroup::Cgroup::create(&id, &spec.limits).map_err(|e| cerr("set up cgroup limits".into(), e))?;
+            let cg = cgroup::Cgroup::create(&id, &spec.limits)
+                .map_err(|e| cerr("set up cgroup limits".into(), e))?;
             env.cgroup = Some(cg);
         }
         Ok(env)
@@ -106,12 +110,22 @@ impl Provider for SandboxProvider {
 
 fn sanitize(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
 fn lease_text() -> String {
-    format!("{} {}\n", std::process::id(), process_start(std::process::id() as i32).unwrap_or(0))
+    format!(
+        "{} {}\n",
+        std::process::id(),
+        process_start(std::process::id() as i32).unwrap_or(0)
+    )
 }
 
 /// A process's start time (clock ticks since boot): tells a live owner from a
@@ -198,7 +212,13 @@ impl SandboxEnv {
     fn plan(&self, spec: &ExecSpec, status_fd: libc::c_int) -> Result<Plan, ProviderError> {
         let root = self.dir.join("root");
         let r = |p: &str| cpath(&root.join(p.trim_start_matches('/')));
-        let lower: Vec<String> = self.spec.layers.iter().rev().map(|l| l.display().to_string()).collect();
+        let lower: Vec<String> = self
+            .spec
+            .layers
+            .iter()
+            .rev()
+            .map(|l| l.display().to_string())
+            .collect();
         let overlay_opts = format!(
             "lowerdir={},upperdir={},workdir={}",
             lower.join(":"),
@@ -208,10 +228,17 @@ impl SandboxEnv {
         if overlay_opts.len() >= 4000 {
             return Err(ProviderError::Other {
                 env: self.id.clone(),
-                what: format!("the image has too many layers ({}) for one overlay mount", lower.len()),
+                what: format!(
+                    "the image has too many layers ({}) for one overlay mount",
+                    lower.len()
+                ),
             });
         }
-        let mount = |source: &str, target: CString, fstype: &str, flags: libc::c_ulong, data: Option<&str>| {
+        let mount = |source: &str,
+                     target: CString,
+                     fstype: &str,
+                     flags: libc::c_ulong,
+                     data: Option<&str>| {
             Prep::Mount(Mount {
                 source: cstr(source),
                 target,
@@ -227,15 +254,33 @@ impl SandboxEnv {
             Prep::Mkdir(r("proc"), 0o555),
             mount("proc", r("proc"), "proc", nosuid | libc::MS_NOEXEC, None),
             Prep::Mkdir(r("dev"), 0o755),
-            mount("tmpfs", r("dev"), "tmpfs", libc::MS_NOSUID, Some("mode=0755,size=65536k")),
+            mount(
+                "tmpfs",
+                r("dev"),
+                "tmpfs",
+                libc::MS_NOSUID,
+                Some("mode=0755,size=65536k"),
+            ),
         ];
         for d in DEVICES {
             preps.push(Prep::Touch(r(&format!("dev/{d}"))));
-            preps.push(mount(&format!("/dev/{d}"), r(&format!("dev/{d}")), "", libc::MS_BIND, None));
+            preps.push(mount(
+                &format!("/dev/{d}"),
+                r(&format!("dev/{d}")),
+                "",
+                libc::MS_BIND,
+                None,
+            ));
         }
         preps.extend([
             Prep::Mkdir(r("dev/pts"), 0o755),
-            mount("devpts", r("dev/pts"), "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620")),
+            mount(
+                "devpts",
+                r("dev/pts"),
+                "devpts",
+                libc::MS_NOSUID | libc::MS_NOEXEC,
+                Some("newinstance,ptmxmode=0666,mode=0620"),
+            ),
             Prep::Symlink(cstr("pts/ptmx"), r("dev/ptmx")),
             Prep::Symlink(cstr("/proc/self/fd"), r("dev/fd")),
             Prep::Symlink(cstr("/proc/self/fd/0"), r("dev/stdin")),
@@ -249,8 +294,17 @@ impl SandboxEnv {
             mount("tmpfs", r("run"), "tmpfs", nosuid, Some("mode=0755")),
             Prep::Mkdir(r("sys"), 0o555),
         ]);
-        if let Prep::Mount(m) = mount("sysfs", r("sys"), "sysfs", nosuid | libc::MS_NOEXEC | libc::MS_RDONLY, None) {
-            preps.push(Prep::Mount(Mount { optional: true, ..m }));
+        if let Prep::Mount(m) = mount(
+            "sysfs",
+            r("sys"),
+            "sysfs",
+            nosuid | libc::MS_NOEXEC | libc::MS_RDONLY,
+            None,
+        ) {
+            preps.push(Prep::Mount(Mount {
+                optional: true,
+                ..m
+            }));
         }
         let mut binds = self.spec.binds.clone();
         if self.spec.network && Path::new("/etc/resolv.conf").exists() {
@@ -274,7 +328,13 @@ impl SandboxEnv {
             } else {
                 preps.push(Prep::Touch(r(guest)));
             }
-            preps.push(mount(&b.host.display().to_string(), r(guest), "", libc::MS_BIND | libc::MS_REC, None));
+            preps.push(mount(
+                &b.host.display().to_string(),
+                r(guest),
+                "",
+                libc::MS_BIND | libc::MS_REC,
+                None,
+            ));
             if b.readonly {
                 preps.push(Prep::RemountRo(r(guest)));
             }
@@ -291,12 +351,19 @@ impl SandboxEnv {
         set("PATH", DEFAULT_PATH);
         set("HOME", "/root");
         if spec.interactive {
-            set("TERM", &std::env::var("TERM").unwrap_or_else(|_| "xterm".into()));
+            set(
+                "TERM",
+                &std::env::var("TERM").unwrap_or_else(|_| "xterm".into()),
+            );
         }
         for (k, v) in &spec.env {
             set(k, v);
         }
-        let path_var = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone()).unwrap_or_default();
+        let path_var = env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
         let argv0 = spec.argv.first().ok_or_else(|| ProviderError::Other {
             env: self.id.clone(),
             what: "empty command".into(),
@@ -304,15 +371,23 @@ impl SandboxEnv {
         let exe_candidates = if argv0.contains('/') {
             vec![cstr(argv0)]
         } else {
-            path_var.split(':').filter(|d| !d.is_empty()).map(|d| cstr(format!("{d}/{argv0}"))).collect()
+            path_var
+                .split(':')
+                .filter(|d| !d.is_empty())
+                .map(|d| cstr(format!("{d}/{argv0}")))
+                .collect()
         };
         if spec.argv.len() > child::MAX_ARGS || env.len() > child::MAX_ARGS {
             return Err(ProviderError::Other {
                 env: self.id.clone(),
-                what: format!("more than {} arguments or environment variables", child::MAX_ARGS),
+                what: format!(
+                    "more than {} arguments or environment variables",
+                    child::MAX_ARGS
+                ),
             });
         }
-        let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+        let mut flags =
+            libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
         if !self.spec.network {
             flags |= libc::CLONE_NEWNET;
         }
@@ -320,7 +395,12 @@ impl SandboxEnv {
             // SAFETY: getpid has no preconditions.
             parent_pid: unsafe { libc::getpid() },
             status_fd,
-            cgroup_procs: self.cgroup.iter().flat_map(|c| c.procs_files()).map(|p| cpath(&p)).collect(),
+            cgroup_procs: self
+                .cgroup
+                .iter()
+                .flat_map(|c| c.procs_files())
+                .map(|p| cpath(&p))
+                .collect(),
             unshare_flags: flags,
             root: cpath(&root),
             preps,
@@ -370,7 +450,8 @@ impl Environment for SandboxEnv {
 
     fn put(&mut self, base: &Path, entries: &[PathBuf], dest: &str) -> Result<u64, ProviderError> {
         let to = self.upper_path(dest)?;
-        fsutil::copy_entries(base, entries, &to).map_err(|e| self.err(format!("copy inputs into `{dest}`"), e))
+        fsutil::copy_entries(base, entries, &to)
+            .map_err(|e| self.err(format!("copy inputs into `{dest}`"), e))
     }
 
     fn put_bytes(&mut self, data: &[u8], dest: &str, mode: u32) -> Result<(), ProviderError> {
@@ -386,7 +467,12 @@ impl Environment for SandboxEnv {
         res.map_err(|e| self.err(format!("write `{dest}`"), e))
     }
 
-    fn exec(&mut self, spec: &ExecSpec, out: &mut dyn OutputSink, cancel: &Cancel) -> Result<ExecOutcome, ProviderError> {
+    fn exec(
+        &mut self,
+        spec: &ExecSpec,
+        out: &mut dyn OutputSink,
+        cancel: &Cancel,
+    ) -> Result<ExecOutcome, ProviderError> {
         let mut fds = [0; 2];
         // SAFETY: fds is a valid two-element array.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -405,9 +491,13 @@ impl Environment for SandboxEnv {
         };
         let mut cmd = Command::new("/proc/self/exe");
         if spec.interactive {
-            cmd.stdin(Stdio::inherit()).stdout(Stdio::inherit()).stderr(Stdio::inherit());
+            cmd.stdin(Stdio::inherit())
+                .stdout(Stdio::inherit())
+                .stderr(Stdio::inherit());
         } else {
-            cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
         }
         // SAFETY: `outer` only makes async-signal-safe calls on preallocated data.
         unsafe {
@@ -444,7 +534,14 @@ impl Environment for SandboxEnv {
         let mut stop: Option<ExecOutcome> = None;
         let mut buf = vec![0u8; 65536];
         while !fds.is_empty() {
-            let mut pfds: Vec<libc::pollfd> = fds.iter().map(|(fd, _, _)| libc::pollfd { fd: *fd, events: libc::POLLIN, revents: 0 }).collect();
+            let mut pfds: Vec<libc::pollfd> = fds
+                .iter()
+                .map(|(fd, _, _)| libc::pollfd {
+                    fd: *fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
             // SAFETY: pfds is a valid array of pollfd for its length.
             let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 100) };
             if n < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
@@ -482,18 +579,8 @@ impl Environment for SandboxEnv {
                 }
             }
         }
-        if spec.interactive {
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) => {}
-                }
-                if cancel.is_cancelled() || cancel.timed_out() {
-                    let _ = child.kill();
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
+        // An interactive command owns the terminal: Ctrl-C reaches it directly,
+        // so we simply wait for it.
         let st = child.wait().map_err(|e| self.err("wait for sandbox", e))?;
         drop((stdout, stderr));
         if let Some(s) = stop {
@@ -515,7 +602,8 @@ impl Environment for SandboxEnv {
 
     fn fetch(&mut self, src: &str, dest: &Path) -> Result<u64, ProviderError> {
         let from = self.upper_path(src)?;
-        fsutil::copy_no_follow(&self.upper, &from, dest).map_err(|e| self.err(format!("copy out `{src}`"), e))
+        fsutil::copy_no_follow(&self.upper, &from, dest)
+            .map_err(|e| self.err(format!("copy out `{src}`"), e))
     }
 
     fn destroy(mut self) -> Result<(), ProviderError> {

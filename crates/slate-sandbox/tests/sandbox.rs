@@ -8,7 +8,10 @@ fn root_available() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if !root {
-        assert!(std::env::var_os("CI").is_none(), "this test needs root, and CI must run it");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this test needs root, and CI must run it"
+        );
         eprintln!("SKIPPED: needs root");
     }
     root
@@ -21,9 +24,15 @@ fn busybox_layer(dir: &Path) -> PathBuf {
     std::fs::create_dir_all(root.join("etc")).unwrap();
     std::fs::create_dir_all(root.join("root")).unwrap();
     std::fs::create_dir_all(root.join("var")).unwrap();
-    let bb = ["/bin/busybox", "/usr/bin/busybox"].into_iter().find(|p| Path::new(p).exists()).expect("busybox-static is installed");
+    let bb = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("busybox-static is installed");
     std::fs::copy(bb, root.join("bin/busybox")).unwrap();
-    let list = std::process::Command::new(bb).arg("--list").output().unwrap();
+    let list = std::process::Command::new(bb)
+        .arg("--list")
+        .output()
+        .unwrap();
     for name in String::from_utf8_lossy(&list.stdout).lines() {
         if name != "busybox" {
             let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(name));
@@ -38,7 +47,12 @@ fn run(env: &mut impl Environment, cmd: &str) -> (ExecOutcome, String) {
         out.push_str(l);
         out.push('\n');
     };
-    let spec = ExecSpec { argv: vec!["sh".into(), "-c".into(), cmd.into()], env: vec![("PATH".into(), "/bin".into())], cwd: "/".into(), interactive: false };
+    let spec = ExecSpec {
+        argv: vec!["sh".into(), "-c".into(), cmd.into()],
+        env: vec![("PATH".into(), "/bin".into())],
+        cwd: "/".into(),
+        interactive: false,
+    };
     let o = env.exec(&spec, &mut sink, &Cancel::new()).unwrap();
     (o, out)
 }
@@ -47,7 +61,11 @@ fn setup() -> (tempfile::TempDir, SandboxProvider, EnvSpec) {
     let t = tempfile::tempdir().unwrap();
     let layer = busybox_layer(t.path());
     let p = SandboxProvider::new(t.path().join("envs"));
-    let spec = EnvSpec { name: "t1".into(), layers: vec![layer], ..Default::default() };
+    let spec = EnvSpec {
+        name: "t1".into(),
+        layers: vec![layer],
+        ..Default::default()
+    };
     (t, p, spec)
 }
 
@@ -58,7 +76,10 @@ fn root_sandbox_isolates_pid_hostname_and_files() {
     }
     let (t, p, spec) = setup();
     let mut e = p.create(&spec).unwrap();
-    let (o, out) = run(&mut e, "echo pid=$$; hostname; echo hi > /root/f; ls /proc | grep -c '^[0-9]'");
+    let (o, out) = run(
+        &mut e,
+        "echo pid=$$; hostname; echo hi > /root/f; ls /proc | grep -c '^[0-9]'",
+    );
     assert_eq!(o, ExecOutcome::Exited(0), "{out}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "pid=2", "{out}");
@@ -84,12 +105,26 @@ fn root_sandbox_exit_codes_and_timeout_kill_everything() {
     let mut e = p.create(&spec).unwrap();
     assert_eq!(run(&mut e, "exit 7").0, ExecOutcome::Exited(7));
     let mut sink = |_: Stream, _: &str| {};
-    let hang = ExecSpec { argv: vec!["sh".into(), "-c".into(), "sleep 1000 & sleep 1000".into()], cwd: "/".into(), ..Default::default() };
+    let hang = ExecSpec {
+        argv: vec!["sh".into(), "-c".into(), "sleep 1000 & sleep 1000".into()],
+        cwd: "/".into(),
+        ..Default::default()
+    };
     let cancel = Cancel::new().with_timeout(Some(std::time::Duration::from_millis(200)));
-    assert_eq!(e.exec(&hang, &mut sink, &cancel).unwrap(), ExecOutcome::TimedOut);
+    assert_eq!(
+        e.exec(&hang, &mut sink, &cancel).unwrap(),
+        ExecOutcome::TimedOut
+    );
     e.destroy().unwrap();
-    let ps = std::process::Command::new("pgrep").args(["-f", "sleep 1000"]).output().unwrap();
-    assert!(ps.stdout.is_empty(), "left: {}", String::from_utf8_lossy(&ps.stdout));
+    let ps = std::process::Command::new("pgrep")
+        .args(["-f", "sleep 1000"])
+        .output()
+        .unwrap();
+    assert!(
+        ps.stdout.is_empty(),
+        "left: {}",
+        String::from_utf8_lossy(&ps.stdout)
+    );
 }
 
 #[test]
@@ -99,7 +134,10 @@ fn root_sandbox_no_network_has_only_loopback() {
     }
     let (_t, p, spec) = setup();
     let mut e = p.create(&spec).unwrap();
-    let (o, out) = run(&mut e, "ls /sys/class/net; cat /proc/net/dev | tail -n +3 | cut -d: -f1");
+    let (o, out) = run(
+        &mut e,
+        "ls /sys/class/net; cat /proc/net/dev | tail -n +3 | cut -d: -f1",
+    );
     assert_eq!(o, ExecOutcome::Exited(0), "{out}");
     assert!(out.split_whitespace().all(|w| w == "lo"), "{out}");
 }
@@ -111,7 +149,10 @@ fn root_sandbox_artifacts_cannot_escape_through_symlinks() {
     }
     let (t, p, spec) = setup();
     let mut e = p.create(&spec).unwrap();
-    run(&mut e, "mkdir -p /src/dist && echo ok > /src/dist/a && ln -s /etc /src/dist/link");
+    run(
+        &mut e,
+        "mkdir -p /src/dist && echo ok > /src/dist/a && ln -s /etc /src/dist/link",
+    );
     assert_eq!(e.list("/src").unwrap(), ["dist/a"]);
     let dest = t.path().join("out");
     assert_eq!(e.fetch("/src/dist/a", &dest).unwrap(), 3);

@@ -1,1 +1,118 @@
-fn main(){}
+//! slate: arguments → settings → one command. Printing happens here only.
+
+mod cli;
+mod commands;
+mod error;
+mod report;
+mod signals;
+
+use clap::Parser;
+use cli::{Cli, Color, Command, LogFormat};
+use error::{CliError, Exit, Result};
+use slate_config::Project;
+use slate_image::LayerStore;
+use slate_sandbox::SandboxProvider;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// What every command may need, made on demand.
+pub struct Ctx {
+    pub cli: Cli,
+    pub cwd: PathBuf,
+}
+
+impl Ctx {
+    pub fn project(&self) -> Result<Project> {
+        Ok(slate_config::load(&self.cwd, self.cli.file.as_deref())?)
+    }
+
+    pub fn store(&self) -> Result<LayerStore> {
+        let root = LayerStore::default_root();
+        let store = LayerStore::open(&root).map_err(|e| {
+            CliError::from_error(Exit::Infra, &e).hint(format!(
+                "slate keeps its cache in `{}`; set SLATE_CACHE to use another folder",
+                root.display()
+            ))
+        })?;
+        slate_image::plan::set_digest_cache(store.root().join("digests"));
+        Ok(store)
+    }
+
+    pub fn sandbox(&self, store: &LayerStore) -> Result<SandboxProvider> {
+        SandboxProvider::probe().map_err(|why| {
+            CliError::new(
+                Exit::Infra,
+                format!("the sandbox provider cannot run here: {why}"),
+            )
+            .hint("`slate check` shows what this host supports")
+        })?;
+        Ok(SandboxProvider::new(store.envs_dir()))
+    }
+
+    pub fn color(&self) -> bool {
+        match self.cli.color {
+            Color::Always => true,
+            Color::Never => false,
+            Color::Auto => {
+                std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+            }
+        }
+    }
+
+    pub fn reporter(&self) -> report::Reporter {
+        let mode = match self.cli.log_format {
+            LogFormat::Json => report::Mode::Json,
+            LogFormat::Text if std::io::stdout().is_terminal() && !self.cli.quiet => {
+                report::Mode::Live
+            }
+            LogFormat::Text => report::Mode::Plain,
+        };
+        report::Reporter::new(mode, self.cli.quiet, self.color())
+    }
+
+    /// Prints a line of the command's own output (not progress).
+    pub fn say(&self, line: &str) {
+        if !self.cli.quiet && self.cli.log_format == LogFormat::Text {
+            println!("{line}");
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cwd = match &cli.dir {
+        Some(d) => d.clone(),
+        None => std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
+    };
+    let cwd = std::fs::canonicalize(&cwd).unwrap_or(cwd);
+    let ctx = Ctx { cli, cwd };
+    let color = ctx.color()
+        || (matches!(ctx.cli.color, Color::Auto)
+            && std::io::stderr().is_terminal()
+            && std::env::var_os("NO_COLOR").is_none());
+    let res = match &ctx.cli.command {
+        Command::Build(args) => commands::build::build(&ctx, args),
+        Command::Up { target, provider } => commands::build::up(&ctx, target, provider.clone()),
+        Command::Bake { images } => commands::bake::bake(&ctx, images),
+        Command::Images => commands::images::images(&ctx),
+        Command::Gc { all, keep_runs } => commands::images::gc(&ctx, *all, *keep_runs),
+        Command::Shell { name } => commands::run::shell(&ctx, name),
+        Command::Run {
+            image,
+            network,
+            command,
+        } => commands::run::run(&ctx, image, *network, command),
+        Command::Check => commands::check::check(&ctx),
+        Command::Init => commands::check::init(&ctx),
+        Command::Runs => commands::runs::runs(&ctx),
+        Command::Logs { target, run } => commands::runs::logs(&ctx, target, run.as_deref()),
+    };
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            e.print(color);
+            e.exit.into()
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! Command-line arguments.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "slate",
+    version,
+    about = "Build release artifacts, each in a fresh, disposable environment"
+)]
+pub struct Cli {
+    /// Run as if started in DIR
+    #[arg(short = 'C', global = true, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// The config file (default: slate.toml here or above)
+    #[arg(short = 'f', long = "file", global = true, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// How events are printed
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Print only errors and the summary
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Print more (layer keys, environment ids)
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    #[arg(long, global = true, value_enum, default_value_t = Color::Auto)]
+    pub color: Color,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Color {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Bake what is missing, build the targets (all by default), collect artifacts
+    Build(BuildArgs),
+    /// Build one target (the `vagrant up NAME` habit)
+    Up {
+        target: String,
+        #[arg(long)]
+        provider: Option<String>,
+    },
+    /// Bake images (every layer cached)
+    Bake { images: Vec<String> },
+    /// List baked images and layers with sizes
+    Images,
+    /// Remove unused layers, old runs and leftovers of killed runs
+    Gc {
+        /// Remove every layer, also those the project uses
+        #[arg(long)]
+        all: bool,
+        /// Keep this many most recent runs
+        #[arg(long, default_value_t = 20)]
+        keep_runs: usize,
+    },
+    /// An interactive shell in a fresh environment, thrown away on exit
+    Shell { name: String },
+    /// Run one command in a fresh environment of IMAGE
+    Run {
+        image: String,
+        /// Share the host's network
+        #[arg(long)]
+        network: bool,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Validate the config and show which providers work here
+    Check,
+    /// Write a commented starter slate.toml
+    Init,
+    /// History of runs
+    Runs,
+    /// The full log of one target
+    Logs {
+        target: String,
+        #[arg(long)]
+        run: Option<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// Targets to build (default: all)
+    pub targets: Vec<String>,
+    /// Targets built at once
+    #[arg(short, long)]
+    pub jobs: Option<usize>,
+    /// Use this provider for every target
+    #[arg(long)]
+    pub provider: Option<String>,
+    /// Stop every target when one fails
+    #[arg(long, conflicts_with = "keep_going")]
+    pub fail_fast: bool,
+    /// Build every target even when some fail (the default)
+    #[arg(long)]
+    pub keep_going: bool,
+}

@@ -1,0 +1,155 @@
+//! `slate build` and `slate up`.
+
+use crate::cli::BuildArgs;
+use crate::error::{CliError, CmdResult, Exit};
+use crate::{signals, Ctx};
+use slate_config::{ProviderKind, TargetSpec};
+use slate_provider::Cancel;
+use slate_run::events::{EventSink, TargetStatus, Tee};
+use slate_run::record::RunRecorder;
+use slate_run::{BuildOptions, Orchestrator};
+use std::time::{Duration, Instant};
+
+pub fn up(ctx: &Ctx, target: &str, provider: Option<String>) -> CmdResult {
+    let args = BuildArgs {
+        targets: vec![target.to_string()],
+        jobs: Some(1),
+        provider,
+        fail_fast: false,
+        keep_going: false,
+    };
+    build(ctx, &args)
+}
+
+pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
+    let project = ctx.project()?;
+    let mut selected: Vec<&TargetSpec> = Vec::new();
+    for name in &args.targets {
+        let matched: Vec<&TargetSpec> = project
+            .targets
+            .iter()
+            .filter(|t| &t.name == name || &t.build == name)
+            .collect();
+        if matched.is_empty() {
+            return Err(super::unknown(
+                "target",
+                name,
+                project.targets.iter().map(|t| t.name.as_str()).collect(),
+            ));
+        }
+        for t in matched {
+            if !selected.iter().any(|s| s.name == t.name) {
+                selected.push(t);
+            }
+        }
+    }
+    if args.targets.is_empty() {
+        selected = project.targets.iter().collect();
+    }
+    if selected.is_empty() {
+        return Err(CliError::usage("the config defines no builds")
+            .hint("add a `[builds.NAME]` table (see `slate init`)"));
+    }
+    let forced = match &args.provider {
+        Some(p) => Some(ProviderKind::parse(p).ok_or_else(|| {
+            CliError::usage(format!("unknown provider `{p}`"))
+                .hint("use `sandbox`, `vm`, `ssh` or `ec2`")
+        })?),
+        None => None,
+    };
+    for t in &selected {
+        let p = forced.unwrap_or(t.provider);
+        if p != ProviderKind::Sandbox {
+            return Err(CliError::usage(format!(
+                "target `{}`: the `{}` provider is not available in this version of slate",
+                t.name,
+                p.name()
+            ))
+            .hint("use `provider = \"sandbox\"` (the default) or `--provider sandbox`"));
+        }
+    }
+    let store = ctx.store()?;
+    let provider = ctx.sandbox(&store)?;
+    // Environments a killed run left behind go first.
+    let _ = slate_sandbox::reap(&store.envs_dir());
+
+    let run_id = super::new_run_id();
+    let runs_dir = super::runs_dir(&project);
+    let recorder =
+        RunRecorder::create(&runs_dir, &run_id, std::env::args().collect()).map_err(|e| {
+            CliError::from_error(Exit::Infra, &e)
+                .hint("slate writes run records under `.slate/runs` next to slate.toml")
+        })?;
+    let reporter = ctx.reporter();
+    let sinks: Vec<&dyn EventSink> = vec![&recorder, &reporter];
+    let tee = Tee(sinks);
+    let cancel = Cancel::new();
+    let quiet = ctx.cli.quiet;
+    signals::install(cancel.clone(), move || {
+        if !quiet {
+            eprintln!("cancelling: destroying environments (Ctrl-C again to stop at once)");
+        }
+    });
+    let orch = Orchestrator {
+        project: &project,
+        store: &store,
+        provider: &provider,
+        sink: &tee,
+        cancel,
+    };
+    let opts = BuildOptions {
+        run_id: run_id.clone(),
+        jobs: args.jobs.unwrap_or(project.settings.jobs).max(1),
+        fail_fast: args.fail_fast,
+        artifacts_dir: project.dir.join(&project.settings.artifacts),
+    };
+    let started = Instant::now();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let results = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                reporter.tick();
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        });
+        let r = orch.build(&selected, &opts);
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        r
+    });
+    reporter.clear();
+
+    let count = |s: TargetStatus| results.iter().filter(|r| r.status == s).count();
+    let (baked, cached) = reporter.bake_counts();
+    if baked == 0 && cached > 0 {
+        ctx.say(&format!(
+            "images: nothing to bake, all {cached} layers cached"
+        ));
+    } else if baked > 0 {
+        ctx.say(&format!("images: {baked} layer(s) baked, {cached} cached"));
+    }
+    let artifacts: usize = results.iter().map(|r| r.artifacts.len()).sum();
+    let summary = format!(
+        "run {run_id}: {} succeeded, {} failed, {} infrastructure failures, {} cancelled/skipped in {:.1}s; {artifacts} artifact(s) in {}/; logs in .slate/runs/{run_id}/",
+        count(TargetStatus::Succeeded),
+        count(TargetStatus::Failed),
+        count(TargetStatus::InfraFailed),
+        count(TargetStatus::Cancelled) + count(TargetStatus::Skipped),
+        started.elapsed().as_secs_f64(),
+        project.settings.artifacts.display(),
+    );
+    if ctx.cli.log_format == crate::cli::LogFormat::Text {
+        println!("{summary}");
+    }
+    let exit = if signals::interrupted() {
+        Exit::Interrupted
+    } else if count(TargetStatus::InfraFailed) > 0 {
+        Exit::Infra
+    } else if count(TargetStatus::Failed) > 0
+        || count(TargetStatus::Cancelled) + count(TargetStatus::Skipped) > 0
+    {
+        Exit::BuildFailed
+    } else {
+        Exit::Ok
+    };
+    Ok(exit.into())
+}

@@ -1,0 +1,79 @@
+//! `slate check` and `slate init`.
+
+use crate::error::{CliError, CmdResult, Exit};
+use crate::Ctx;
+
+pub fn check(ctx: &Ctx) -> CmdResult {
+    let project = ctx.project()?;
+    println!("config: {} is valid", project.file.display());
+    println!(
+        "  images: {}",
+        project
+            .images
+            .iter()
+            .map(|i| i.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  targets: {}",
+        project
+            .targets
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("providers:");
+    match slate_sandbox::SandboxProvider::probe() {
+        Ok(()) => println!(
+            "  sandbox: works (namespaces, overlayfs; cgroups {:?})",
+            slate_sandbox::cgroup_version()
+        ),
+        Err(why) => println!("  sandbox: unavailable: {why}"),
+    }
+    for p in ["vm", "ssh", "ec2"] {
+        println!("  {p}: not available in this version of slate");
+    }
+    println!("tools:");
+    for (tool, what) in [
+        ("mmdebstrap", "bootstraps debian: images"),
+        ("debootstrap", "bootstraps debian: images (slower fallback)"),
+        ("tar", "unpacks tar: images"),
+    ] {
+        let found = slate_image::which(tool);
+        println!(
+            "  {tool}: {} ({what})",
+            if found { "found" } else { "missing" }
+        );
+    }
+    let uses_debian = project
+        .images
+        .iter()
+        .any(|i| matches!(i.base, slate_config::BaseSpec::Debian { .. }));
+    if uses_debian && !slate_image::which("mmdebstrap") && !slate_image::which("debootstrap") {
+        return Err(CliError::new(
+            Exit::Infra,
+            "images start from `debian:` but no bootstrap tool is installed",
+        )
+        .hint("apt-get install mmdebstrap"));
+    }
+    Ok(Exit::Ok.into())
+}
+
+pub fn init(ctx: &Ctx) -> CmdResult {
+    let path = ctx.cwd.join(slate_config::FILE_NAME);
+    if path.exists() {
+        return Err(
+            CliError::usage(format!("`{}` already exists", path.display()))
+                .hint("edit it, or remove it first to start over"),
+        );
+    }
+    std::fs::write(&path, slate_config::STARTER)
+        .map_err(|e| CliError::from_error(Exit::Usage, &e))?;
+    ctx.say(&format!(
+        "wrote {}; next: `slate check`, then `slate build`",
+        path.display()
+    ));
+    Ok(Exit::Ok.into())
+}

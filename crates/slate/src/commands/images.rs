@@ -1,0 +1,156 @@
+//! `slate images` and `slate gc`.
+
+use crate::error::{CliError, CmdResult, Exit};
+use crate::Ctx;
+use std::collections::BTreeSet;
+use std::time::SystemTime;
+
+pub fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < units.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
+}
+
+fn ago(t: Option<SystemTime>) -> String {
+    let Some(t) = t else { return "never".into() };
+    let s = SystemTime::now()
+        .duration_since(t)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m ago", s / 60),
+        3600..=86399 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
+    }
+}
+
+pub fn images(ctx: &Ctx) -> CmdResult {
+    let project = ctx.project()?;
+    let store = ctx.store()?;
+    let mut used = BTreeSet::new();
+    for img in &project.images {
+        match slate_image::plan(&project, &img.name) {
+            Ok(plan) => {
+                let baked = plan.layers.iter().all(|l| store.has(&l.key));
+                let size: u64 = plan
+                    .layers
+                    .iter()
+                    .filter_map(|l| store.meta(&l.key))
+                    .map(|m| m.size)
+                    .sum();
+                println!(
+                    "{}  {}  {}  {}",
+                    img.name,
+                    &plan.digest()[..12],
+                    if baked { "baked" } else { "not baked" },
+                    human(size)
+                );
+                for l in &plan.layers {
+                    used.insert(l.key.clone());
+                    match store.meta(&l.key) {
+                        Some(m) => println!(
+                            "  {}  {:>10}  used {:<8}  {}",
+                            &l.key[..12],
+                            human(m.size),
+                            ago(store.last_used(&l.key)),
+                            l.describe()
+                        ),
+                        None => println!(
+                            "  {}  {:>10}  {:<13}  {}",
+                            &l.key[..12],
+                            "-",
+                            "missing",
+                            l.describe()
+                        ),
+                    }
+                }
+            }
+            Err(e) => println!("{}  cannot plan: {e}", img.name),
+        }
+    }
+    let others: Vec<_> = store
+        .layers()
+        .into_iter()
+        .filter(|m| !used.contains(&m.key))
+        .collect();
+    if !others.is_empty() {
+        let total: u64 = others.iter().map(|m| m.size).sum();
+        println!(
+            "{} other layer(s) in the cache, {} (`slate gc` removes them)",
+            others.len(),
+            human(total)
+        );
+    }
+    Ok(Exit::Ok.into())
+}
+
+pub fn gc(ctx: &Ctx, all: bool, keep_runs: usize) -> CmdResult {
+    let project = ctx.project()?;
+    let store = ctx.store()?;
+    let mut keep = BTreeSet::new();
+    if !all {
+        for img in &project.images {
+            let plan = slate_image::plan(&project, &img.name).map_err(CliError::from)?;
+            keep.extend(plan.layers.iter().map(|l| l.key.clone()));
+        }
+    }
+    let reaped = slate_sandbox::reap(&store.envs_dir())
+        .map_err(|e| CliError::from_error(Exit::Infra, &e))?;
+    let tmp = store.clean_tmp();
+    let mut layers = 0;
+    let mut layer_bytes = 0;
+    for m in store.layers() {
+        if keep.contains(&m.key) {
+            continue;
+        }
+        let _lock = store
+            .lock(&m.key)
+            .map_err(|e| CliError::from_error(Exit::Infra, &e))?;
+        layer_bytes += store
+            .remove(&m.key)
+            .map_err(|e| CliError::from_error(Exit::Infra, &e))?;
+        layers += 1;
+    }
+    let runs_dir = super::runs_dir(&project);
+    let runs = slate_run::record::list_runs(&runs_dir);
+    let mut runs_removed = 0;
+    let mut run_bytes = 0;
+    if runs.len() > keep_runs {
+        for r in &runs[..runs.len() - keep_runs] {
+            let p = runs_dir.join(r);
+            run_bytes += slate_image::store::slate_size(&p);
+            let _ = std::fs::remove_dir_all(&p);
+            runs_removed += 1;
+        }
+    }
+    ctx.say(&format!(
+        "removed {layers} layer(s): {}",
+        human(layer_bytes)
+    ));
+    ctx.say(&format!(
+        "removed {} leftover environment(s): {}; {} leftover cgroup(s)",
+        reaped.environments,
+        human(reaped.bytes),
+        reaped.cgroups
+    ));
+    ctx.say(&format!(
+        "removed {runs_removed} old run(s): {}",
+        human(run_bytes)
+    ));
+    ctx.say(&format!("removed unfinished layers: {}", human(tmp)));
+    ctx.say(&format!(
+        "freed {} in all",
+        human(layer_bytes + reaped.bytes + run_bytes + tmp)
+    ));
+    Ok(Exit::Ok.into())
+}

@@ -1,0 +1,150 @@
+//! `slate run IMAGE -- CMD…` and `slate shell TARGET|IMAGE`.
+
+use crate::error::{CliError, CmdResult, Exit};
+use crate::{signals, Ctx};
+use slate_image::{BakedImage, LayerStore};
+use slate_provider::{Cancel, EnvSpec, Environment, ExecOutcome, ExecSpec, Provider};
+use slate_run::Orchestrator;
+use std::process::ExitCode;
+
+/// The image, baking what is missing (progress on stderr: stdout is the command's).
+fn image(
+    ctx: &Ctx,
+    project: &slate_config::Project,
+    store: &LayerStore,
+    provider: &slate_sandbox::SandboxProvider,
+    name: &str,
+) -> Result<BakedImage, CliError> {
+    if project.image(name).is_none() {
+        return Err(super::unknown(
+            "image",
+            name,
+            project.images.iter().map(|i| i.name.as_str()).collect(),
+        ));
+    }
+    let plan = slate_image::plan(project, name)?;
+    if plan.layers.iter().all(|l| store.has(&l.key)) {
+        return Ok(BakedImage {
+            name: plan.name.clone(),
+            digest: plan.digest().to_string(),
+            layers: plan.layers.iter().map(|l| store.layer_fs(&l.key)).collect(),
+            env: plan.env.clone(),
+        });
+    }
+    let reporter = ctx.reporter().on_stderr();
+    let orch = Orchestrator {
+        project,
+        store,
+        provider,
+        sink: &reporter,
+        cancel: Cancel::new(),
+    };
+    let mut res = orch.bake(&[name.to_string()]);
+    Ok(res.remove(name).expect("baked what was asked")?)
+}
+
+fn exit_of(o: ExecOutcome) -> ExitCode {
+    match o {
+        ExecOutcome::Exited(c) => ExitCode::from(c as u8),
+        ExecOutcome::Signaled(s) => ExitCode::from((128 + s) as u8),
+        ExecOutcome::TimedOut | ExecOutcome::Cancelled => Exit::Interrupted.into(),
+    }
+}
+
+/// Runs `argv` in a fresh environment with the terminal handed over.
+fn run_in(
+    provider: &slate_sandbox::SandboxProvider,
+    spec: EnvSpec,
+    exec: ExecSpec,
+    setup: impl FnOnce(&mut slate_sandbox::SandboxEnv) -> Result<(), CliError>,
+) -> CmdResult {
+    let mut env = provider.create(&spec)?;
+    let res = setup(&mut env).and_then(|()| {
+        signals::ignore_interrupts();
+        let mut none = |_: slate_provider::Stream, _: &str| {};
+        Ok(env.exec(&exec, &mut none, &Cancel::new())?)
+    });
+    let destroyed = env.destroy();
+    let outcome = res?;
+    destroyed?;
+    Ok(exit_of(outcome))
+}
+
+pub fn run(ctx: &Ctx, name: &str, network: bool, command: &[String]) -> CmdResult {
+    let project = ctx.project()?;
+    let store = ctx.store()?;
+    let provider = ctx.sandbox(&store)?;
+    let img = image(ctx, &project, &store, &provider, name)?;
+    let spec = EnvSpec {
+        name: name.to_string(),
+        layers: img.layers,
+        network,
+        ..Default::default()
+    };
+    let exec = ExecSpec {
+        argv: command.to_vec(),
+        env: img.env,
+        cwd: "/".into(),
+        interactive: true,
+    };
+    run_in(&provider, spec, exec, |_| Ok(()))
+}
+
+pub fn shell(ctx: &Ctx, name: &str) -> CmdResult {
+    let project = ctx.project()?;
+    let store = ctx.store()?;
+    let provider = ctx.sandbox(&store)?;
+    let argv = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "if [ -x /bin/bash ]; then exec /bin/bash -l; else exec /bin/sh -l; fi".into(),
+    ];
+    if let Some(t) = project.target(name) {
+        let img = image(ctx, &project, &store, &provider, &t.image)?;
+        let mut vars = img.env.clone();
+        vars.extend(t.env.iter().cloned());
+        let spec = EnvSpec {
+            name: t.name.clone(),
+            layers: img.layers,
+            network: t.network,
+            ..Default::default()
+        };
+        let exec = ExecSpec {
+            argv,
+            env: vars,
+            cwd: t.workdir.clone(),
+            interactive: true,
+        };
+        let skip = vec![
+            project.dir.join(".slate"),
+            project.dir.join(&project.settings.artifacts),
+        ];
+        return run_in(&provider, spec, exec, |env| {
+            for input in &t.inputs {
+                let set = slate_run::inputs::collect(input, &t.exclude, &skip)
+                    .map_err(|e| CliError::from_error(Exit::Infra, &e))?;
+                env.put(&set.base, &set.entries, &t.workdir)?;
+            }
+            env.put(std::path::Path::new("/"), &[], &t.workdir)?;
+            Ok(())
+        });
+    }
+    if project.image(name).is_none() {
+        let mut known: Vec<&str> = project.targets.iter().map(|t| t.name.as_str()).collect();
+        known.extend(project.images.iter().map(|i| i.name.as_str()));
+        return Err(super::unknown("target or image", name, known));
+    }
+    let img = image(ctx, &project, &store, &provider, name)?;
+    let spec = EnvSpec {
+        name: name.to_string(),
+        layers: img.layers,
+        ..Default::default()
+    };
+    let exec = ExecSpec {
+        argv,
+        env: img.env,
+        cwd: "/".into(),
+        interactive: true,
+    };
+    run_in(&provider, spec, exec, |_| Ok(()))
+}
