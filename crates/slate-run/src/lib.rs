@@ -102,6 +102,8 @@ enum TargetError {
         message: String,
     },
     Infra(String),
+    /// The environment could not be made or entered; safe to retry.
+    Setup(String),
     Cancelled,
 }
 
@@ -320,57 +322,66 @@ impl<P: Provider> Orchestrator<'_, P> {
             },
             binds: vec![],
         };
-        let env = self.phase(t, "create", || {
-            let mut attempt = 1;
-            loop {
-                match self.provider.create(&spec) {
-                    Ok(e) => return Ok(e),
-                    Err(e) if attempt < CREATE_ATTEMPTS && !self.cancel.is_cancelled() => {
-                        self.sink.event(&Event::new(
-                            Some(&t.name),
-                            EventKind::Retry {
-                                attempt,
-                                error: error_chain(&e),
-                            },
-                        ));
-                        attempt += 1;
+        let mut attempt = 1;
+        loop {
+            let retry = |attempt: u32, error: String| {
+                self.sink.event(&Event::new(
+                    Some(&t.name),
+                    EventKind::Retry { attempt, error },
+                ));
+            };
+            let mut env = match self.phase(t, "create", || {
+                self.provider
+                    .create(&spec)
+                    .map_err(|e| TargetError::Setup(error_chain(&e)))
+            }) {
+                Ok(e) => e,
+                Err(TargetError::Setup(m))
+                    if attempt < CREATE_ATTEMPTS && !self.cancel.is_cancelled() =>
+                {
+                    retry(attempt, m);
+                    attempt += 1;
+                    continue;
+                }
+                Err(e) => return self.fail(t, e),
+            };
+            let result = self.in_env(t, img, &mut env, &secrets, &secret_values, store);
+            let destroyed = self.phase(t, "destroy", || {
+                env.destroy()
+                    .map_err(|e| TargetError::Infra(error_chain(&e)))
+            });
+            return match (result, destroyed) {
+                // The environment could not be entered: nothing of the build ran, so try a new one.
+                (Err(TargetError::Setup(m)), _)
+                    if attempt < CREATE_ATTEMPTS && !self.cancel.is_cancelled() =>
+                {
+                    retry(attempt, m);
+                    attempt += 1;
+                    continue;
+                }
+                (Ok(arts), Ok(())) => {
+                    let total = arts.len();
+                    let commit = store.commit(ManifestTarget {
+                        name: t.name.clone(),
+                        status: String::new(),
+                        image: t.image.clone(),
+                        image_digest: img.digest.clone(),
+                        provider: self.provider.name().into(),
+                        artifacts: arts.clone(),
+                    });
+                    match commit {
+                        Ok(()) => self.finish(t, TargetStatus::Succeeded, Some(0), None, arts),
+                        Err(e) => self.finish(
+                            t,
+                            TargetStatus::InfraFailed,
+                            None,
+                            Some(format!("could not store {total} artifact(s): {e}")),
+                            vec![],
+                        ),
                     }
-                    Err(e) => return Err(TargetError::Infra(error_chain(&e))),
                 }
-            }
-        });
-        let mut env = match env {
-            Ok(e) => e,
-            Err(e) => return self.fail(t, e),
-        };
-        let result = self.in_env(t, img, &mut env, &secrets, &secret_values, store);
-        let destroyed = self.phase(t, "destroy", || {
-            env.destroy()
-                .map_err(|e| TargetError::Infra(error_chain(&e)))
-        });
-        match (result, destroyed) {
-            (Ok(arts), Ok(())) => {
-                let total = arts.len();
-                let commit = store.commit(ManifestTarget {
-                    name: t.name.clone(),
-                    status: String::new(),
-                    image: t.image.clone(),
-                    image_digest: img.digest.clone(),
-                    provider: self.provider.name().into(),
-                    artifacts: arts.clone(),
-                });
-                match commit {
-                    Ok(()) => self.finish(t, TargetStatus::Succeeded, Some(0), None, arts),
-                    Err(e) => self.finish(
-                        t,
-                        TargetStatus::InfraFailed,
-                        None,
-                        Some(format!("could not store {total} artifact(s): {e}")),
-                        vec![],
-                    ),
-                }
-            }
-            (Err(e), _) | (Ok(_), Err(e)) => self.fail(t, e),
+                (Err(e), _) | (Ok(_), Err(e)) => self.fail(t, e),
+            };
         }
     }
 
@@ -379,7 +390,7 @@ impl<P: Provider> Orchestrator<'_, P> {
             TargetError::Script { exit_code, message } => {
                 self.finish(t, TargetStatus::Failed, exit_code, Some(message), vec![])
             }
-            TargetError::Infra(m) => {
+            TargetError::Infra(m) | TargetError::Setup(m) => {
                 self.finish(t, TargetStatus::InfraFailed, None, Some(m), vec![])
             }
             TargetError::Cancelled => self.finish(
@@ -469,7 +480,11 @@ impl<P: Provider> Orchestrator<'_, P> {
                         },
                     ));
                 };
-                match env.exec(&exec, &mut out, &cancel).map_err(infra)? {
+                let outcome = env.exec(&exec, &mut out, &cancel).map_err(|e| match e {
+                    ProviderError::Create { .. } => TargetError::Setup(error_chain(&e)),
+                    e => infra(e),
+                })?;
+                match outcome {
                     ExecOutcome::Exited(0) => Ok(()),
                     ExecOutcome::Exited(c) => Err(TargetError::Script {
                         exit_code: Some(c),

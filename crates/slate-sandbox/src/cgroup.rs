@@ -164,29 +164,38 @@ impl Cgroup {
     }
 }
 
-/// Removes slate's empty leftover cgroups (from runs that were killed).
-pub fn reap_leftovers() -> usize {
-    let mut n = 0;
-    let bases: Vec<PathBuf> = match detect() {
+fn bases() -> Vec<PathBuf> {
+    match detect() {
         CgroupVersion::V2 => vec![Path::new(ROOT).join(GROUP)],
         CgroupVersion::V1 => ["pids", "memory", "cpu"]
             .iter()
             .map(|c| Path::new(ROOT).join(c).join(GROUP))
             .collect(),
         CgroupVersion::Missing => vec![],
-    };
-    for b in bases {
+    }
+}
+
+/// Kills what is left in the cgroup of a dead environment `id`, and removes it.
+pub fn reap_env(id: &str) -> bool {
+    let dirs: Vec<PathBuf> = bases()
+        .into_iter()
+        .map(|b| b.join(id))
+        .filter(|d| d.is_dir())
+        .collect();
+    !dirs.is_empty() && Cgroup { dirs }.destroy().is_ok()
+}
+
+/// Removes slate's *empty* leftover cgroups. Never kills: a group with
+/// processes belongs to a live environment, possibly of another slate.
+pub fn reap_leftovers() -> usize {
+    let mut n = 0;
+    for b in bases() {
         let Ok(rd) = std::fs::read_dir(&b) else {
             continue;
         };
         for e in rd.flatten() {
-            if e.path().is_dir() {
-                let cg = Cgroup {
-                    dirs: vec![e.path()],
-                };
-                if cg.destroy().is_ok() {
-                    n += 1;
-                }
+            if e.path().is_dir() && std::fs::remove_dir(e.path()).is_ok() {
+                n += 1;
             }
         }
     }

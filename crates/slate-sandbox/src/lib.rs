@@ -166,11 +166,14 @@ pub fn reap(state_dir: &Path) -> std::io::Result<Reaped> {
         if lease_alive(&lease) {
             continue;
         }
+        if cgroup::reap_env(&e.file_name().to_string_lossy()) {
+            r.cgroups += 1;
+        }
         r.bytes += fsutil::disk_usage(&e.path());
         fsutil::remove_tree(&e.path())?;
         r.environments += 1;
     }
-    r.cgroups = cgroup::reap_leftovers();
+    r.cgroups += cgroup::reap_leftovers();
     Ok(r)
 }
 

@@ -184,8 +184,14 @@ impl EventSink for Reporter {
             EventKind::Retry { attempt, error } => self.print(
                 &mut st,
                 &format!(
-                    "{prefix} {} (attempt {attempt}): {error}",
-                    self.paint("33", "environment failed, retrying")
+                    "{prefix} {} {error}",
+                    self.paint(
+                        "33",
+                        &format!(
+                            "environment failed (attempt {attempt} of {}), retrying:",
+                            slate_run::CREATE_ATTEMPTS
+                        )
+                    )
                 ),
             ),
             EventKind::Artifact { path, size, .. } => {

@@ -1,0 +1,482 @@
+//! The real binary in temp projects. Tests named `root_*` make real sandboxes:
+//! they need root, are required in CI, and say SKIPPED elsewhere.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn root_available() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this test needs root, and CI must run it"
+        );
+        eprintln!("SKIPPED: needs root");
+    }
+    root
+}
+
+struct Project {
+    dir: tempfile::TempDir,
+    cache: PathBuf,
+}
+
+/// A busybox rootfs tarball: a base image that needs no network.
+fn busybox_tar(to: &Path) {
+    let root = to.with_extension("rootfs");
+    for d in ["bin", "etc", "root", "var", "tmp", "proc", "dev", "sys"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let bb = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("busybox-static is installed");
+    std::fs::copy(bb, root.join("bin/busybox")).unwrap();
+    let list = Command::new(bb).arg("--list").output().unwrap();
+    for name in String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter(|n| *n != "busybox")
+    {
+        let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(name));
+    }
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-czf")
+        .arg(to)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+impl Project {
+    fn new(config: &str) -> Project {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let p = Project { dir, cache };
+        std::fs::create_dir_all(p.path().join("project")).unwrap();
+        busybox_tar(&p.path().join("project/bb.tar.gz"));
+        p.write("slate.toml", config);
+        p
+    }
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    fn project(&self) -> PathBuf {
+        self.path().join("project")
+    }
+    fn write(&self, rel: &str, text: &str) {
+        let p = self.project().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_slate"));
+        c.arg("-C")
+            .arg(self.project())
+            .args(args)
+            .env("SLATE_CACHE", &self.cache)
+            .env("NO_COLOR", "1");
+        c
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+    fn envs_left(&self) -> usize {
+        std::fs::read_dir(self.cache.join("v1/envs"))
+            .map(|r| r.count())
+            .unwrap_or(0)
+    }
+    fn mounts_left(&self) -> Vec<String> {
+        let cache = self.cache.display().to_string();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&cache))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn processes_with(marker: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(marker) {
+                out.push(format!("{}: {cmd}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    out
+}
+
+const IMAGE: &str = "[images.bb]\nfrom = \"tar:bb.tar.gz\"\nsteps = [\"echo one > /etc/one\", \"echo two > /etc/two\"]\n";
+
+#[test]
+fn bad_config_exits_2_naming_file_line_and_column() {
+    let p = Project::new("[images.bb]\nfrom = \"tar:bb.tar.gz\"\n\n[builds.x]\nimage = \"bb\"\nrun = [\"true\"]\nartifact = [\"a\"]\n");
+    let o = p.run(&["build"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("slate.toml:7:1: unknown field `artifact`"),
+        "{err}"
+    );
+    assert!(err.contains("hint: did you mean `artifacts`?"), "{err}");
+}
+
+#[test]
+fn dangling_image_reference_exits_2() {
+    let p = Project::new(
+        "[images.bb]\nfrom = \"tar:bb.tar.gz\"\n[builds.x]\nimage = \"bbb\"\nrun = [\"true\"]\n",
+    );
+    let o = p.run(&["check"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("slate.toml:4:9: target `x` uses image `bbb`, which is not defined"),
+        "{err}"
+    );
+}
+
+#[test]
+fn init_writes_a_config_that_checks() {
+    let d = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_slate"))
+        .arg("-C")
+        .arg(d.path())
+        .arg("init")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let again = Command::new(env!("CARGO_BIN_EXE_slate"))
+        .arg("-C")
+        .arg(d.path())
+        .arg("init")
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(2));
+    let o = Command::new(env!("CARGO_BIN_EXE_slate"))
+        .arg("-C")
+        .arg(d.path())
+        .arg("check")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("targets: hello"), "{}", text(&o));
+}
+
+#[test]
+fn root_build_collects_checked_artifacts_and_rebakes_nothing() {
+    if !root_available() {
+        return;
+    }
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.app]\nimage = \"bb\"\nmatrix = {{ flavour = [\"a\", \"b\"] }}\nrun = [\"mkdir -p dist\", \"cat /etc/one /etc/two > dist/{{flavour}}.txt; hostname >> dist/{{flavour}}.txt\"]\nartifacts = [\"dist/*.txt\"]\n"
+    ));
+    let o = p.run(&["build"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("images: 3 layer(s) baked, 0 cached"),
+        "{}",
+        text(&o)
+    );
+    let arts = p.project().join("artifacts");
+    assert_eq!(
+        std::fs::read_to_string(arts.join("app-a/a.txt")).unwrap(),
+        "one\ntwo\napp-a\n"
+    );
+    let check = Command::new("sha256sum")
+        .arg("-c")
+        .arg("SHA256SUMS")
+        .current_dir(&arts)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", text(&check));
+    assert_eq!(String::from_utf8_lossy(&check.stdout).lines().count(), 2);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(arts.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["targets"].as_array().unwrap().len(), 2);
+    assert_eq!(manifest["targets"][0]["artifacts"][0]["size"], 14);
+    // Every phase is in run.json, and the whole log is on disk.
+    let run_id = manifest["run_id"].as_str().unwrap();
+    let run: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            p.project()
+                .join(".slate/runs")
+                .join(run_id)
+                .join("run.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let phases: Vec<&str> = run["targets"][0]["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(phases[0], "create");
+    assert_eq!(phases[phases.len() - 1], "destroy");
+    assert!(phases.contains(&"artifacts"));
+
+    let again = p.run(&["build"]);
+    assert!(again.status.success());
+    assert!(
+        text(&again).contains("images: nothing to bake, all 3 layers cached"),
+        "{}",
+        text(&again)
+    );
+    assert_eq!(p.envs_left(), 0);
+    assert!(p.mounts_left().is_empty());
+}
+
+#[test]
+fn root_changing_one_step_rebakes_from_that_step_only() {
+    if !root_available() {
+        return;
+    }
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.app]\nimage = \"bb\"\nrun = [\"cat /etc/two\"]\n"
+    ));
+    assert!(p.run(&["bake"]).status.success());
+    p.write(
+        "slate.toml",
+        &format!(
+            "{}[builds.app]\nimage = \"bb\"\nrun = [\"cat /etc/two\"]\n",
+            IMAGE.replace("echo two", "echo TWO")
+        ),
+    );
+    let o = p.run(&["build"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("images: 1 layer(s) baked, 2 cached"), "{t}");
+    assert!(t.contains("[app] TWO"), "{t}");
+}
+
+#[test]
+fn root_targets_never_see_each_others_files_or_host_files() {
+    if !root_available() {
+        return;
+    }
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("host-secret"), "x").unwrap();
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.writer]\nimage = \"bb\"\nrun = [\"echo w > /root/w; echo w > /tmp/w; echo w > /var/w\"]\n\
+         [builds.reader]\nimage = \"bb\"\nrun = [\"for f in /root/w /tmp/w /var/w {host} /src/ignored.txt; do if test -e $f; then echo LEAK $f; exit 1; fi; done; test -e /src/kept.txt\"]\n",
+        host = outside.path().join("host-secret").display()
+    ));
+    p.write(".gitignore", "ignored.txt\n");
+    p.write("ignored.txt", "no");
+    p.write("kept.txt", "yes");
+    let w = p.run(&["build", "writer"]);
+    assert!(w.status.success(), "{}", text(&w));
+    let r = p.run(&["build", "reader"]);
+    assert!(r.status.success(), "{}", text(&r));
+}
+
+#[test]
+fn root_no_network_cannot_reach_the_hosts_loopback() {
+    if !root_available() {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.net]\nimage = \"bb\"\nrun = [\"if nc -w 2 127.0.0.1 {port} </dev/null; then echo REACHED; exit 1; fi; echo unreachable\"]\n"
+    ));
+    let o = p.run(&["build"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("[net] unreachable"), "{}", text(&o));
+    assert!(
+        listener.accept().is_err(),
+        "the sandbox connected to the host"
+    );
+}
+
+#[test]
+fn root_failing_script_exits_1_and_timeout_leaves_nothing() {
+    if !root_available() {
+        return;
+    }
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.fails]\nimage = \"bb\"\nrun = [\"mkdir -p dist; touch dist/x.txt; exit 3\"]\nartifacts = [\"dist/*.txt\"]\n\
+         [builds.slow]\nimage = \"bb\"\nrun = [\"sleep 4242 & sleep 4343\"]\ntimeout = \"1s\"\n"
+    ));
+    let o = p.run(&["build"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("`run: mkdir -p dist; touch dist/x.txt; exit 3` exited with code 3"),
+        "{t}"
+    );
+    assert!(t.contains("timed out after 1s"), "{t}");
+    assert!(
+        !p.project().join("artifacts/fails").exists(),
+        "a failed target left artifacts"
+    );
+    assert!(processes_with("sleep 4242").is_empty() && processes_with("sleep 4343").is_empty());
+    assert_eq!(p.envs_left(), 0);
+    assert!(p.mounts_left().is_empty(), "{:?}", p.mounts_left());
+    let logs = p.run(&["logs", "fails"]);
+    assert!(text(&logs).contains("==> failed"), "{}", text(&logs));
+}
+
+/// Starts `slate build` of a target that sleeps, and waits until its command runs.
+fn start_sleeper(p: &Project, marker: &str) -> std::process::Child {
+    let mut child = p
+        .cmd(&["build"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Keep draining after the marker, so slate never writes to a closed pipe.
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if line.contains("started-sleeping") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv().expect("the build printed its marker");
+    // The marker is printed just before the command starts: wait for it (bounded).
+    for _ in 0..500 {
+        if !processes_with(marker).is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        !processes_with(marker).is_empty(),
+        "the build's process is running"
+    );
+    child
+}
+
+#[test]
+fn root_ctrl_c_stops_cleanly_and_exits_nonzero() {
+    if !root_available() {
+        return;
+    }
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.sleepy]\nimage = \"bb\"\nrun = [\"echo started-sleeping; sleep 4545\"]\n"
+    ));
+    let mut child = start_sleeper(&p, "sleep 4545");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let st = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(st.code(), Some(130), "{err}");
+    assert!(processes_with("sleep 4545").is_empty());
+    assert_eq!(p.envs_left(), 0);
+    assert!(p.mounts_left().is_empty());
+}
+
+#[test]
+fn root_sigkill_of_slate_kills_the_build_and_gc_reaps_the_rest() {
+    if !root_available() {
+        return;
+    }
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.sleepy]\nimage = \"bb\"\nrun = [\"echo started-sleeping; sleep 4646\"]\n"
+    ));
+    let mut child = start_sleeper(&p, "sleep 4646");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The parent-death signal is delivered as slate dies; wait for the
+    // namespace's processes to be gone (bounded).
+    let mut left = processes_with("sleep 4646");
+    for _ in 0..200 {
+        if left.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        left = processes_with("sleep 4646");
+    }
+    assert!(left.is_empty(), "{left:?}");
+    assert!(p.mounts_left().is_empty());
+    assert_eq!(
+        p.envs_left(),
+        1,
+        "the killed run's environment folder is left for gc"
+    );
+    let gc = p.run(&["gc"]);
+    assert!(gc.status.success(), "{}", text(&gc));
+    assert!(
+        text(&gc).contains("removed 1 leftover environment(s)"),
+        "{}",
+        text(&gc)
+    );
+    assert_eq!(p.envs_left(), 0);
+}
+
+#[test]
+fn root_environment_that_cannot_be_made_exits_3() {
+    if !root_available() {
+        return;
+    }
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.app]\nimage = \"bb\"\nrun = [\"true\"]\n"
+    ));
+    assert!(p.run(&["bake"]).status.success());
+    // Break the baked layers under slate's feet: the overlay cannot be mounted.
+    for e in std::fs::read_dir(p.cache.join("v1/layers"))
+        .unwrap()
+        .flatten()
+    {
+        std::fs::remove_dir_all(e.path().join("fs")).unwrap();
+    }
+    let o = p.run(&["build"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("infrastructure failure"), "{t}");
+    assert!(
+        t.contains("environment failed (attempt 2 of 3), retrying"),
+        "{t}"
+    );
+}
+
+#[test]
+fn root_run_passes_exit_codes_and_json_events_parse() {
+    if !root_available() {
+        return;
+    }
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.app]\nimage = \"bb\"\nrun = [\"echo hi\"]\n"
+    ));
+    let o = p.run(&["run", "bb", "--", "sh", "-c", "cat /etc/two; exit 5"]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "two\n");
+    let o = p.run(&["--log-format", "json", "build"]);
+    assert!(o.status.success());
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(events
+        .iter()
+        .any(|e| e["event"] == "output" && e["line"] == "hi"));
+    assert_eq!(events.last().unwrap()["event"], "run_finished");
+}
