@@ -105,7 +105,7 @@ impl LayerStore {
             .flatten()
             .filter_map(|e| self.meta(&e.file_name().to_string_lossy()))
             .collect();
-        out.sort_by(|a, b| a.created.cmp(&b.created));
+        out.sort_by_key(|m| m.created);
         out
     }
 

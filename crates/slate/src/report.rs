@@ -175,9 +175,7 @@ impl EventSink for Reporter {
                 let now = Instant::now();
                 st.started.entry(name.clone()).or_insert(now);
                 st.running.insert(name.clone(), (phase.clone(), now));
-                if !self.quiet && self.mode == Mode::Plain {
-                    self.print(&mut st, &format!("{prefix} ==> {phase}"));
-                } else if self.mode == Mode::Live {
+                if !self.quiet || self.mode == Mode::Live {
                     self.print(&mut st, &format!("{prefix} ==> {phase}"));
                 }
             }

@@ -1,0 +1,115 @@
+//! The quickstart example for real: Debian bootstrapped from the archive,
+//! packages installed, a .deb built per release. Needs root and network to
+//! the Debian archive (required in CI). Its layer cache lives under the build
+//! folder, so later runs reuse what earlier runs baked.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn required() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let tool = ["mmdebstrap", "debootstrap"].iter().any(|t| {
+        ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
+            .iter()
+            .any(|d| Path::new(d).join(t).exists())
+    });
+    if !(root && tool) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this test needs root and mmdebstrap, and CI must run it"
+        );
+        eprintln!("SKIPPED: needs root and mmdebstrap (or debootstrap)");
+        return false;
+    }
+    true
+}
+
+fn copy_example(to: &Path) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart");
+    std::fs::create_dir_all(to).unwrap();
+    for f in [
+        "slate.toml",
+        "greet.c",
+        "Makefile",
+        "build.sh",
+        ".gitignore",
+    ] {
+        std::fs::copy(src.join(f), to.join(f)).unwrap();
+    }
+}
+
+#[test]
+fn root_debian_quickstart_builds_real_packages() {
+    if !required() {
+        return;
+    }
+    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("slate-cache");
+    let dir = tempfile::tempdir().unwrap();
+    let project = dir.path().join("quickstart");
+    copy_example(&project);
+    let slate = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_slate"))
+            .arg("-C")
+            .arg(&project)
+            .args(args)
+            .env("SLATE_CACHE", &cache)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap()
+    };
+
+    let o = slate(&["build"]);
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("[greet-bookworm] hello, slate"), "{out}");
+    let arts = project.join("artifacts");
+    let check = Command::new("sha256sum")
+        .arg("-c")
+        .arg("SHA256SUMS")
+        .current_dir(&arts)
+        .output()
+        .unwrap();
+    assert!(check.status.success());
+    let checked = String::from_utf8_lossy(&check.stdout).to_string();
+    assert!(
+        checked.contains("greet-bookworm/greet_1.0.0+bookworm_amd64.deb: OK"),
+        "{checked}"
+    );
+    assert!(
+        checked.contains("greet-trixie/greet_1.0.0+trixie_amd64.deb: OK"),
+        "{checked}"
+    );
+    // The package is a real .deb: the host's dpkg reads it.
+    let info = Command::new("dpkg-deb")
+        .arg("--field")
+        .arg(arts.join("greet-trixie/greet_1.0.0+trixie_amd64.deb"))
+        .arg("Version")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&info.stdout).trim(), "1.0.0+trixie");
+    // Built with each release's own compiler.
+    let desc = |t: &str| {
+        let o = Command::new("dpkg-deb")
+            .arg("--field")
+            .arg(arts.join(t))
+            .arg("Description")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    assert!(desc("greet-bookworm/greet_1.0.0+bookworm_amd64.deb").contains("gcc (Debian 12."));
+    assert!(!desc("greet-trixie/greet_1.0.0+trixie_amd64.deb").contains("gcc (Debian 12."));
+
+    let again = slate(&["build"]);
+    let out = String::from_utf8_lossy(&again.stdout).to_string();
+    assert!(again.status.success(), "{out}");
+    assert!(
+        out.contains("images: nothing to bake, all 6 layers cached"),
+        "{out}"
+    );
+}

@@ -1,0 +1,31 @@
+#!/bin/sh
+# Installs what slate and its tests need on Debian or Ubuntu (as root).
+set -eu
+
+if [ "$(id -u)" != 0 ]; then
+    echo "error: run as root (sudo $0): slate's sandboxes need root" >&2
+    exit 2
+fi
+
+need=""
+for pair in mmdebstrap:mmdebstrap debootstrap:debootstrap busybox:busybox-static \
+            tar:tar sha256sum:coreutils pgrep:procps dpkg-deb:dpkg gcc:gcc; do
+    cmd=${pair%%:*}
+    pkg=${pair#*:}
+    command -v "$cmd" >/dev/null 2>&1 || need="$need $pkg"
+done
+# busybox must be the static one: tests copy it into a bare rootfs.
+if command -v busybox >/dev/null 2>&1 && ldd "$(command -v busybox)" >/dev/null 2>&1; then
+    need="$need busybox-static"
+fi
+[ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || need="$need debian-archive-keyring"
+if [ -n "$need" ]; then
+    echo "installing:$need"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need ca-certificates
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "error: cargo is missing; install Rust 1.85 or newer (https://rustup.rs), then run this again" >&2
+    exit 2
+fi

@@ -1,0 +1,13 @@
+#!/bin/sh
+# Installs what is missing, builds slate, and runs its main job on the bundled
+# example: bake two Debian images, build a .deb in a fresh environment for each.
+set -eu
+cd "$(dirname "$0")/.."
+
+./scripts/install-deps.sh
+cargo build --release -p slate
+./target/release/slate -C examples/quickstart build "$@"
+echo
+echo "artifacts (checked with sha256sum -c):"
+cd examples/quickstart/artifacts
+sha256sum -c SHA256SUMS
