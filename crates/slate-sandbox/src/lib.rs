@@ -6,8 +6,9 @@
 //! persist from one command to the next while processes do not. The overlay is
 //! mounted inside the environment's private mount namespace only: the host never
 //! sees it, so no mount can outlive the environment. On disk an environment is
-//! one folder with a lease naming slate's pid; `reap` removes the folders whose
-//! owner is gone.
+//! one folder with a lease file that slate holds locked while the environment
+//! lives; `reap` removes the folders whose lease nobody holds (the kernel drops
+//! the lock when its owner dies, however it dies).
 
 mod cgroup;
 mod child;
@@ -83,8 +84,7 @@ impl Provider for SandboxProvider {
         let dir = self.state_dir.join(&id);
         std::fs::create_dir_all(dir.join("root"))
             .map_err(|e| cerr(format!("create `{}`", dir.display()), e))?;
-        std::fs::write(dir.join("lease"), lease_text())
-            .map_err(|e| cerr("write lease".into(), e))?;
+        let lease = take_lease(&dir.join("lease")).map_err(|e| cerr("take lease".into(), e))?;
         // A caller-owned upper folder (a layer being baked) outlives us.
         let upper = spec.upper.clone().unwrap_or_else(|| dir.join("upper"));
         let mut env = SandboxEnv {
@@ -94,6 +94,7 @@ impl Provider for SandboxProvider {
             spec: spec.clone(),
             cgroup: None,
             destroyed: false,
+            _lease: lease,
         };
         std::fs::create_dir_all(&env.upper)
             .map_err(|e| cerr(format!("create `{}`", env.upper.display()), e))?;
@@ -120,31 +121,37 @@ fn sanitize(s: &str) -> String {
         .collect()
 }
 
-fn lease_text() -> String {
-    format!(
-        "{} {}\n",
-        std::process::id(),
-        process_start(std::process::id() as i32).unwrap_or(0)
-    )
+/// Creates and locks the lease file; the lock lasts as long as the handle.
+fn take_lease(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let mut f = std::fs::File::create(path)?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
 }
 
-/// A process's start time (clock ticks since boot): tells a live owner from a
-/// later process that reuses its pid.
-fn process_start(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 2..];
-    after.split_whitespace().nth(19)?.parse().ok()
-}
-
-fn lease_alive(lease: &str) -> bool {
-    let mut it = lease.split_whitespace();
-    let (Some(pid), Some(start)) = (it.next(), it.next()) else {
-        return false;
+/// Whether some live process holds the lease at `path`.
+fn lease_held(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    else {
+        // No lease yet: an environment being created right now, unless old.
+        let age = path
+            .parent()
+            .and_then(|d| d.metadata().ok())
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok());
+        return age.is_none_or(|a| a.as_secs() < 60);
     };
-    let (Ok(pid), Ok(start)) = (pid.parse::<i32>(), start.parse::<u64>()) else {
-        return false;
-    };
-    process_start(pid) == Some(start)
+    // SAFETY: flock on a descriptor we own; dropping `f` releases it.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
 }
 
 /// What `reap` removed.
@@ -162,8 +169,7 @@ pub fn reap(state_dir: &Path) -> std::io::Result<Reaped> {
         return Ok(r);
     };
     for e in rd.flatten() {
-        let lease = std::fs::read_to_string(e.path().join("lease")).unwrap_or_default();
-        if lease_alive(&lease) {
+        if lease_held(&e.path().join("lease")) {
             continue;
         }
         if cgroup::reap_env(&e.file_name().to_string_lossy()) {
@@ -184,6 +190,8 @@ pub struct SandboxEnv {
     spec: EnvSpec,
     cgroup: Option<cgroup::Cgroup>,
     destroyed: bool,
+    /// Held (locked) for the environment's lifetime.
+    _lease: std::fs::File,
 }
 
 fn cstr(s: impl AsRef<[u8]>) -> CString {

@@ -480,3 +480,22 @@ fn root_run_passes_exit_codes_and_json_events_parse() {
         .any(|e| e["event"] == "output" && e["line"] == "hi"));
     assert_eq!(events.last().unwrap()["event"], "run_finished");
 }
+
+#[test]
+fn root_limits_are_enforced_by_cgroups() {
+    if !root_available() {
+        return;
+    }
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.many]\nimage = \"bb\"\npids = 16\nmemory = \"256MiB\"\ncpus = 0.5\nrun = [\"i=0; while [ $i -lt 40 ]; do sleep 1000 & i=$((i+1)); done; echo forked-all\"]\n\
+         [builds.few]\nimage = \"bb\"\npids = 64\nrun = [\"i=0; while [ $i -lt 40 ]; do sleep 1000 & i=$((i+1)); done; echo forked-all\"]\n"
+    ));
+    let o = p.run(&["build", "many"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(!text(&o).contains("[many] forked-all"), "{}", text(&o));
+    // The same script within its limit succeeds, so the limit is what stopped it.
+    let o = p.run(&["build", "few"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("[few] forked-all"), "{}", text(&o));
+    assert!(processes_with("sleep 1000").is_empty());
+}
