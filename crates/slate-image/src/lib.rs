@@ -246,6 +246,7 @@ impl<P: Provider> Baker<'_, P> {
                 guest: "/var/cache/apt/archives".into(),
                 readonly: false,
             }],
+            ephemeral: false,
         };
         let mut envir = self.provider.create(&spec)?;
         let mut sink = |s: Stream, l: &str| self.reporter.output(&plan.name, s, l);

@@ -33,6 +33,10 @@ pub struct EnvSpec {
     pub limits: Limits,
     /// Host paths bound into the environment.
     pub binds: Vec<Bind>,
+    /// One command, nothing copied in or out (`slate run`, a shell): writes
+    /// may live in memory and nothing need touch the disk. `put`, `list` and
+    /// `fetch` are refused.
+    pub ephemeral: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]

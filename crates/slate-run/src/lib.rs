@@ -321,6 +321,7 @@ impl<P: Provider> Orchestrator<'_, P> {
                 pids: Some(t.pids.unwrap_or(DEFAULT_PIDS)),
             },
             binds: vec![],
+            ephemeral: false,
         };
         let mut attempt = 1;
         loop {

@@ -81,10 +81,32 @@ impl Provider for SandboxProvider {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
+        if spec.ephemeral {
+            // Everything lives on a tmpfs mounted over the state folder inside
+            // the environment's own mount namespace: no disk, no lease, no
+            // cleanup — the kernel drops it all with the namespace.
+            std::fs::create_dir_all(&self.state_dir)
+                .map_err(|e| cerr(format!("create `{}`", self.state_dir.display()), e))?;
+            let mut env = SandboxEnv {
+                id,
+                dir: self.state_dir.clone(),
+                upper: self.state_dir.join("upper"),
+                spec: spec.clone(),
+                cgroup: None,
+                destroyed: false,
+                _lease: None,
+            };
+            if !spec.limits.is_empty() {
+                let cg = cgroup::Cgroup::create(&env.id, &spec.limits)
+                    .map_err(|e| cerr("set up cgroup limits".into(), e))?;
+                env.cgroup = Some(cg);
+            }
+            return Ok(env);
+        }
         let dir = self.state_dir.join(&id);
         std::fs::create_dir_all(dir.join("root"))
             .map_err(|e| cerr(format!("create `{}`", dir.display()), e))?;
-        let lease = take_lease(&dir.join("lease")).map_err(|e| cerr("take lease".into(), e))?;
+        let lease = Some(take_lease(&dir.join("lease")).map_err(|e| cerr("take lease".into(), e))?);
         // A caller-owned upper folder (a layer being baked) outlives us.
         let upper = spec.upper.clone().unwrap_or_else(|| dir.join("upper"));
         let mut env = SandboxEnv {
@@ -190,8 +212,8 @@ pub struct SandboxEnv {
     spec: EnvSpec,
     cgroup: Option<cgroup::Cgroup>,
     destroyed: bool,
-    /// Held (locked) for the environment's lifetime.
-    _lease: std::fs::File,
+    /// Held (locked) for the environment's lifetime; none when ephemeral.
+    _lease: Option<std::fs::File>,
 }
 
 fn cstr(s: impl AsRef<[u8]>) -> CString {
@@ -210,6 +232,12 @@ impl SandboxEnv {
 
     /// The host path of `guest` in the upper folder, refusing paths that climb out.
     fn upper_path(&self, guest: &str) -> Result<PathBuf, ProviderError> {
+        if self.spec.ephemeral {
+            return Err(ProviderError::Other {
+                env: self.id.clone(),
+                what: format!("cannot copy `{guest}` in or out of an ephemeral environment"),
+            });
+        }
         let rel = guest.trim_start_matches('/');
         if rel.split('/').any(|c| c == "..") {
             return Err(ProviderError::Other {
@@ -260,7 +288,22 @@ impl SandboxEnv {
             })
         };
         let nosuid = libc::MS_NOSUID | libc::MS_NODEV;
-        let mut preps = vec![
+        let mut preps = Vec::new();
+        if self.spec.ephemeral {
+            preps.extend([
+                mount(
+                    "tmpfs",
+                    cpath(&self.dir),
+                    "tmpfs",
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    Some("mode=0700"),
+                ),
+                Prep::Mkdir(cpath(&self.upper), 0o755),
+                Prep::Mkdir(cpath(&self.dir.join("work")), 0o700),
+                Prep::Mkdir(cpath(&root), 0o755),
+            ]);
+        }
+        preps.extend([
             mount("overlay", cpath(&root), "overlay", 0, Some(&overlay_opts)),
             Prep::Mkdir(r("proc"), 0o555),
             mount("proc", r("proc"), "proc", nosuid | libc::MS_NOEXEC, None),
@@ -272,7 +315,7 @@ impl SandboxEnv {
                 libc::MS_NOSUID,
                 Some("mode=0755,size=65536k"),
             ),
-        ];
+        ]);
         for d in DEVICES {
             preps.push(Prep::Touch(r(&format!("dev/{d}"))));
             preps.push(mount(
@@ -436,7 +479,9 @@ impl SandboxEnv {
                 first = Some(self.err("remove cgroup", e));
             }
         }
-        if let Err(e) = fsutil::remove_tree(&self.dir) {
+        if self.spec.ephemeral {
+            // Nothing on disk: the tmpfs went with the mount namespace.
+        } else if let Err(e) = fsutil::remove_tree(&self.dir) {
             first.get_or_insert(self.err(format!("remove `{}`", self.dir.display()), e));
         }
         first.map_or(Ok(()), Err)

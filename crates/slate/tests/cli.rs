@@ -469,6 +469,33 @@ fn root_run_passes_exit_codes_and_json_events_parse() {
     let o = p.run(&["run", "bb", "--", "sh", "-c", "cat /etc/two; exit 5"]);
     assert_eq!(o.status.code(), Some(5), "{}", text(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "two\n");
+    // Each run is fresh, and leaves nothing on disk or mounted.
+    assert!(p
+        .run(&[
+            "run",
+            "bb",
+            "--",
+            "sh",
+            "-c",
+            "echo x > /root/f; echo y > /var/f"
+        ])
+        .status
+        .success());
+    assert_eq!(
+        p.run(&[
+            "run",
+            "bb",
+            "--",
+            "sh",
+            "-c",
+            "test -e /root/f || test -e /var/f"
+        ])
+        .status
+        .code(),
+        Some(1)
+    );
+    assert_eq!(p.envs_left(), 0);
+    assert!(p.mounts_left().is_empty());
     let o = p.run(&["--log-format", "json", "build"]);
     assert!(o.status.success());
     let events: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)

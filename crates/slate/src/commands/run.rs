@@ -79,6 +79,7 @@ pub fn run(ctx: &Ctx, name: &str, network: bool, command: &[String]) -> CmdResul
         name: name.to_string(),
         layers: img.layers,
         network,
+        ephemeral: true,
         ..Default::default()
     };
     let exec = ExecSpec {
@@ -138,6 +139,7 @@ pub fn shell(ctx: &Ctx, name: &str) -> CmdResult {
     let spec = EnvSpec {
         name: name.to_string(),
         layers: img.layers,
+        ephemeral: true,
         ..Default::default()
     };
     let exec = ExecSpec {
