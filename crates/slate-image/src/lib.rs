@@ -215,7 +215,7 @@ impl<P: Provider> Baker<'_, P> {
             }
             LayerKind::Packages(pkgs) => {
                 let script = format!(
-                    "set -e\napt-get update -q\nDEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {}\nrm -rf /var/lib/apt/lists/*\n",
+                    "set -e\napt-get update -q\nDEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {}\n",
                     pkgs.join(" ")
                 );
                 self.run_in_sandbox(plan, layer, below, fs, &script, &[])
@@ -235,17 +235,38 @@ impl<P: Provider> Baker<'_, P> {
         script: &str,
         env: &[(String, String)],
     ) -> Result<(), ImageError> {
+        // Debian images share apt's downloads and package lists through the
+        // cache (per suite, mirror and arch), so they stay out of the layers
+        // and nothing is downloaded twice. The lock keeps two bakes from
+        // running apt on the same lists at once.
+        let mut binds = Vec::new();
+        let mut _apt_lock = None;
+        if let Some(lists_key) = apt_lists_key(plan) {
+            let serr = |source| ImageError::Store {
+                image: plan.name.clone(),
+                op: "prepare apt cache".into(),
+                source,
+            };
+            let lists = self.store.apt_lists(&lists_key).map_err(serr)?;
+            _apt_lock = Some(self.store.lock(&format!("apt-{lists_key}")).map_err(serr)?);
+            binds.push(Bind {
+                host: self.store.apt_archives(),
+                guest: "/var/cache/apt/archives".into(),
+                readonly: false,
+            });
+            binds.push(Bind {
+                host: lists,
+                guest: "/var/lib/apt/lists".into(),
+                readonly: false,
+            });
+        }
         let spec = EnvSpec {
             name: format!("bake-{}", plan.name),
             layers: below.to_vec(),
             upper: Some(fs.to_path_buf()),
             network: true,
             limits: Default::default(),
-            binds: vec![Bind {
-                host: self.store.apt_archives(),
-                guest: "/var/cache/apt/archives".into(),
-                readonly: false,
-            }],
+            binds,
             ephemeral: false,
         };
         let mut envir = self.provider.create(&spec)?;
@@ -364,6 +385,29 @@ impl<P: Provider> Baker<'_, P> {
         } else {
             Err(format!("{what} {st}"))
         }
+    }
+}
+
+/// Which shared apt lists an image uses: one set per Debian suite, mirror and
+/// arch; `None` for images not bootstrapped from Debian.
+fn apt_lists_key(plan: &ImagePlan) -> Option<String> {
+    match &plan.layers.first()?.kind {
+        LayerKind::Debian {
+            suite,
+            mirror,
+            arch,
+            ..
+        } => {
+            let id = format!(
+                "{suite}\n{}\n{}",
+                mirror.as_deref().unwrap_or(""),
+                arch.as_deref().unwrap_or("")
+            );
+            Some(
+                plan::hex(&<sha2::Sha256 as sha2::Digest>::digest(id.as_bytes()))[..32].to_string(),
+            )
+        }
+        _ => None,
     }
 }
 

@@ -9,6 +9,7 @@
 //! $CACHE/v1/locks/<key>.lock          one baker per key at a time
 //! $CACHE/v1/envs/                     live environments (see slate-sandbox)
 //! $CACHE/v1/apt/archives/             .deb downloads shared by every bake
+//! $CACHE/v1/apt/lists/<suite-key>/     package lists per suite, mirror, arch
 //! ```
 //!
 //! A layer becomes visible only by the rename of a complete folder, so a crash
@@ -82,6 +83,13 @@ impl LayerStore {
     pub fn apt_archives(&self) -> PathBuf {
         self.root.join("apt/archives")
     }
+    /// apt's package lists for one Debian suite/mirror/arch, shared by bakes.
+    pub fn apt_lists(&self, key: &str) -> io::Result<PathBuf> {
+        let dir = self.root.join("apt/lists").join(key);
+        fs::create_dir_all(dir.join("partial"))?;
+        Ok(dir)
+    }
+
     pub fn layer_dir(&self, key: &str) -> PathBuf {
         self.root.join("layers").join(key)
     }

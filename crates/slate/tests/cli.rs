@@ -526,3 +526,48 @@ fn root_limits_are_enforced_by_cgroups() {
     assert!(text(&o).contains("[few] forked-all"), "{}", text(&o));
     assert!(processes_with("sleep 1000").is_empty());
 }
+
+#[test]
+fn root_shell_is_interactive_in_the_targets_workdir_and_thrown_away() {
+    if !root_available() {
+        return;
+    }
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.app]\nimage = \"bb\"\nworkdir = \"/work\"\nrun = [\"true\"]\n"
+    ));
+    p.write("input.txt", "from-host");
+    assert!(p.run(&["bake"]).status.success());
+    // `script` gives slate a real terminal, as a person's shell would have.
+    let slate = format!(
+        "{} -C {} shell app",
+        env!("CARGO_BIN_EXE_slate"),
+        p.project().display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &slate, "/dev/null"])
+        .env("SLATE_CACHE", &p.cache)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            b"echo \"in=$(pwd):$(cat input.txt):$(hostname)\"; echo left > /root/mark; exit 7\n",
+        )
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(7), "{out}");
+    assert!(out.contains("in=/work:from-host:app"), "{out}");
+    assert_eq!(
+        p.run(&["run", "bb", "--", "test", "-e", "/root/mark"])
+            .status
+            .code(),
+        Some(1)
+    );
+    assert_eq!(p.envs_left(), 0);
+}

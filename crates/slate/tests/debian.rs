@@ -113,3 +113,62 @@ fn root_debian_quickstart_builds_real_packages() {
         "{out}"
     );
 }
+
+#[test]
+fn root_debian_second_image_with_the_same_packages_downloads_nothing() {
+    if !required() {
+        return;
+    }
+    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("slate-cache");
+    let dir = tempfile::tempdir().unwrap();
+    let pkgs = "packages = [\"gcc\", \"libc6-dev\", \"make\"]";
+    // `b` names the host's arch explicitly: the same system, but another
+    // recipe, so it is bootstrapped and its packages installed anew.
+    let arch = Command::new("dpkg")
+        .arg("--print-architecture")
+        .output()
+        .unwrap();
+    let arch = String::from_utf8_lossy(&arch.stdout).trim().to_string();
+    std::fs::write(
+        dir.path().join("slate.toml"),
+        format!("[images.a]\nfrom = \"debian:bookworm\"\n{pkgs}\n[images.b]\nfrom = \"debian:bookworm\"\narch = \"{arch}\"\n{pkgs}\n"),
+    )
+    .unwrap();
+    let bake = |image: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_slate"))
+            .arg("-C")
+            .arg(dir.path())
+            .args(["bake", image])
+            .env("SLATE_CACHE", &cache)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        let out = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(o.status.success(), "{out}");
+        out
+    };
+    bake("a");
+    let out = bake("b");
+    // Only the packages layer of `b` is new work for apt; its output is what
+    // lies between that layer's start and end lines.
+    let layer: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.contains("baking apt-get install"))
+        .take_while(|l| !l.contains("baked in"))
+        .collect();
+    assert!(
+        layer.iter().any(|l| l.contains("Setting up gcc")),
+        "apt installed the packages:\n{out}"
+    );
+    // Index files may be refreshed (the archive moves on); packages must not be.
+    let index = ["InRelease", "Release", "Packages", "Translation", "Sources"];
+    let fetched: Vec<&&str> = layer
+        .iter()
+        .filter(|l| l.contains("Get:") && !index.iter().any(|i| l.contains(i)))
+        .collect();
+    assert!(fetched.is_empty(), "downloaded again: {fetched:#?}");
+}
