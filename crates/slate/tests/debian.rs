@@ -152,6 +152,31 @@ fn root_debian_second_image_with_the_same_packages_downloads_nothing() {
         out
     };
     bake("a");
+    // `b`'s packages layer may be in the cache from an earlier run of this
+    // test: remove it (found through `slate images`) so apt runs again.
+    let images = Command::new(env!("CARGO_BIN_EXE_slate"))
+        .arg("-C")
+        .arg(dir.path())
+        .arg("images")
+        .env("SLATE_CACHE", &cache)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&images.stdout).to_string();
+    let b_packages = listing
+        .lines()
+        .skip_while(|l| !l.starts_with("b "))
+        .find(|l| l.contains("apt-get install"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no packages layer listed for b:\n{listing}"))
+        .to_string();
+    for e in std::fs::read_dir(cache.join("v1/layers"))
+        .unwrap()
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().starts_with(&b_packages) {
+            std::fs::remove_dir_all(e.path()).unwrap();
+        }
+    }
     let out = bake("b");
     // Only the packages layer of `b` is new work for apt; its output is what
     // lies between that layer's start and end lines.
