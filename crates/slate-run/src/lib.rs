@@ -117,20 +117,27 @@ impl<P: Provider> Orchestrator<'_, P> {
             reporter: &reporter,
             cancel: self.cancel.clone(),
         };
-        let mut out = BTreeMap::new();
-        for name in names {
-            let res = slate_image::plan(self.project, name).and_then(|p| baker.bake(&p));
-            if let Err(e) = &res {
-                self.sink.event(&Event::new(
-                    Some(name),
-                    EventKind::BakeFailed {
-                        error: error_chain(e),
-                    },
-                ));
+        // Independent images bake at once; images that share layers meet at
+        // the store's per-layer lock, and the second finds the layer cached.
+        let out = Mutex::new(BTreeMap::new());
+        std::thread::scope(|s| {
+            for name in names {
+                let (baker, out) = (&baker, &out);
+                s.spawn(move || {
+                    let res = slate_image::plan(self.project, name).and_then(|p| baker.bake(&p));
+                    if let Err(e) = &res {
+                        self.sink.event(&Event::new(
+                            Some(name),
+                            EventKind::BakeFailed {
+                                error: error_chain(e),
+                            },
+                        ));
+                    }
+                    out.lock().unwrap().insert(name.clone(), res);
+                });
             }
-            out.insert(name.clone(), res);
-        }
-        out
+        });
+        out.into_inner().unwrap()
     }
 
     /// Builds `targets`: bake, then run them `jobs` at a time.

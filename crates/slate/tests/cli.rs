@@ -571,3 +571,42 @@ fn root_shell_is_interactive_in_the_targets_workdir_and_thrown_away() {
     );
     assert_eq!(p.envs_left(), 0);
 }
+
+#[test]
+fn root_concurrent_bakes_of_one_image_bake_each_layer_once() {
+    if !root_available() {
+        return;
+    }
+    // Slow steps, so that the two bakes really overlap.
+    let p = Project::new("[images.bb]\nfrom = \"tar:bb.tar.gz\"\nsteps = [\"sleep 0.3; echo 1 > /one\", \"sleep 0.3; echo 2 > /two\"]\n[images.other]\nfrom = \"image:bb\"\nsteps = [\"cat /one /two > /both\"]\n");
+    let a = p
+        .cmd(&["bake", "bb"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let b = p.cmd(&["bake"]).stdout(Stdio::piped()).spawn().unwrap();
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(
+        a.status.success() && b.status.success(),
+        "{}\n{}",
+        text(&a),
+        text(&b)
+    );
+    let all = format!("{}{}", text(&a), text(&b));
+    let baked = |what: &str| {
+        all.lines()
+            .filter(|l| l.contains("baked in") && l.contains(what))
+            .count()
+    };
+    assert_eq!(baked("unpack"), 1, "{all}");
+    assert_eq!(baked("echo 1"), 1, "{all}");
+    assert_eq!(baked("echo 2"), 1, "{all}");
+    assert_eq!(baked("cat /one"), 1, "{all}");
+    let o = p.run(&["run", "other", "--", "cat", "/both"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "1\n2\n");
+    assert_eq!(
+        std::fs::read_dir(p.cache.join("v1/tmp")).unwrap().count(),
+        0,
+        "no staging folder is left"
+    );
+}
