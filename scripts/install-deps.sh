@@ -9,7 +9,8 @@ fi
 
 need=""
 for pair in mmdebstrap:mmdebstrap debootstrap:debootstrap busybox:busybox-static \
-            tar:tar sha256sum:coreutils pgrep:procps dpkg-deb:dpkg script:bsdutils gcc:gcc; do
+            tar:tar sha256sum:coreutils pgrep:procps dpkg-deb:dpkg script:bsdutils gcc:gcc \
+            skopeo:skopeo umoci:umoci; do
     cmd=${pair%%:*}
     pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || need="$need $pkg"

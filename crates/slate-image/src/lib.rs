@@ -1,5 +1,6 @@
 //! Images: recipes planned into content-addressed layers, baked once, reused.
 
+pub mod export;
 pub mod plan;
 pub mod store;
 

@@ -54,8 +54,13 @@ pub enum Command {
         #[arg(long)]
         provider: Option<String>,
     },
-    /// Bake images (every layer cached)
-    Bake { images: Vec<String> },
+    /// Bake images (every layer cached); export one
+    Bake {
+        images: Vec<String>,
+        /// Export the (one) image: `oci PATH` (a folder, or an archive when PATH ends in .tar) or `tar PATH` (a flat rootfs)
+        #[arg(long, num_args = 2, value_names = ["FORMAT", "PATH"])]
+        export: Option<Vec<String>>,
+    },
     /// List baked images and layers with sizes
     Images,
     /// Remove unused layers, old runs and leftovers of killed runs

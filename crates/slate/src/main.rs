@@ -94,7 +94,7 @@ fn main() -> ExitCode {
     let res = match &ctx.cli.command {
         Command::Build(args) => commands::build::build(&ctx, args),
         Command::Up { target, provider } => commands::build::up(&ctx, target, provider.clone()),
-        Command::Bake { images } => commands::bake::bake(&ctx, images),
+        Command::Bake { images, export } => commands::bake::bake(&ctx, images, export.as_deref()),
         Command::Images => commands::images::images(&ctx),
         Command::Gc { all, keep_runs } => commands::images::gc(&ctx, *all, *keep_runs),
         Command::Shell { name } => commands::run::shell(&ctx, name),

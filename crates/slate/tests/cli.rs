@@ -610,3 +610,100 @@ fn root_concurrent_bakes_of_one_image_bake_each_layer_once() {
         "no staging folder is left"
     );
 }
+
+fn tool(name: &str) -> bool {
+    let found = ["/usr/bin", "/usr/sbin", "/bin"]
+        .iter()
+        .any(|d| Path::new(d).join(name).exists());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this test needs `{name}`, and CI must run it"
+        );
+        eprintln!("SKIPPED: needs {name}");
+    }
+    found
+}
+
+#[test]
+fn root_oci_export_is_deterministic_and_read_by_skopeo_and_umoci() {
+    if !root_available() || !tool("skopeo") || !tool("umoci") {
+        return;
+    }
+    let p = Project::new(
+        "[images.bb]\nfrom = \"tar:bb.tar.gz\"\nsteps = [\"echo one > /etc/one; mkdir -p /var/x; echo old > /var/x/old\", \"echo two > /etc/two; rm /etc/one; rm -rf /var/x; mkdir /var/x; echo new > /var/x/new\"]\n",
+    );
+    let out = p.path().join("bb.oci.tar");
+    let o = p.run(&["bake", "bb", "--export", "oci", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let printed = text(&o);
+    let digest = printed
+        .split("manifest ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap()
+        .to_string();
+    // skopeo reads the archive and agrees on the manifest digest.
+    let inspect = Command::new("skopeo")
+        .arg("inspect")
+        .arg(format!("oci-archive:{}:bb", out.display()))
+        .output()
+        .unwrap();
+    assert!(inspect.status.success(), "{}", text(&inspect));
+    let info: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(info["Digest"], digest.as_str());
+    assert_eq!(info["Layers"].as_array().unwrap().len(), 3);
+    // umoci applies the layers, whiteouts and opaque folder included.
+    let layout = p.path().join("layout");
+    assert!(p
+        .run(&["bake", "bb", "--export", "oci", layout.to_str().unwrap()])
+        .status
+        .success());
+    let rootfs = p.path().join("unpacked");
+    let st = Command::new("umoci")
+        .args(["raw", "unpack", "--image"])
+        .arg(format!("{}:bb", layout.display()))
+        .arg(&rootfs)
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", text(&st));
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("etc/two")).unwrap(),
+        "two\n"
+    );
+    assert!(!rootfs.join("etc/one").exists());
+    let var_x: Vec<_> = std::fs::read_dir(rootfs.join("var/x"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(var_x, ["new"]);
+    // The same recipe baked again, from nothing, gives the same image.
+    let other_cache = p.path().join("cache2");
+    let out2 = p.path().join("bb2.oci.tar");
+    let o = p
+        .cmd(&["bake", "bb", "--export", "oci", out2.to_str().unwrap()])
+        .env("SLATE_CACHE", &other_cache)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("2 layer(s) baked, 1 cached") || text(&o).contains("3 layer(s) baked"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&out2).unwrap());
+    // The flat export is the merged view.
+    let flat = p.path().join("flat.tar");
+    assert!(p
+        .run(&["bake", "bb", "--export", "tar", flat.to_str().unwrap()])
+        .status
+        .success());
+    let list = Command::new("tar").arg("-tf").arg(&flat).output().unwrap();
+    let names = String::from_utf8_lossy(&list.stdout).to_string();
+    assert!(
+        names.lines().any(|l| l == "etc/two")
+            && !names.lines().any(|l| l == "etc/one" || l == "var/x/old"),
+        "{names}"
+    );
+}

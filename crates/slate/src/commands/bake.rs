@@ -5,8 +5,22 @@ use crate::{signals, Ctx};
 use slate_provider::Cancel;
 use slate_run::Orchestrator;
 
-pub fn bake(ctx: &Ctx, images: &[String]) -> CmdResult {
+pub fn bake(ctx: &Ctx, images: &[String], export: Option<&[String]>) -> CmdResult {
     let project = ctx.project()?;
+    if let Some(ex) = export {
+        if images.len() != 1 {
+            return Err(CliError::usage("`--export` needs exactly one image")
+                .hint("e.g. `slate bake builder --export oci builder.oci.tar`"));
+        }
+        if !["oci", "tar"].contains(&ex[0].as_str()) {
+            let hint = if ex[0] == "disk" {
+                "disk exports are not available in this version of slate; use `oci` or `tar`"
+            } else {
+                "use `oci` or `tar`"
+            };
+            return Err(CliError::usage(format!("unknown export format `{}`", ex[0])).hint(hint));
+        }
+    }
     let names: Vec<String> = if images.is_empty() {
         project.images.iter().map(|i| i.name.clone()).collect()
     } else {
@@ -56,8 +70,43 @@ pub fn bake(ctx: &Ctx, images: &[String]) -> CmdResult {
     } else {
         ctx.say(&format!("{baked} layer(s) baked, {cached} cached"));
     }
-    match first_err {
-        Some(e) => Err(e),
-        None => Ok(Exit::Ok.into()),
+    if let Some(e) = first_err {
+        return Err(e);
     }
+    if let Some(ex) = export {
+        let name = &images[0];
+        let plan = slate_image::plan(&project, name)?;
+        let image = slate_image::BakedImage {
+            name: name.clone(),
+            digest: plan.digest().to_string(),
+            layers: plan.layers.iter().map(|l| store.layer_fs(&l.key)).collect(),
+            env: plan.env.clone(),
+        };
+        let dest = ctx.cwd.join(&ex[1]);
+        let clamp = slate_image::export::clamp_from_env();
+        let arch = match &project.image(name).map(|i| i.base.clone()) {
+            Some(slate_config::BaseSpec::Debian { arch, .. }) => arch.clone(),
+            _ => None,
+        };
+        let fail = |e: std::io::Error| {
+            CliError::from_error(Exit::Infra, &e)
+                .hint(format!("could not write `{}`", dest.display()))
+        };
+        if ex[0] == "oci" {
+            let digest =
+                slate_image::export::export_oci(&plan, &image, arch.as_deref(), &dest, clamp)
+                    .map_err(fail)?;
+            ctx.say(&format!(
+                "exported {name} as OCI to {} (manifest {digest}, ref name `{name}`)",
+                dest.display()
+            ));
+        } else {
+            slate_image::export::export_tar(&image, &dest, clamp).map_err(fail)?;
+            ctx.say(&format!(
+                "exported {name} as a rootfs tarball to {}",
+                dest.display()
+            ));
+        }
+    }
+    Ok(Exit::Ok.into())
 }
