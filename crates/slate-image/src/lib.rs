@@ -1,5 +1,6 @@
 //! Images: recipes planned into content-addressed layers, baked once, reused.
 
+pub mod binfmt;
 pub mod export;
 pub mod plan;
 pub mod store;
@@ -33,6 +34,8 @@ pub enum ImageError {
         layer: String,
         outcome: String,
     },
+    #[error("image `{image}`: {why}")]
+    ForeignArch { image: String, why: String },
     #[error("image `{image}`: no bootstrap tool found")]
     NoBootstrapper { image: String },
     #[error("image `{image}`: bootstrapping `{suite}` failed ({outcome})")]
@@ -103,6 +106,16 @@ pub struct Baker<'a, P: Provider> {
 impl<P: Provider> Baker<'_, P> {
     /// Bakes whatever layers of `plan` are missing.
     pub fn bake(&self, plan: &ImagePlan) -> Result<BakedImage, ImageError> {
+        // A foreign image needs its emulator registered, baked or not.
+        if let Some(LayerKind::Debian {
+            arch: Some(arch), ..
+        }) = plan.layers.first().map(|l| &l.kind)
+        {
+            binfmt::ensure(arch).map_err(|why| ImageError::ForeignArch {
+                image: plan.name.clone(),
+                why,
+            })?;
+        }
         let serr = |op: &str, source| ImageError::Store {
             image: plan.name.clone(),
             op: op.into(),

@@ -197,3 +197,36 @@ fn root_debian_second_image_with_the_same_packages_downloads_nothing() {
         .collect();
     assert!(fetched.is_empty(), "downloaded again: {fetched:#?}");
 }
+
+#[test]
+fn root_debian_arm64_image_bakes_and_runs_through_qemu_user() {
+    if !required() {
+        return;
+    }
+    if std::env::consts::ARCH != "x86_64" {
+        eprintln!("SKIPPED: the foreign-arch test is written for x86_64 hosts");
+        return;
+    }
+    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("slate-cache");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("slate.toml"), "[images.arm]\nfrom = \"debian:bookworm\"\narch = \"arm64\"\nsteps = [\"uname -m > /etc/baked-on\"]\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_slate"))
+        .arg("-C")
+        .arg(dir.path())
+        .args([
+            "run",
+            "arm",
+            "--",
+            "sh",
+            "-c",
+            "uname -m; cat /etc/baked-on; dpkg --print-architecture",
+        ])
+        .env("SLATE_CACHE", &cache)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "aarch64\naarch64\narm64\n"
+    );
+}

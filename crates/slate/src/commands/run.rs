@@ -23,6 +23,13 @@ fn image(
         ));
     }
     let plan = slate_image::plan(project, name)?;
+    if let Some(slate_config::BaseSpec::Debian {
+        arch: Some(arch), ..
+    }) = project.image(name).map(|i| &i.base)
+    {
+        slate_image::binfmt::ensure(arch)
+            .map_err(|why| CliError::new(Exit::Infra, format!("image `{name}`: {why}")))?;
+    }
     if plan.layers.iter().all(|l| store.has(&l.key)) {
         return Ok(BakedImage {
             name: plan.name.clone(),
