@@ -261,10 +261,10 @@ impl<P: Provider> Baker<'_, P> {
                 op: "prepare apt cache".into(),
                 source,
             };
-            let lists = self.store.apt_lists(&lists_key).map_err(serr)?;
+            let (archives, lists) = self.store.apt_dirs(&lists_key).map_err(serr)?;
             _apt_lock = Some(self.store.lock(&format!("apt-{lists_key}")).map_err(serr)?);
             binds.push(Bind {
-                host: self.store.apt_archives(),
+                host: archives,
                 guest: "/var/cache/apt/archives".into(),
                 readonly: false,
             });
@@ -415,7 +415,7 @@ fn apt_lists_key(plan: &ImagePlan) -> Option<String> {
             let id = format!(
                 "{suite}\n{}\n{}",
                 mirror.as_deref().unwrap_or(""),
-                arch.as_deref().unwrap_or("")
+                arch.as_deref().unwrap_or(binfmt::host_arch())
             );
             Some(
                 plan::hex(&<sha2::Sha256 as sha2::Digest>::digest(id.as_bytes()))[..32].to_string(),

@@ -8,8 +8,8 @@
 //! $CACHE/v1/tmp/                      layers being built (never used as layers)
 //! $CACHE/v1/locks/<key>.lock          one baker per key at a time
 //! $CACHE/v1/envs/                     live environments (see slate-sandbox)
-//! $CACHE/v1/apt/archives/             .deb downloads shared by every bake
-//! $CACHE/v1/apt/lists/<suite-key>/     package lists per suite, mirror, arch
+//! $CACHE/v1/apt/<suite-key>/archives/ .deb downloads, shared by the bakes
+//! $CACHE/v1/apt/<suite-key>/lists/    and package lists, of one suite/mirror/arch
 //! ```
 //!
 //! A layer becomes visible only by the rename of a complete folder, so a crash
@@ -63,7 +63,7 @@ impl LayerStore {
 
     pub fn open(cache: &Path) -> io::Result<LayerStore> {
         let root = cache.join("v1");
-        for d in ["layers", "tmp", "locks", "envs", "apt/archives/partial"] {
+        for d in ["layers", "tmp", "locks", "envs", "apt"] {
             fs::create_dir_all(root.join(d)).map_err(|e| {
                 io::Error::new(
                     e.kind(),
@@ -80,14 +80,13 @@ impl LayerStore {
     pub fn envs_dir(&self) -> PathBuf {
         self.root.join("envs")
     }
-    pub fn apt_archives(&self) -> PathBuf {
-        self.root.join("apt/archives")
-    }
-    /// apt's package lists for one Debian suite/mirror/arch, shared by bakes.
-    pub fn apt_lists(&self, key: &str) -> io::Result<PathBuf> {
-        let dir = self.root.join("apt/lists").join(key);
-        fs::create_dir_all(dir.join("partial"))?;
-        Ok(dir)
+    /// apt's download and list folders for one Debian suite/mirror/arch:
+    /// (archives, lists). Bakes of one suite share them under a lock.
+    pub fn apt_dirs(&self, key: &str) -> io::Result<(PathBuf, PathBuf)> {
+        let dir = self.root.join("apt").join(key);
+        fs::create_dir_all(dir.join("archives/partial"))?;
+        fs::create_dir_all(dir.join("lists/partial"))?;
+        Ok((dir.join("archives"), dir.join("lists")))
     }
 
     pub fn layer_dir(&self, key: &str) -> PathBuf {

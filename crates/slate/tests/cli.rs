@@ -253,6 +253,17 @@ fn root_changing_one_step_rebakes_from_that_step_only() {
         "{IMAGE}[builds.app]\nimage = \"bb\"\nrun = [\"cat /etc/two\"]\n"
     ));
     assert!(p.run(&["bake"]).status.success());
+    // The bake left its log in a run folder.
+    let runs: Vec<_> = std::fs::read_dir(p.project().join(".slate/runs"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(runs.len(), 1);
+    let log = std::fs::read_to_string(runs[0].path().join("bake-bb.log")).unwrap();
+    assert!(
+        log.contains("baked in") && log.contains("run: echo two > /etc/two"),
+        "{log}"
+    );
     p.write(
         "slate.toml",
         &format!(

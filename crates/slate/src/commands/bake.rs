@@ -3,6 +3,8 @@
 use crate::error::{CliError, CmdResult, Exit};
 use crate::{signals, Ctx};
 use slate_provider::Cancel;
+use slate_run::events::{Event, EventKind, EventSink, Tee};
+use slate_run::record::RunRecorder;
 use slate_run::Orchestrator;
 
 pub fn bake(ctx: &Ctx, images: &[String], export: Option<&[String]>) -> CmdResult {
@@ -38,16 +40,32 @@ pub fn bake(ctx: &Ctx, images: &[String], export: Option<&[String]>) -> CmdResul
     let store = ctx.store()?;
     let provider = ctx.sandbox(&store)?;
     let reporter = ctx.reporter();
+    // Bake logs go to a run folder, like build logs: bake-<image>.log.
+    let run_id = super::new_run_id();
+    let recorder = RunRecorder::create(
+        &super::runs_dir(&project),
+        &run_id,
+        std::env::args().collect(),
+    )
+    .map_err(|e| CliError::from_error(Exit::Infra, &e))?;
+    let tee = Tee(vec![&recorder, &reporter]);
     let cancel = Cancel::new();
     signals::install(cancel.clone(), || eprintln!("cancelling the bake"));
     let orch = Orchestrator {
         project: &project,
         store: &store,
         provider: &provider,
-        sink: &reporter,
+        sink: &tee,
         cancel,
     };
     let results = orch.bake(&names);
+    recorder.event(&Event::new(
+        None,
+        EventKind::RunFinished {
+            succeeded: 0,
+            failed: 0,
+        },
+    ));
     reporter.clear();
     let mut first_err: Option<CliError> = None;
     for (name, r) in results {
