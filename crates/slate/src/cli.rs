@@ -68,6 +68,9 @@ pub enum Command {
         /// Remove every layer, also those the project uses
         #[arg(long)]
         all: bool,
+        /// Only remove layers not used for this long (e.g. `7d`, `12h`)
+        #[arg(long, value_name = "DURATION")]
+        older_than: Option<String>,
         /// Keep this many most recent runs
         #[arg(long, default_value_t = 20)]
         keep_runs: usize,

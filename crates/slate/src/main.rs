@@ -96,7 +96,11 @@ fn main() -> ExitCode {
         Command::Up { target, provider } => commands::build::up(&ctx, target, provider.clone()),
         Command::Bake { images, export } => commands::bake::bake(&ctx, images, export.as_deref()),
         Command::Images => commands::images::images(&ctx),
-        Command::Gc { all, keep_runs } => commands::images::gc(&ctx, *all, *keep_runs),
+        Command::Gc {
+            all,
+            older_than,
+            keep_runs,
+        } => commands::images::gc(&ctx, *all, older_than.as_deref(), *keep_runs),
         Command::Shell { name } => commands::run::shell(&ctx, name),
         Command::Run {
             image,

@@ -718,3 +718,67 @@ fn root_oci_export_is_deterministic_and_read_by_skopeo_and_umoci() {
         "{names}"
     );
 }
+
+/// Bytes of regular files under a folder.
+fn bytes_under(p: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+        let m = std::fs::symlink_metadata(e.path()).unwrap();
+        if m.is_dir() {
+            total += bytes_under(&e.path());
+        } else if m.is_file() {
+            total += m.len();
+        }
+    }
+    total
+}
+
+#[test]
+fn root_gc_frees_what_it_says_and_keeps_what_the_project_uses() {
+    if !root_available() {
+        return;
+    }
+    let config = |step: &str| {
+        format!("[images.bb]\nfrom = \"tar:bb.tar.gz\"\nsteps = [\"echo one > /etc/one\", \"{step}\"]\n")
+    };
+    let p = Project::new(&config("head -c 7000 /dev/zero > /etc/big"));
+    assert!(p.run(&["bake"]).status.success());
+    // Change the last step: its old (7000-byte) layer is no longer used.
+    p.write("slate.toml", &config("echo small > /etc/big"));
+    assert!(p.run(&["bake"]).status.success());
+    let before = bytes_under(&p.cache.join("v1/layers"));
+    // Recently used layers survive --older-than.
+    let o = p.run(&["gc", "--older-than", "1h"]);
+    assert!(text(&o).contains("removed 0 layer(s)"), "{}", text(&o));
+    let o = p.run(&["gc"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("removed 1 layer(s)"), "{}", text(&o));
+    let after = bytes_under(&p.cache.join("v1/layers"));
+    let said: u64 = text(&o)
+        .split("layer(s): ")
+        .nth(1)
+        .and_then(|s| s.split('(').nth(1))
+        .and_then(|s| s.split(' ').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    // What it says it freed is what left the layer store, but for the
+    // layer's own small metadata file.
+    assert!(said >= 7000, "said {said}");
+    assert!(
+        before - after >= said && before - after - said < 1024,
+        "said {said}, freed {}",
+        before - after
+    );
+    // Everything the project uses is still there: nothing to bake.
+    let o = p.run(&["bake"]);
+    assert!(
+        text(&o).contains("nothing to bake: all 3 layers cached"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&p.run(&["run", "bb", "--", "cat", "/etc/big"]).stdout),
+        "small\n"
+    );
+}

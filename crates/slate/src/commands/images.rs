@@ -94,7 +94,14 @@ pub fn images(ctx: &Ctx) -> CmdResult {
     Ok(Exit::Ok.into())
 }
 
-pub fn gc(ctx: &Ctx, all: bool, keep_runs: usize) -> CmdResult {
+pub fn gc(ctx: &Ctx, all: bool, older_than: Option<&str>, keep_runs: usize) -> CmdResult {
+    let min_idle = match older_than {
+        Some(d) => Some(
+            slate_config::units::parse_duration(d)
+                .map_err(|e| CliError::usage(format!("--older-than: {e}")))?,
+        ),
+        None => None,
+    };
     let project = ctx.project()?;
     let store = ctx.store()?;
     let mut keep = BTreeSet::new();
@@ -112,6 +119,12 @@ pub fn gc(ctx: &Ctx, all: bool, keep_runs: usize) -> CmdResult {
     for m in store.layers() {
         if keep.contains(&m.key) {
             continue;
+        }
+        if let Some(idle) = min_idle {
+            let used = store.last_used(&m.key).unwrap_or(SystemTime::UNIX_EPOCH);
+            if SystemTime::now().duration_since(used).unwrap_or_default() < idle {
+                continue;
+            }
         }
         let _lock = store
             .lock(&m.key)
@@ -134,7 +147,7 @@ pub fn gc(ctx: &Ctx, all: bool, keep_runs: usize) -> CmdResult {
         }
     }
     ctx.say(&format!(
-        "removed {layers} layer(s): {}",
+        "removed {layers} layer(s): {} ({layer_bytes} bytes)",
         human(layer_bytes)
     ));
     ctx.say(&format!(
