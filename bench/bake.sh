@@ -29,10 +29,7 @@ cp "$root/examples/quickstart/slate.toml" "$proj/"
 cp "$root/examples/quickstart/build.sh" "$proj/"
 
 # The same apt options slate carries over from the host (snapshot mirrors).
-aptopts=()
-while read -r line; do
-    aptopts+=("--aptopt=${line%;}")
-done < <(apt-config dump | grep -E '^Acquire::(Check-Valid-Until|Check-Date|https?::Proxy) ' || true)
+apt-config dump | grep -E '^Acquire::(Check-Valid-Until|Check-Date|https?::Proxy) ' > "$work/host-apt.conf" || true
 
 cat > "$work/by-hand.sh" <<SCRIPT
 #!/bin/sh
@@ -40,7 +37,7 @@ set -e
 for suite in bookworm trixie; do
     dir="$work/hand-\$suite"
     rm -rf "\$dir"
-    mmdebstrap --variant=minbase ${aptopts[*]+"${aptopts[*]}"} "\$suite" "\$dir" >/dev/null 2>&1
+    mmdebstrap --variant=minbase --aptopt="$work/host-apt.conf" "\$suite" "\$dir" >/dev/null 2>&1
     mount -t proc proc "\$dir/proc"
     chroot "\$dir" sh -c 'apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends gcc libc6-dev make >/dev/null && gcc --version | head -n1 > /etc/slate-toolchain'
     umount "\$dir/proc"
