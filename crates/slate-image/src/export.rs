@@ -380,7 +380,8 @@ pub fn export_tar(image: &BakedImage, dest: &Path, clamp: u64) -> io::Result<()>
     fs::rename(&tmp, dest)
 }
 
-fn rfc3339(secs: u64) -> String {
+/// `secs` since the epoch as an RFC 3339 UTC time.
+pub fn rfc3339(secs: u64) -> String {
     let days = (secs / 86400) as i64;
     let s = secs % 86400;
     let z = days + 719468;

@@ -34,6 +34,9 @@ struct Manifest<'a> {
     targets: &'a [ManifestTarget],
 }
 
+/// The provenance file's name in each target's folder.
+pub const PROVENANCE: &str = "provenance.json";
+
 pub struct ArtifactStore {
     dir: PathBuf,
     run_id: String,
@@ -62,6 +65,23 @@ impl ArtifactStore {
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).map_err(|e| ioerr(e, "create", &p))?;
         Ok(p)
+    }
+
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// Puts a target's provenance beside its staged artifacts, so that it
+    /// appears with them.
+    pub fn write_provenance(&self, target: &str, statement: &serde_json::Value) -> io::Result<()> {
+        let dir = self.staging.join(target);
+        std::fs::create_dir_all(&dir).map_err(|e| ioerr(e, "create", &dir))?;
+        let path = dir.join(PROVENANCE);
+        std::fs::write(
+            &path,
+            serde_json::to_vec_pretty(statement).map_err(io::Error::other)?,
+        )
+        .map_err(|e| ioerr(e, "write", &path))
     }
 
     /// Checksums a staged file.

@@ -83,6 +83,32 @@ pub fn collect(input: &Path, exclude: &[String], skip: &[PathBuf]) -> Result<Inp
     })
 }
 
+/// A digest of the input tree: paths, kinds, modes and contents, in order.
+pub fn digest(sets: &[InputSet]) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::PermissionsExt;
+    let mut h = Sha256::new();
+    for set in sets {
+        for rel in &set.entries {
+            let p = set.base.join(rel);
+            let m = std::fs::symlink_metadata(&p)?;
+            h.update(rel.to_string_lossy().as_bytes());
+            h.update([0]);
+            if m.file_type().is_symlink() {
+                h.update(b"l\0");
+                h.update(std::fs::read_link(&p)?.to_string_lossy().as_bytes());
+            } else if m.is_dir() {
+                h.update(b"d\0");
+            } else {
+                h.update(format!("f\0{:o}\0", m.permissions().mode() & 0o7777).as_bytes());
+                std::io::copy(&mut std::fs::File::open(&p)?, &mut h)?;
+            }
+            h.update([0]);
+        }
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +141,28 @@ mod tests {
             .map(|p| p.display().to_string())
             .collect();
         assert_eq!(names, [".gitignore", "src", "src/main.c"]);
+        let d1 = digest(std::slice::from_ref(&set)).unwrap();
+        std::fs::write(d.join("build/out.o"), "ignored files do not count").unwrap();
+        assert_eq!(
+            digest(&[collect(
+                d,
+                &["target/".into(), "*.txt".into()],
+                &[d.join("artifacts")]
+            )
+            .unwrap()])
+            .unwrap(),
+            d1
+        );
+        std::fs::write(d.join("src/main.c"), "y").unwrap();
+        assert_ne!(
+            digest(&[collect(
+                d,
+                &["target/".into(), "*.txt".into()],
+                &[d.join("artifacts")]
+            )
+            .unwrap()])
+            .unwrap(),
+            d1
+        );
     }
 }

@@ -7,6 +7,7 @@
 pub mod artifacts;
 pub mod events;
 pub mod inputs;
+pub mod provenance;
 pub mod record;
 
 use artifacts::{ArtifactRecord, ArtifactStore, ManifestTarget};
@@ -317,6 +318,7 @@ impl<P: Provider> Orchestrator<'_, P> {
             .map(|k| (k.clone(), std::env::var(k).unwrap_or_default()))
             .collect();
         let secret_values: Vec<String> = secrets.iter().map(|(_, v)| v.clone()).collect();
+        let started = events::now();
         let spec = EnvSpec {
             name: t.name.clone(),
             layers: img.layers.clone(),
@@ -367,15 +369,29 @@ impl<P: Provider> Orchestrator<'_, P> {
                     attempt += 1;
                     continue;
                 }
-                (Ok(arts), Ok(())) => {
+                (Ok(built), Ok(())) => {
+                    let arts = built.artifacts;
                     let total = arts.len();
-                    let commit = store.commit(ManifestTarget {
-                        name: t.name.clone(),
-                        status: String::new(),
-                        image: t.image.clone(),
-                        image_digest: img.digest.clone(),
-                        provider: self.provider.name().into(),
-                        artifacts: arts.clone(),
+                    let statement = provenance::statement(&provenance::Facts {
+                        target: t,
+                        image: img,
+                        provider: self.provider.name(),
+                        run_id: store.run_id(),
+                        started,
+                        finished: events::now(),
+                        inputs_digest: &built.inputs_digest,
+                        script_digest: &built.script_digest,
+                        artifacts: &arts,
+                    });
+                    let commit = store.write_provenance(&t.name, &statement).and_then(|()| {
+                        store.commit(ManifestTarget {
+                            name: t.name.clone(),
+                            status: String::new(),
+                            image: t.image.clone(),
+                            image_digest: img.digest.clone(),
+                            provider: self.provider.name().into(),
+                            artifacts: arts.clone(),
+                        })
                     });
                     match commit {
                         Ok(()) => self.finish(t, TargetStatus::Succeeded, Some(0), None, arts),
@@ -419,23 +435,32 @@ impl<P: Provider> Orchestrator<'_, P> {
         secrets: &[(String, String)],
         secret_values: &[String],
         store: &ArtifactStore,
-    ) -> Result<Vec<ArtifactRecord>, TargetError> {
+    ) -> Result<Built, TargetError> {
         let infra = |e: ProviderError| TargetError::Infra(error_chain(&e));
-        self.phase(t, "inputs", || {
+        let inputs_digest = self.phase(t, "inputs", || {
             let skip = vec![
                 self.project.dir.join(".slate"),
                 self.project.dir.join(&self.project.settings.artifacts),
             ];
+            let mut sets = Vec::new();
             for input in &t.inputs {
                 let set = inputs::collect(input, &t.exclude, &skip)
                     .map_err(|e| TargetError::Infra(error_chain(&e)))?;
                 env.put(&set.base, &set.entries, &t.workdir)
                     .map_err(infra)?;
+                sets.push(set);
             }
             // The workdir exists even when there are no inputs.
             env.put(Path::new("/"), &[], &t.workdir).map_err(infra)?;
-            Ok(())
+            inputs::digest(&sets)
+                .map_err(|e| TargetError::Infra(format!("cannot hash the inputs: {e}")))
         })?;
+        let script_digest = match &t.command {
+            BuildCommand::Script(path) => std::fs::read(path)
+                .map(|d| sha256_hex(&d))
+                .unwrap_or_default(),
+            BuildCommand::Run(lines) => sha256_hex(lines.join("\n").as_bytes()),
+        };
         let mut vars: Vec<(String, String)> = img.env.clone();
         vars.extend(t.env.iter().cloned());
         vars.push(("SLATE_TARGET".into(), t.name.clone()));
@@ -462,7 +487,7 @@ impl<P: Provider> Orchestrator<'_, P> {
                 .iter()
                 .map(|l| {
                     (
-                        format!("run: {l}"),
+                        mask(&format!("run: {l}"), secret_values),
                         vec!["/bin/sh".into(), "-ec".into(), l.clone()],
                     )
                 })
@@ -547,9 +572,24 @@ impl<P: Provider> Orchestrator<'_, P> {
                 self.sink.event(&Event::new(Some(&t.name), EventKind::Artifact { path: path.clone(), size, sha256: sha256.clone() }));
                 out.push(ArtifactRecord { path, size, sha256 });
             }
-            Ok(out)
+            Ok(Built { artifacts: out, inputs_digest, script_digest })
         })
     }
+}
+
+/// What a successful build produced, and what went into it.
+struct Built {
+    artifacts: Vec<ArtifactRecord>,
+    inputs_digest: String,
+    script_digest: String,
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// An error and its causes on one line: `a: b: c`.

@@ -86,6 +86,8 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Build a target twice in two fresh environments and compare the artifacts
+    Verify { target: String },
     /// Validate the config and show which providers work here
     Check,
     /// Write a commented starter slate.toml

@@ -107,6 +107,7 @@ fn main() -> ExitCode {
             network,
             command,
         } => commands::run::run(&ctx, image, *network, command),
+        Command::Verify { target } => commands::verify::verify(&ctx, target),
         Command::Check => commands::check::check(&ctx),
         Command::Init => commands::check::init(&ctx),
         Command::Runs => commands::runs::runs(&ctx),

@@ -211,6 +211,37 @@ fn root_build_collects_checked_artifacts_and_rebakes_nothing() {
         serde_json::from_slice(&std::fs::read(arts.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["targets"].as_array().unwrap().len(), 2);
     assert_eq!(manifest["targets"][0]["artifacts"][0]["size"], 14);
+    // Provenance: an in-toto v1 statement with a SLSA v1 predicate whose
+    // subject is the artifact.
+    let prov: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(arts.join("app-a/provenance.json")).unwrap())
+            .unwrap();
+    assert_eq!(prov["_type"], "https://in-toto.io/Statement/v1");
+    assert_eq!(prov["predicateType"], "https://slsa.dev/provenance/v1");
+    assert_eq!(prov["subject"][0]["name"], "a.txt");
+    assert_eq!(
+        prov["subject"][0]["digest"]["sha256"],
+        manifest["targets"][0]["artifacts"][0]["sha256"]
+    );
+    let def = &prov["predicate"]["buildDefinition"];
+    assert_eq!(def["externalParameters"]["target"], "app-a");
+    assert_eq!(def["externalParameters"]["matrix"]["flavour"], "a");
+    assert_eq!(
+        def["resolvedDependencies"][0]["digest"]["sha256"],
+        manifest["targets"][0]["image_digest"]
+    );
+    assert_eq!(
+        def["resolvedDependencies"][1]["digest"]["sha256"]
+            .as_str()
+            .unwrap()
+            .len(),
+        64
+    );
+    assert_eq!(
+        prov["predicate"]["runDetails"]["metadata"]["invocationId"],
+        manifest["run_id"]
+    );
+    assert!(prov["predicate"]["runDetails"]["builder"]["version"]["slate"].is_string());
     // Every phase is in run.json, and the whole log is on disk.
     let run_id = manifest["run_id"].as_str().unwrap();
     let run: serde_json::Value = serde_json::from_slice(
@@ -781,4 +812,87 @@ fn root_gc_frees_what_it_says_and_keeps_what_the_project_uses() {
         String::from_utf8_lossy(&p.run(&["run", "bb", "--", "cat", "/etc/big"]).stdout),
         "small\n"
     );
+}
+
+#[test]
+fn root_verify_passes_reproducible_targets_and_names_what_differs() {
+    if !root_available() {
+        return;
+    }
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.same]\nimage = \"bb\"\nrun = [\"mkdir -p dist; cat /etc/two > dist/x.txt; echo $SOURCE_DATE_EPOCH > dist/epoch.txt\"]\nartifacts = [\"dist/*\"]\n\
+         [builds.noisy]\nimage = \"bb\"\nrun = [\"mkdir -p dist; echo stable > dist/ok.txt; cat /proc/sys/kernel/random/uuid > dist/x.txt; hostname > dist/host.txt\"]\nartifacts = [\"dist/*\"]\n"
+    ));
+    let o = p.run(&["verify", "same"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("same: reproducible: 2 artifact(s) identical"),
+        "{}",
+        text(&o)
+    );
+    let o = p.run(&["verify", "noisy"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("NOT reproducible; 2 file(s) differ"), "{t}");
+    assert!(
+        t.contains("x.txt: contents differ") && t.contains("host.txt: contents differ"),
+        "{t}"
+    );
+    assert!(!t.contains("ok.txt: contents differ"), "{t}");
+}
+
+/// Every regular file under `dir`, recursively.
+fn all_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let ft = e.file_type().unwrap();
+        if ft.is_dir() {
+            out.extend(all_files(&e.path()));
+        } else if ft.is_file() {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+#[test]
+fn root_secrets_never_reach_output_or_files_slate_writes() {
+    if !root_available() {
+        return;
+    }
+    let secret = "s3cr3t-7f1e9a-value";
+    let len = secret.len();
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.app]\nimage = \"bb\"\nsecrets = [\"DEPLOY_TOKEN\"]\nrun = [\"echo token is $DEPLOY_TOKEN; echo $DEPLOY_TOKEN >&2; test ${{#DEPLOY_TOKEN}} = {len}\", \"mkdir -p dist; echo ok > dist/a.txt\"]\nartifacts = [\"dist/*\"]\n"
+    ));
+    for format in ["text", "json"] {
+        let o = p
+            .cmd(&["--log-format", format, "build"])
+            .env("DEPLOY_TOKEN", secret)
+            .output()
+            .unwrap();
+        let printed = text(&o);
+        assert!(
+            o.status.success(),
+            "the secret reached the build: {printed}"
+        );
+        assert!(printed.contains("token is ***"), "{printed}");
+        assert!(!printed.contains(secret), "printed: {printed}");
+    }
+    let written: Vec<PathBuf> = all_files(&p.project().join(".slate"))
+        .into_iter()
+        .chain(all_files(&p.project().join("artifacts")))
+        .collect();
+    assert!(
+        written.iter().any(|f| f.ends_with("provenance.json"))
+            && written.iter().any(|f| f.ends_with("run.json"))
+    );
+    for f in written {
+        let data = std::fs::read(&f).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&data).contains(secret),
+            "{} holds the secret",
+            f.display()
+        );
+    }
 }

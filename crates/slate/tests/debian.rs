@@ -105,6 +105,19 @@ fn root_debian_quickstart_builds_real_packages() {
     assert!(desc("greet-bookworm/greet_1.0.0+bookworm_amd64.deb").contains("gcc (Debian 12."));
     assert!(!desc("greet-trixie/greet_1.0.0+trixie_amd64.deb").contains("gcc (Debian 12."));
 
+    // Built twice in two fresh environments, the package is byte for byte the same.
+    let v = slate(&["verify", "greet-bookworm"]);
+    let vout = format!(
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    assert_eq!(v.status.code(), Some(0), "{vout}");
+    assert!(
+        vout.contains("greet-bookworm: reproducible: 1 artifact(s) identical"),
+        "{vout}"
+    );
+
     let again = slate(&["build"]);
     let out = String::from_utf8_lossy(&again.stdout).to_string();
     assert!(again.status.success(), "{out}");

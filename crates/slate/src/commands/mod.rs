@@ -6,6 +6,7 @@ pub mod check;
 pub mod images;
 pub mod run;
 pub mod runs;
+pub mod verify;
 
 use crate::error::CliError;
 use slate_config::Project;
