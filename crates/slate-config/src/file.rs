@@ -45,6 +45,9 @@ pub struct ImageConfig {
     pub variant: Option<Spanned<String>>,
     #[serde(default)]
     pub vm: bool,
+    /// Allow plain http to a non-loopback registry (`oci:` bases).
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 #[derive(Debug, Deserialize)]

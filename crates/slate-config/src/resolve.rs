@@ -197,6 +197,7 @@ impl Resolver<'_> {
             },
             Some(("oci", r)) if !r.is_empty() => BaseSpec::Oci {
                 reference: r.to_string(),
+                insecure: img.insecure,
             },
             Some(("image", n)) if !n.is_empty() => BaseSpec::Image {
                 name: n.to_string(),
@@ -212,6 +213,24 @@ impl Resolver<'_> {
                 }
             }
         };
+        if let BaseSpec::Oci { reference, .. } = &base {
+            let host = reference.split('/').next().unwrap_or("");
+            if !reference.contains('/')
+                || !(host.contains('.') || host.contains(':') || host == "localhost")
+            {
+                self.err(
+                    &img.from,
+                    format!("image `{name}`: `oci:{reference}` does not name a registry"),
+                    Some("write the registry first, e.g. `oci:registry.example:5000/library/debian:bookworm`".into()),
+                );
+            }
+        } else if img.insecure {
+            self.err(
+                &img.from,
+                format!("image `{name}`: `insecure` only applies to `from = \"oci:…\"`"),
+                Some("remove `insecure`".into()),
+            );
+        }
         if !matches!(base, BaseSpec::Debian { .. }) {
             for (field, v) in [
                 ("mirror", &img.mirror),

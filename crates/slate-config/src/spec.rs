@@ -42,6 +42,7 @@ pub enum BaseSpec {
     },
     Oci {
         reference: String,
+        insecure: bool,
     },
     Image {
         name: String,
@@ -58,6 +59,16 @@ pub struct ImageSpec {
     pub env: Vec<(String, String)>,
     pub steps: Vec<String>,
     pub vm: bool,
+}
+
+impl ImageSpec {
+    /// The Debian architecture the image is bootstrapped for, when set.
+    pub fn arch(&self) -> Option<&str> {
+        match &self.base {
+            BaseSpec::Debian { arch, .. } => arch.as_deref(),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,6 +3,7 @@
 pub mod binfmt;
 pub mod export;
 pub mod plan;
+pub mod registry;
 pub mod store;
 
 pub use plan::{plan, ImagePlan, LayerKind, LayerPlan};
@@ -51,6 +52,13 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
+    #[error("image `{image}`: cannot pull `{reference}`")]
+    Pull {
+        image: String,
+        reference: String,
+        #[source]
+        source: registry::RegistryError,
+    },
     #[error(transparent)]
     Provider(#[from] ProviderError),
     #[error("image `{image}`: baking was cancelled")]
@@ -94,6 +102,18 @@ pub struct BakedImage {
     pub digest: String,
     pub layers: Vec<PathBuf>,
     pub env: Vec<(String, String)>,
+}
+
+impl BakedImage {
+    /// The image as the store holds it (whether or not every layer is there).
+    pub fn from_store(plan: &ImagePlan, store: &LayerStore) -> BakedImage {
+        BakedImage {
+            name: plan.name.clone(),
+            digest: plan.digest().to_string(),
+            layers: plan.layers.iter().map(|l| store.layer_fs(&l.key)).collect(),
+            env: plan.env.clone(),
+        }
+    }
 }
 
 pub struct Baker<'a, P: Provider> {
@@ -172,16 +192,7 @@ impl<P: Provider> Baker<'_, P> {
 
     /// The image as it is in the store, if every layer is there.
     pub fn baked(&self, plan: &ImagePlan) -> BakedImage {
-        BakedImage {
-            name: plan.name.clone(),
-            digest: plan.digest().to_string(),
-            layers: plan
-                .layers
-                .iter()
-                .map(|l| self.store.layer_fs(&l.key))
-                .collect(),
-            env: plan.env.clone(),
-        }
+        BakedImage::from_store(plan, self.store)
     }
 
     fn build_layer(
@@ -210,6 +221,33 @@ impl<P: Provider> Baker<'_, P> {
                         suite: path.display().to_string(),
                         outcome,
                     })
+            }
+            LayerKind::Oci {
+                reference,
+                insecure,
+            } => {
+                let perr = |source| ImageError::Pull {
+                    image: plan.name.clone(),
+                    reference: reference.clone(),
+                    source,
+                };
+                let r = registry::Reference::parse(reference).map_err(perr)?;
+                let mut client = registry::Client::new(&r, *insecure);
+                let tmp = fs.with_file_name("blobs");
+                std::fs::create_dir_all(&tmp).map_err(|source| ImageError::Store {
+                    image: plan.name.clone(),
+                    op: "create download folder".into(),
+                    source,
+                })?;
+                let arch = export::oci_arch(None).0;
+                let digest = client.pull_into(arch, fs, &tmp).map_err(perr)?;
+                let _ = std::fs::remove_dir_all(&tmp);
+                self.reporter.output(
+                    &plan.name,
+                    Stream::Stdout,
+                    &format!("pulled {r} ({digest})"),
+                );
+                Ok(())
             }
             LayerKind::Files(files) => {
                 for (host, dest) in files {

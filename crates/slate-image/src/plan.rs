@@ -21,6 +21,10 @@ pub enum LayerKind {
     Tar {
         path: PathBuf,
     },
+    Oci {
+        reference: String,
+        insecure: bool,
+    },
     Packages(Vec<String>),
     Files(Vec<(PathBuf, String)>),
     Step {
@@ -53,6 +57,7 @@ impl LayerPlan {
                 )
             }
             LayerKind::Tar { path } => format!("unpack {}", path.display()),
+            LayerKind::Oci { reference, .. } => format!("pull {reference}"),
             LayerKind::Packages(p) => format!("apt-get install {}", p.join(" ")),
             LayerKind::Files(f) => format!("copy {} file(s)", f.len()),
             LayerKind::Step { command, .. } => format!("run: {command}"),
@@ -189,11 +194,19 @@ fn plan_inner(project: &Project, name: &str, depth: usize) -> Result<ImagePlan, 
                 format!("tar\n{digest}"),
             );
         }
-        BaseSpec::Oci { reference } => {
-            return Err(ImageError::Unsupported {
-                image: name.to_string(),
-                what: format!("`oci:{reference}` bases are not supported by this version of slate"),
-            })
+        BaseSpec::Oci {
+            reference,
+            insecure,
+        } => {
+            // A tag is pulled once and kept; pin `@sha256:…` to be exact.
+            push(
+                &mut layers,
+                LayerKind::Oci {
+                    reference: reference.clone(),
+                    insecure: *insecure,
+                },
+                format!("oci\n{reference}"),
+            );
         }
         BaseSpec::Image { name: base } => {
             let below = plan_inner(project, base, depth + 1)?;

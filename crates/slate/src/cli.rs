@@ -60,6 +60,12 @@ pub enum Command {
         /// Export the (one) image: `oci PATH` (a folder, or an archive when PATH ends in .tar) or `tar PATH` (a flat rootfs)
         #[arg(long, num_args = 2, value_names = ["FORMAT", "PATH"])]
         export: Option<Vec<String>>,
+        /// Push the (one) image to a registry, e.g. `registry.example:5000/team/builder:v1`
+        #[arg(long, value_name = "REF")]
+        push: Option<String>,
+        /// Allow plain http to a registry that is not on loopback
+        #[arg(long)]
+        insecure: bool,
     },
     /// List baked images and layers with sizes
     Images,

@@ -94,7 +94,12 @@ fn main() -> ExitCode {
     let res = match &ctx.cli.command {
         Command::Build(args) => commands::build::build(&ctx, args),
         Command::Up { target, provider } => commands::build::up(&ctx, target, provider.clone()),
-        Command::Bake { images, export } => commands::bake::bake(&ctx, images, export.as_deref()),
+        Command::Bake {
+            images,
+            export,
+            push,
+            insecure,
+        } => commands::bake::bake(&ctx, images, export.as_deref(), push.as_deref(), *insecure),
         Command::Images => commands::images::images(&ctx),
         Command::Gc {
             all,

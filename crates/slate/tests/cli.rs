@@ -1,6 +1,8 @@
 //! The real binary in temp projects. Tests named `root_*` make real sandboxes:
 //! they need root, are required in CI, and say SKIPPED elsewhere.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -895,4 +897,44 @@ fn root_secrets_never_reach_output_or_files_slate_writes() {
             f.display()
         );
     }
+}
+
+#[test]
+fn root_image_pushed_to_a_registry_is_pulled_back_as_an_oci_base() {
+    if !root_available() {
+        return;
+    }
+    let p = Project::new(
+        "[images.bb]\nfrom = \"tar:bb.tar.gz\"\nsteps = [\"echo one > /etc/one; mkdir -p /var/x; echo old > /var/x/old\", \"echo two > /etc/two; rm /etc/one; rm -rf /var/x; mkdir /var/x; echo new > /var/x/new\"]\n",
+    );
+    let Some(reg) = common::Registry::start(p.path()) else {
+        return;
+    };
+    let reference = format!("{}/slate/bb:v1", reg.addr);
+    let o = p.run(&["bake", "bb", "--push", &reference]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("0 already there"), "{}", text(&o));
+    // Pushing again sends nothing.
+    let o = p.run(&["bake", "bb", "--push", &reference]);
+    assert!(text(&o).contains("; 0 bytes sent"), "{}", text(&o));
+    // Another project, another cache: the image comes from the registry.
+    let q = Project::new(&format!("[images.pulled]\nfrom = \"oci:{reference}\"\nsteps = [\"echo on-top > /etc/three\"]\n[builds.app]\nimage = \"pulled\"\nrun = [\"cat /etc/two /etc/three /var/x/new; test ! -e /etc/one; test ! -e /var/x/old\"]\n"));
+    let o = q.run(&["build"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains(&format!("pull {reference}")), "{t}");
+    assert!(
+        t.contains("[app] two") && t.contains("[app] on-top") && t.contains("[app] new"),
+        "{t}"
+    );
+    // A reference without a registry host is refused with a hint.
+    let bad = Project::new("[images.x]\nfrom = \"oci:debian:bookworm\"\n");
+    let o = bad.run(&["check"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o)
+            .contains("slate.toml:2:8: image `x`: `oci:debian:bookworm` does not name a registry"),
+        "{}",
+        text(&o)
+    );
 }

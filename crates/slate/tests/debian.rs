@@ -3,6 +3,8 @@
 //! the Debian archive (required in CI). Its layer cache lives under the build
 //! folder, so later runs reuse what earlier runs baked.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -241,5 +243,72 @@ fn root_debian_arm64_image_bakes_and_runs_through_qemu_user() {
     assert_eq!(
         String::from_utf8_lossy(&o.stdout),
         "aarch64\naarch64\narm64\n"
+    );
+}
+
+#[test]
+fn root_debian_quickstart_image_round_trips_through_a_registry() {
+    if !required() {
+        return;
+    }
+    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("slate-cache");
+    let dir = tempfile::tempdir().unwrap();
+    let Some(reg) = common::Registry::start(dir.path()) else {
+        return;
+    };
+    let source = dir.path().join("source");
+    copy_example(&source);
+    let slate = |project: &Path, args: &[&str], cache: &Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_slate"))
+            .arg("-C")
+            .arg(project)
+            .args(args)
+            .env("SLATE_CACHE", cache)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        let out = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(o.status.success(), "{out}");
+        out
+    };
+    let reference = format!("{}/slate/builder-bookworm:v1", reg.addr);
+    slate(
+        &source,
+        &["bake", "builder-bookworm", "--push", &reference],
+        &cache,
+    );
+    // The quickstart again, its image now pulled from the registry, in a new cache.
+    let pulled = dir.path().join("pulled");
+    copy_example(&pulled);
+    let config = std::fs::read_to_string(pulled.join("slate.toml")).unwrap();
+    let start = config.find("[images.builder-bookworm]").unwrap();
+    let end = config.find("[images.builder-trixie]").unwrap();
+    let config = format!(
+        "{}[images.builder-bookworm]\nfrom = \"oci:{reference}\"\n\n{}",
+        &config[..start],
+        &config[end..]
+    );
+    std::fs::write(pulled.join("slate.toml"), config).unwrap();
+    let out = slate(
+        &pulled,
+        &["build", "greet-bookworm"],
+        &dir.path().join("cache2"),
+    );
+    assert!(out.contains(&format!("pull {reference}")), "{out}");
+    assert!(out.contains("[greet-bookworm] hello, slate"), "{out}");
+    let deb = pulled.join("artifacts/greet-bookworm/greet_1.0.0+bookworm_amd64.deb");
+    let info = Command::new("dpkg-deb")
+        .arg("--field")
+        .arg(&deb)
+        .arg("Version")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&info.stdout).trim(),
+        "1.0.0+bookworm"
     );
 }

@@ -7,8 +7,28 @@ use slate_run::events::{Event, EventKind, EventSink, Tee};
 use slate_run::record::RunRecorder;
 use slate_run::Orchestrator;
 
-pub fn bake(ctx: &Ctx, images: &[String], export: Option<&[String]>) -> CmdResult {
+pub fn bake(
+    ctx: &Ctx,
+    images: &[String],
+    export: Option<&[String]>,
+    push: Option<&str>,
+    insecure: bool,
+) -> CmdResult {
     let project = ctx.project()?;
+    let push_ref = match push {
+        Some(r) => {
+            if images.len() != 1 {
+                return Err(CliError::usage("`--push` needs exactly one image").hint(
+                    "e.g. `slate bake builder --push registry.example:5000/team/builder:v1`",
+                ));
+            }
+            Some(
+                slate_image::registry::Reference::parse(r)
+                    .map_err(|e| CliError::from_error(Exit::Usage, &e))?,
+            )
+        }
+        None => None,
+    };
     if let Some(ex) = export {
         if images.len() != 1 {
             return Err(CliError::usage("`--export` needs exactly one image")
@@ -91,21 +111,40 @@ pub fn bake(ctx: &Ctx, images: &[String], export: Option<&[String]>) -> CmdResul
     if let Some(e) = first_err {
         return Err(e);
     }
+    if let Some(r) = push_ref {
+        let name = &images[0];
+        let plan = slate_image::plan(&project, name)?;
+        let image = slate_image::BakedImage::from_store(&plan, &store);
+        let layout = store
+            .staging(&format!("push-{}", plan.digest()))
+            .map_err(|e| CliError::from_error(Exit::Infra, &e))?;
+        let arch = project
+            .image(name)
+            .and_then(|i| i.arch())
+            .map(str::to_string);
+        let res = slate_image::export::export_oci(&plan, &image, arch.as_deref(), &layout.join("oci"), slate_image::export::clamp_from_env())
+            .map_err(|e| CliError::from_error(Exit::Infra, &e))
+            .and_then(|_| {
+                slate_image::registry::Client::new(&r, insecure)
+                    .push_layout(&layout.join("oci"))
+                    .map_err(|e| CliError::from_error(Exit::Infra, &e).hint("check the registry address, and credentials in SLATE_REGISTRY_USER/SLATE_REGISTRY_PASSWORD or ~/.docker/config.json"))
+            });
+        let _ = std::fs::remove_dir_all(&layout);
+        let (digest, sent, skipped) = res?;
+        ctx.say(&format!(
+            "pushed {name} to {r} (manifest {digest}; {sent} bytes sent, {skipped} already there)"
+        ));
+    }
     if let Some(ex) = export {
         let name = &images[0];
         let plan = slate_image::plan(&project, name)?;
-        let image = slate_image::BakedImage {
-            name: name.clone(),
-            digest: plan.digest().to_string(),
-            layers: plan.layers.iter().map(|l| store.layer_fs(&l.key)).collect(),
-            env: plan.env.clone(),
-        };
+        let image = slate_image::BakedImage::from_store(&plan, &store);
         let dest = ctx.cwd.join(&ex[1]);
         let clamp = slate_image::export::clamp_from_env();
-        let arch = match &project.image(name).map(|i| i.base.clone()) {
-            Some(slate_config::BaseSpec::Debian { arch, .. }) => arch.clone(),
-            _ => None,
-        };
+        let arch = project
+            .image(name)
+            .and_then(|i| i.arch())
+            .map(str::to_string);
         let fail = |e: std::io::Error| {
             CliError::from_error(Exit::Infra, &e)
                 .hint(format!("could not write `{}`", dest.display()))

@@ -31,12 +31,7 @@ fn image(
             .map_err(|why| CliError::new(Exit::Infra, format!("image `{name}`: {why}")))?;
     }
     if plan.layers.iter().all(|l| store.has(&l.key)) {
-        return Ok(BakedImage {
-            name: plan.name.clone(),
-            digest: plan.digest().to_string(),
-            layers: plan.layers.iter().map(|l| store.layer_fs(&l.key)).collect(),
-            env: plan.env.clone(),
-        });
+        return Ok(BakedImage::from_store(&plan, store));
     }
     let reporter = ctx.reporter().on_stderr();
     let orch = Orchestrator {
