@@ -11,7 +11,8 @@ need=""
 for pair in mmdebstrap:mmdebstrap debootstrap:debootstrap busybox:busybox-static \
             tar:tar sha256sum:coreutils pgrep:procps dpkg-deb:dpkg script:bsdutils gcc:gcc \
             skopeo:skopeo umoci:umoci qemu-aarch64-static:qemu-user-static \
-            update-binfmts:binfmt-support docker-registry:docker-registry; do
+            update-binfmts:binfmt-support docker-registry:docker-registry \
+            mkfs.ext4:e2fsprogs debugfs:e2fsprogs qemu-img:qemu-utils zstd:zstd; do
     cmd=${pair%%:*}
     pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || need="$need $pkg"

@@ -12,6 +12,7 @@ use std::fs::{self, File, Metadata};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use crate::{BakedImage, ImagePlan};
 
@@ -399,4 +400,81 @@ pub fn rfc3339(secs: u64) -> String {
         s % 3600 / 60,
         s % 60
     )
+}
+
+/// Writes the image as a VM disk: an ext4 filesystem (made without mounting,
+/// `mkfs.ext4 -d`) in a qcow2 file at `dest`; when the image has a kernel in
+/// `/boot`, `DEST.vmlinuz` and `DEST.initrd` beside it. Returns the kernel
+/// files written.
+pub fn export_disk(image: &BakedImage, dest: &Path, clamp: u64) -> io::Result<Vec<PathBuf>> {
+    let work = dest.with_extension("disk-tmp");
+    let _ = fs::remove_dir_all(&work);
+    let root = work.join("root");
+    fs::create_dir_all(&root)?;
+    let res = (|| {
+        let flat = work.join("rootfs.tar");
+        write_flat(
+            &image.layers,
+            io::BufWriter::new(File::create(&flat)?),
+            clamp,
+        )?
+        .flush()?;
+        crate::registry::unpack_layer(io::BufReader::new(File::open(&flat)?), &root)?;
+        fs::remove_file(&flat)?;
+        let used = crate::store::slate_size(&root);
+        let mib = (used + used / 4) / (1 << 20) + 128;
+        let raw = work.join("disk.raw");
+        run(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-L", "slate-root", "-d"])
+                .arg(&root)
+                .arg(&raw)
+                .arg(format!("{mib}M")),
+            "mkfs.ext4 (e2fsprogs)",
+        )?;
+        run(
+            Command::new("qemu-img")
+                .args(["convert", "-f", "raw", "-O", "qcow2"])
+                .arg(&raw)
+                .arg(dest),
+            "qemu-img (qemu-utils)",
+        )?;
+        let mut kernel_files = Vec::new();
+        let newest = |prefix: &str| -> Option<PathBuf> {
+            let mut v: Vec<PathBuf> = fs::read_dir(root.join("boot"))
+                .ok()?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+                })
+                .collect();
+            v.sort();
+            v.pop()
+        };
+        for (prefix, ext) in [("vmlinuz-", "vmlinuz"), ("initrd.img-", "initrd")] {
+            if let Some(src) = newest(prefix) {
+                let to = PathBuf::from(format!("{}.{ext}", dest.display()));
+                fs::copy(&src, &to)?;
+                kernel_files.push(to);
+            }
+        }
+        Ok(kernel_files)
+    })();
+    let _ = fs::remove_dir_all(&work);
+    res
+}
+
+fn run(cmd: &mut Command, what: &str) -> io::Result<()> {
+    let out = cmd
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot run {what}: {e}")))?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
 }

@@ -221,8 +221,23 @@ fn plan_inner(project: &Project, name: &str, depth: usize) -> Result<ImagePlan, 
             env.push((k.clone(), v.clone()));
         }
     }
-    if !spec.packages.is_empty() {
-        let mut pk = spec.packages.clone();
+    let mut packages = spec.packages.clone();
+    if spec.vm {
+        if let BaseSpec::Debian { arch, .. } = &spec.base {
+            // The distro kernel (with its initramfs), for the vm provider.
+            let arch = arch.as_deref().unwrap_or(crate::binfmt::host_arch());
+            let flavour = match arch {
+                "i386" => "686-pae".to_string(),
+                "armhf" => "armmp".to_string(),
+                "ppc64el" => "powerpc64le".to_string(),
+                other => other.to_string(),
+            };
+            packages.push(format!("linux-image-{flavour}"));
+            packages.push("initramfs-tools".into());
+        }
+    }
+    if !packages.is_empty() {
+        let mut pk = packages;
         pk.sort();
         pk.dedup();
         push(

@@ -938,3 +938,62 @@ fn root_image_pushed_to_a_registry_is_pulled_back_as_an_oci_base() {
         text(&o)
     );
 }
+
+#[test]
+fn root_disk_export_is_a_qcow2_with_the_merged_ext4_root() {
+    if !root_available() || !tool("qemu-img") || !tool("debugfs") || !tool("zstd") {
+        return;
+    }
+    // A zstd-compressed base, so that `tar:` bases in .zst are covered too.
+    let p = Project::new(
+        "[images.bb]\nfrom = \"tar:bb.tar.zst\"\nsteps = [\"echo one > /etc/one\", \"echo two > /etc/two; rm /etc/one\"]\n",
+    );
+    let zst = Command::new("sh")
+        .arg("-c")
+        .arg("gzip -dc bb.tar.gz | zstd -q -o bb.tar.zst")
+        .current_dir(p.project())
+        .status()
+        .unwrap();
+    assert!(zst.success());
+    let disk = p.path().join("bb.qcow2");
+    let o = p.run(&["bake", "bb", "--export", "disk", disk.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("no kernel in the image"), "{}", text(&o));
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["format"], "qcow2");
+    let raw = p.path().join("bb.raw");
+    assert!(Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(&disk)
+        .arg(&raw)
+        .status()
+        .unwrap()
+        .success());
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(fsck.status.success(), "{}", text(&fsck));
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /etc/two"])
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "two\n");
+    let gone = Command::new("debugfs")
+        .args(["-R", "stat /etc/one"])
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("File not found"),
+        "{}",
+        text(&gone)
+    );
+}

@@ -312,3 +312,52 @@ fn root_debian_quickstart_image_round_trips_through_a_registry() {
         "1.0.0+bookworm"
     );
 }
+
+#[test]
+fn root_debian_vm_image_exports_a_disk_with_its_kernel_beside_it() {
+    if !required() {
+        return;
+    }
+    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("slate-cache");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("slate.toml"),
+        "[images.vm]\nfrom = \"debian:bookworm\"\nvm = true\n",
+    )
+    .unwrap();
+    let disk = dir.path().join("vm.qcow2");
+    let o = Command::new(env!("CARGO_BIN_EXE_slate"))
+        .arg("-C")
+        .arg(dir.path())
+        .args(["bake", "vm", "--export", "disk"])
+        .arg(&disk)
+        .env("SLATE_CACHE", &cache)
+        .output()
+        .unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("apt-get install initramfs-tools linux-image-amd64"),
+        "{out}"
+    );
+    // A bzImage kernel ("HdrS" at 0x202) and a non-empty initrd beside the disk.
+    let kernel = std::fs::read(format!("{}.vmlinuz", disk.display())).unwrap();
+    assert_eq!(&kernel[0x202..0x206], b"HdrS");
+    assert!(
+        std::fs::metadata(format!("{}.initrd", disk.display()))
+            .unwrap()
+            .len()
+            > 1 << 20
+    );
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["format"], "qcow2");
+}

@@ -34,13 +34,11 @@ pub fn bake(
             return Err(CliError::usage("`--export` needs exactly one image")
                 .hint("e.g. `slate bake builder --export oci builder.oci.tar`"));
         }
-        if !["oci", "tar"].contains(&ex[0].as_str()) {
-            let hint = if ex[0] == "disk" {
-                "disk exports are not available in this version of slate; use `oci` or `tar`"
-            } else {
-                "use `oci` or `tar`"
-            };
-            return Err(CliError::usage(format!("unknown export format `{}`", ex[0])).hint(hint));
+        if !["oci", "tar", "disk"].contains(&ex[0].as_str()) {
+            return Err(
+                CliError::usage(format!("unknown export format `{}`", ex[0]))
+                    .hint("use `oci`, `tar` or `disk`"),
+            );
         }
     }
     let names: Vec<String> = if images.is_empty() {
@@ -156,6 +154,25 @@ pub fn bake(
             ctx.say(&format!(
                 "exported {name} as OCI to {} (manifest {digest}, ref name `{name}`)",
                 dest.display()
+            ));
+        } else if ex[0] == "disk" {
+            let vm = project.image(name).is_some_and(|i| i.vm);
+            let kernel = slate_image::export::export_disk(&image, &dest, clamp).map_err(fail)?;
+            if vm && kernel.is_empty() {
+                return Err(CliError::new(
+                    Exit::Infra,
+                    format!("image `{name}` is marked `vm = true` but has no kernel in /boot"),
+                ));
+            }
+            let beside: Vec<String> = kernel.iter().map(|k| k.display().to_string()).collect();
+            ctx.say(&format!(
+                "exported {name} as a qcow2 disk (ext4) to {}{}",
+                dest.display(),
+                if beside.is_empty() {
+                    " (no kernel in the image: set `vm = true` to install one)".to_string()
+                } else {
+                    format!("; kernel: {}", beside.join(", "))
+                }
             ));
         } else {
             slate_image::export::export_tar(&image, &dest, clamp).map_err(fail)?;
