@@ -94,6 +94,21 @@ pub enum Command {
     },
     /// Build a target twice in two fresh environments and compare the artifacts
     Verify { target: String },
+    /// Push a run's artifacts, provenance and indexes to s3:// or file://
+    Publish {
+        /// The run to publish (default: the one in the artifacts folder)
+        #[arg(long, value_name = "ID")]
+        run: Option<String>,
+        /// Where to: `s3://BUCKET/PREFIX` or `file://PATH` (default: `[settings] publish`)
+        #[arg(long, value_name = "URL")]
+        to: Option<String>,
+        /// An S3-compatible server, e.g. `http://127.0.0.1:9000` (default: AWS_ENDPOINT_URL)
+        #[arg(long, value_name = "URL")]
+        endpoint: Option<String>,
+        /// Files uploaded at once
+        #[arg(short, long, default_value_t = 8)]
+        jobs: usize,
+    },
     /// Validate the config and show which providers work here
     Check,
     /// Write a commented starter slate.toml

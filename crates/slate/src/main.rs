@@ -113,6 +113,18 @@ fn main() -> ExitCode {
             command,
         } => commands::run::run(&ctx, image, *network, command),
         Command::Verify { target } => commands::verify::verify(&ctx, target),
+        Command::Publish {
+            run,
+            to,
+            endpoint,
+            jobs,
+        } => commands::publish::publish(
+            &ctx,
+            run.as_deref(),
+            to.as_deref(),
+            endpoint.as_deref(),
+            Some(*jobs),
+        ),
         Command::Check => commands::check::check(&ctx),
         Command::Init => commands::check::init(&ctx),
         Command::Runs => commands::runs::runs(&ctx),

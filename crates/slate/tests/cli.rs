@@ -997,3 +997,115 @@ fn root_disk_export_is_a_qcow2_with_the_merged_ext4_root() {
         text(&gone)
     );
 }
+
+/// The run id in a project's artifacts folder.
+fn artifacts_run_id(p: &Project) -> String {
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(p.project().join("artifacts/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    m["run_id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn root_build_publishes_to_s3_multipart_and_publishing_again_sends_nothing() {
+    if !root_available() || !tool("sha256sum") {
+        return;
+    }
+    let w = tempfile::tempdir().unwrap();
+    let Some(s3) = common::S3Server::start(w.path(), "rel") else {
+        return;
+    };
+    // 200 MiB of random data: multipart; a small file: a plain put.
+    let p = Project::new(
+        "[settings]\npublish = \"s3://rel/team/app\"\n[images.bb]\nfrom = \"tar:bb.tar.gz\"\n[builds.app]\nimage = \"bb\"\nrun = [\"mkdir -p out && echo hello > out/small.txt && head -c 209715200 /dev/urandom > out/big.bin\"]\nartifacts = [\"out/*\"]\n",
+    );
+    let o = p.cmd(&["build"]).envs(s3.env()).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let run = artifacts_run_id(&p);
+    assert!(
+        text(&o).contains(&format!(
+            "published run {run} to s3://rel/team/app/{run}/: 5 file(s) sent"
+        )),
+        "{}",
+        text(&o)
+    );
+    // An independent client fetches the run back; SHA256SUMS checks it.
+    let got = w.path().join("got");
+    let cp = s3.aws(&[
+        "s3",
+        "cp",
+        "--recursive",
+        &format!("s3://rel/team/app/{run}/"),
+        got.to_str().unwrap(),
+    ]);
+    assert!(cp.status.success(), "{}", text(&cp));
+    let check = Command::new("sha256sum")
+        .arg("-c")
+        .arg("SHA256SUMS")
+        .current_dir(&got)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", text(&check));
+    assert!(text(&check).contains("app/big.bin: OK"), "{}", text(&check));
+    assert!(got.join("app/provenance.json").is_file());
+    assert!(got.join("manifest.json").is_file());
+    // Multipart: S3 gives such objects an ETag ending in -<parts>.
+    let head = s3.aws(&[
+        "s3api",
+        "head-object",
+        "--bucket",
+        "rel",
+        "--key",
+        &format!("team/app/{run}/app/big.bin"),
+    ]);
+    let head: serde_json::Value = serde_json::from_slice(&head.stdout).unwrap();
+    assert!(head["ETag"].as_str().unwrap().ends_with("-25\""), "{head}");
+    let latest = s3.aws(&["s3", "cp", "s3://rel/team/app/latest", "-"]);
+    assert_eq!(String::from_utf8_lossy(&latest.stdout), format!("{run}\n"));
+
+    let again = p
+        .cmd(&["publish", "--run", &run])
+        .envs(s3.env())
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        text(&again).contains("0 file(s) sent (0 B, 0 B), 5 already there"),
+        "{}",
+        text(&again)
+    );
+}
+
+#[test]
+fn root_wrong_secret_key_fails_with_exit_3_and_publishes_no_manifest() {
+    if !root_available() {
+        return;
+    }
+    let w = tempfile::tempdir().unwrap();
+    let Some(s3) = common::S3Server::start(w.path(), "rel") else {
+        return;
+    };
+    let p = Project::new(
+        "[images.bb]\nfrom = \"tar:bb.tar.gz\"\n[builds.app]\nimage = \"bb\"\nrun = [\"echo hi > a.txt\"]\nartifacts = [\"a.txt\"]\n",
+    );
+    let o = p.run(&["build"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = p
+        .cmd(&["publish", "--to", "s3://rel/team"])
+        .envs(s3.env())
+        .env("AWS_SECRET_ACCESS_KEY", "not-the-secret-key")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let out = text(&o);
+    assert!(
+        out.contains("hint: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+        "{out}"
+    );
+    assert!(!out.contains("not-the-secret-key"), "{out}");
+    let ls = s3.aws(&["s3", "ls", "--recursive", "s3://rel/"]);
+    assert!(!text(&ls).contains("manifest.json"), "{}", text(&ls));
+    // The artifacts are still there to publish later.
+    assert!(p.project().join("artifacts/app/a.txt").is_file());
+}

@@ -151,5 +151,19 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
     } else {
         Exit::Ok
     };
+    if exit == Exit::Ok {
+        if let Some(url) = &project.settings.publish {
+            super::publish::publish_run(ctx, &project, url, Some(&run_id), None, None).map_err(
+                |mut e| {
+                    e.hint = Some(format!(
+                        "{}; the artifacts stay in {}/, publish them later with `slate publish --run {run_id}`",
+                        e.hint.as_deref().unwrap_or("the build succeeded"),
+                        project.settings.artifacts.display()
+                    ));
+                    e
+                },
+            )?;
+        }
+    }
     Ok(exit.into())
 }
