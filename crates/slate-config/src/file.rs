@@ -26,6 +26,7 @@ pub struct SettingsConfig {
     pub jobs: Option<Spanned<u32>>,
     pub artifacts: Option<Spanned<String>>,
     pub publish: Option<Spanned<String>>,
+    pub signing_key: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

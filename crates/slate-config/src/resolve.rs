@@ -150,6 +150,11 @@ impl Resolver<'_> {
                 jobs,
                 artifacts,
                 publish,
+                signing_key: file
+                    .settings
+                    .signing_key
+                    .as_ref()
+                    .map(|k| self.dir.join(k.get_ref())),
             },
             images,
             targets,

@@ -27,6 +27,8 @@ pub struct Settings {
     pub jobs: usize,
     pub artifacts: PathBuf,
     pub publish: Option<String>,
+    /// An Ed25519 private key (PKCS#8 PEM) that signs provenance.
+    pub signing_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

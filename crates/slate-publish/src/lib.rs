@@ -224,12 +224,14 @@ fn read_run(artifacts: &Path, wanted: Option<&str>) -> Result<(String, Vec<Item>
                 expected: Some(a.sha256.clone()),
             });
         }
-        let prov = format!("{}/provenance.json", t.name);
-        if artifacts.join(&prov).is_file() {
-            items.push(Item {
-                rel: prov,
-                expected: None,
-            });
+        for name in ["provenance.json", "provenance.dsse.json"] {
+            let rel = format!("{}/{name}", t.name);
+            if artifacts.join(&rel).is_file() {
+                items.push(Item {
+                    rel,
+                    expected: None,
+                });
+            }
         }
     }
     for rel in ["SHA256SUMS", "manifest.json"] {

@@ -3,11 +3,12 @@
 //! rewritten atomically as targets finish, so an interrupted run keeps what it
 //! had already built.
 
+use crate::dsse::{Signer, ENVELOPE};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ArtifactRecord {
@@ -42,6 +43,7 @@ pub struct ArtifactStore {
     run_id: String,
     staging: PathBuf,
     done: Mutex<Vec<ManifestTarget>>,
+    signer: Option<Arc<Signer>>,
 }
 
 fn ioerr(e: io::Error, what: &str, p: &Path) -> io::Error {
@@ -56,7 +58,14 @@ impl ArtifactStore {
             run_id: run_id.to_string(),
             staging,
             done: Mutex::new(Vec::new()),
+            signer: None,
         }
+    }
+
+    /// Also signs every provenance into a DSSE envelope beside it.
+    pub fn with_signer(mut self, signer: Option<Arc<Signer>>) -> ArtifactStore {
+        self.signer = signer;
+        self
     }
 
     /// Where a target's artifacts are fetched to before they are checked.
@@ -73,13 +82,21 @@ impl ArtifactStore {
 
     /// Puts a target's provenance beside its staged artifacts, so that it
     /// appears with them.
+    /// With a signer, its DSSE envelope goes beside it.
     pub fn write_provenance(&self, target: &str, statement: &serde_json::Value) -> io::Result<()> {
+        if let Some(s) = &self.signer {
+            self.write_beside(target, ENVELOPE, &s.envelope(statement))?;
+        }
+        self.write_beside(target, PROVENANCE, statement)
+    }
+
+    fn write_beside(&self, target: &str, name: &str, value: &serde_json::Value) -> io::Result<()> {
         let dir = self.staging.join(target);
         std::fs::create_dir_all(&dir).map_err(|e| ioerr(e, "create", &dir))?;
-        let path = dir.join(PROVENANCE);
+        let path = dir.join(name);
         std::fs::write(
             &path,
-            serde_json::to_vec_pretty(statement).map_err(io::Error::other)?,
+            serde_json::to_vec_pretty(value).map_err(io::Error::other)?,
         )
         .map_err(|e| ioerr(e, "write", &path))
     }

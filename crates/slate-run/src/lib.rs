@@ -5,6 +5,7 @@
 //! Generic over the provider, so its logic is tested with the fake provider.
 
 pub mod artifacts;
+pub mod dsse;
 pub mod events;
 pub mod inputs;
 pub mod provenance;
@@ -29,6 +30,8 @@ pub struct BuildOptions {
     pub jobs: usize,
     pub fail_fast: bool,
     pub artifacts_dir: PathBuf,
+    /// Signs every target's provenance into a DSSE envelope beside it.
+    pub signer: Option<std::sync::Arc<dsse::Signer>>,
 }
 
 #[derive(Debug, Clone)]
@@ -154,7 +157,8 @@ impl<P: Provider> Orchestrator<'_, P> {
         images.sort();
         images.dedup();
         let baked = self.bake(&images);
-        let store = ArtifactStore::new(opts.artifacts_dir.clone(), &opts.run_id);
+        let store = ArtifactStore::new(opts.artifacts_dir.clone(), &opts.run_id)
+            .with_signer(opts.signer.clone());
         let queue: Mutex<VecDeque<&TargetSpec>> = Mutex::new(targets.iter().copied().collect());
         let results: Mutex<Vec<TargetResult>> = Mutex::new(Vec::new());
         let failed_fast = std::sync::atomic::AtomicBool::new(false);

@@ -109,6 +109,9 @@ pub enum Command {
         #[arg(short, long, default_value_t = 8)]
         jobs: usize,
     },
+    /// Signing keys for provenance, and checking a signed provenance
+    #[command(subcommand)]
+    Provenance(ProvenanceCommand),
     /// Validate the config and show which providers work here
     Check,
     /// Write a commented starter slate.toml
@@ -120,6 +123,22 @@ pub enum Command {
         target: String,
         #[arg(long)]
         run: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ProvenanceCommand {
+    /// Write a new Ed25519 key pair: PATH (private, mode 0600) and PATH.pub
+    Keygen { path: PathBuf },
+    /// Check that ARTIFACT is a subject of its provenance, signed by KEY
+    Verify {
+        artifact: PathBuf,
+        /// The public key (PEM)
+        #[arg(long, value_name = "KEY")]
+        key: PathBuf,
+        /// The DSSE envelope (default: provenance.dsse.json beside ARTIFACT)
+        #[arg(long, value_name = "FILE")]
+        envelope: Option<PathBuf>,
     },
 }
 

@@ -125,6 +125,14 @@ fn main() -> ExitCode {
             endpoint.as_deref(),
             Some(*jobs),
         ),
+        Command::Provenance(cli::ProvenanceCommand::Keygen { path }) => {
+            commands::provenance::keygen(&ctx, path)
+        }
+        Command::Provenance(cli::ProvenanceCommand::Verify {
+            artifact,
+            key,
+            envelope,
+        }) => commands::provenance::verify(&ctx, artifact, key, envelope.as_deref()),
         Command::Check => commands::check::check(&ctx),
         Command::Init => commands::check::init(&ctx),
         Command::Runs => commands::runs::runs(&ctx),

@@ -1109,3 +1109,118 @@ fn root_wrong_secret_key_fails_with_exit_3_and_publishes_no_manifest() {
     // The artifacts are still there to publish later.
     assert!(p.project().join("artifacts/app/a.txt").is_file());
 }
+
+#[test]
+fn root_signed_provenance_verifies_against_its_artifact_and_openssl_agrees() {
+    if !root_available() || !tool("openssl") {
+        return;
+    }
+    let p = Project::new(
+        "[settings]\nsigning_key = \"keys/release.pem\"\n[images.bb]\nfrom = \"tar:bb.tar.gz\"\n[builds.app]\nimage = \"bb\"\nrun = [\"echo hello > app.txt\"]\nartifacts = [\"app.txt\"]\n",
+    );
+    // A key made by openssl: slate reads the usual PKCS#8 PEM.
+    std::fs::create_dir_all(p.project().join("keys")).unwrap();
+    let key = p.project().join("keys/release.pem");
+    let pubkey = p.project().join("keys/release.pub");
+    for args in [
+        vec![
+            "genpkey",
+            "-algorithm",
+            "ed25519",
+            "-out",
+            key.to_str().unwrap(),
+        ],
+        vec![
+            "pkey",
+            "-in",
+            key.to_str().unwrap(),
+            "-pubout",
+            "-out",
+            pubkey.to_str().unwrap(),
+        ],
+    ] {
+        assert!(Command::new("openssl")
+            .args(&args)
+            .status()
+            .unwrap()
+            .success());
+    }
+    let o = p.run(&["build"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let art = p.project().join("artifacts/app/app.txt");
+    let envelope = p.project().join("artifacts/app/provenance.dsse.json");
+    let o = p.run(&[
+        "provenance",
+        "verify",
+        art.to_str().unwrap(),
+        "--key",
+        pubkey.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("OK: app.txt (sha256 "), "{}", text(&o));
+
+    // openssl checks the signature over DSSE's pre-authentication encoding.
+    let env: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&envelope).unwrap()).unwrap();
+    let b64 = |s: &str| {
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf %s '{s}' | base64 -d"))
+            .output()
+            .unwrap();
+        o.stdout
+    };
+    let payload = b64(env["payload"].as_str().unwrap());
+    let statement: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(statement["subject"][0]["name"], "app.txt");
+    let mut pae = format!("DSSEv1 28 application/vnd.in-toto+json {} ", payload.len()).into_bytes();
+    pae.extend_from_slice(&payload);
+    std::fs::write(p.path().join("pae"), &pae).unwrap();
+    std::fs::write(
+        p.path().join("sig"),
+        b64(env["signatures"][0]["sig"].as_str().unwrap()),
+    )
+    .unwrap();
+    let v = Command::new("openssl")
+        .args(["pkeyutl", "-verify", "-pubin", "-rawin", "-inkey"])
+        .arg(&pubkey)
+        .arg("-in")
+        .arg(p.path().join("pae"))
+        .arg("-sigfile")
+        .arg(p.path().join("sig"))
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", text(&v));
+
+    // A changed artifact, or another key, fails with exit 1 and says why.
+    std::fs::write(&art, "tampered\n").unwrap();
+    let o = p.run(&[
+        "provenance",
+        "verify",
+        art.to_str().unwrap(),
+        "--key",
+        pubkey.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("does not match its signed provenance"),
+        "{}",
+        text(&o)
+    );
+    let other = p.path().join("other.pem");
+    let o = p.run(&["provenance", "keygen", other.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = p.run(&[
+        "provenance",
+        "verify",
+        art.to_str().unwrap(),
+        "--key",
+        &format!("{}.pub", other.display()),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("no signature in the envelope was made by the key"),
+        "{}",
+        text(&o)
+    );
+}

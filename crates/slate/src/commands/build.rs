@@ -68,6 +68,7 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
             .hint("use `provider = \"sandbox\"` (the default) or `--provider sandbox`"));
         }
     }
+    let signer = super::provenance::signer(&project)?;
     let store = ctx.store()?;
     let provider = ctx.sandbox(&store)?;
     // Environments a killed run left behind go first.
@@ -102,6 +103,7 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
         jobs: args.jobs.unwrap_or(project.settings.jobs).max(1),
         fail_fast: args.fail_fast,
         artifacts_dir: project.dir.join(&project.settings.artifacts),
+        signer,
     };
     let started = Instant::now();
     let done = std::sync::atomic::AtomicBool::new(false);

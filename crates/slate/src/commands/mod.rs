@@ -4,6 +4,7 @@ pub mod bake;
 pub mod build;
 pub mod check;
 pub mod images;
+pub mod provenance;
 pub mod publish;
 pub mod run;
 pub mod runs;
