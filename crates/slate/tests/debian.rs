@@ -120,6 +120,65 @@ fn root_debian_quickstart_builds_real_packages() {
         "{vout}"
     );
 
+    // Published to a real S3-compatible server and fetched back by an
+    // independent client, the packages still match SHA256SUMS.
+    let w = tempfile::tempdir().unwrap();
+    let s3 = common::S3Server::start(w.path(), "releases").expect("s3s-fs (CI must run this)");
+    let p = Command::new(env!("CARGO_BIN_EXE_slate"))
+        .arg("-C")
+        .arg(&project)
+        .args(["publish", "--to", "s3://releases/greet"])
+        .envs(s3.env())
+        .output()
+        .unwrap();
+    let pout = format!(
+        "{}{}",
+        String::from_utf8_lossy(&p.stdout),
+        String::from_utf8_lossy(&p.stderr)
+    );
+    assert!(p.status.success(), "{pout}");
+    let fetched = w.path().join("fetched");
+    let cp = s3.aws(&[
+        "s3",
+        "cp",
+        "--recursive",
+        "s3://releases/greet/",
+        fetched.to_str().unwrap(),
+    ]);
+    assert!(
+        cp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cp.stderr)
+    );
+    let run = std::fs::read_to_string(fetched.join("latest")).unwrap();
+    let check = Command::new("sha256sum")
+        .arg("-c")
+        .arg("SHA256SUMS")
+        .current_dir(fetched.join(run.trim()))
+        .output()
+        .unwrap();
+    let checked = String::from_utf8_lossy(&check.stdout).to_string();
+    assert!(check.status.success(), "{checked}");
+    assert!(
+        checked.contains("greet-trixie/greet_1.0.0+trixie_amd64.deb: OK"),
+        "{checked}"
+    );
+
+    // A target that stamps the time into an artifact is not reproducible,
+    // and verify names that file, not the stable one.
+    let mut cfg = std::fs::read_to_string(project.join("slate.toml")).unwrap();
+    cfg.push_str("\n[builds.stamp]\nimage = \"builder-bookworm\"\nrun = [\"mkdir -p dist; date +%N > dist/stamp.txt; echo same > dist/same.txt\"]\nartifacts = [\"dist/*.txt\"]\n");
+    std::fs::write(project.join("slate.toml"), cfg).unwrap();
+    let v = slate(&["verify", "stamp"]);
+    let vout = format!(
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    assert_eq!(v.status.code(), Some(1), "{vout}");
+    assert!(vout.contains("stamp.txt: contents differ"), "{vout}");
+    assert!(!vout.contains("same.txt: contents differ"), "{vout}");
+
     let again = slate(&["build"]);
     let out = String::from_utf8_lossy(&again.stdout).to_string();
     assert!(again.status.success(), "{out}");
