@@ -137,24 +137,14 @@ fn root_debian_quickstart_builds_real_packages() {
         String::from_utf8_lossy(&p.stderr)
     );
     assert!(p.status.success(), "{pout}");
+    let latest = s3.aws(&["s3", "cp", "s3://releases/greet/latest", "-"]);
+    let run = String::from_utf8_lossy(&latest.stdout).trim().to_string();
     let fetched = w.path().join("fetched");
-    let cp = s3.aws(&[
-        "s3",
-        "cp",
-        "--recursive",
-        "s3://releases/greet/",
-        fetched.to_str().unwrap(),
-    ]);
-    assert!(
-        cp.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cp.stderr)
-    );
-    let run = std::fs::read_to_string(fetched.join("latest")).unwrap();
+    s3.fetch_run(&format!("s3://releases/greet/{run}"), &fetched);
     let check = Command::new("sha256sum")
         .arg("-c")
         .arg("SHA256SUMS")
-        .current_dir(fetched.join(run.trim()))
+        .current_dir(&fetched)
         .output()
         .unwrap();
     let checked = String::from_utf8_lossy(&check.stdout).to_string();

@@ -172,6 +172,36 @@ impl S3Server {
     }
 }
 
+#[allow(dead_code)]
+impl S3Server {
+    /// Downloads a published run with the aws CLI, file by file: `SHA256SUMS`,
+    /// `manifest.json` and every file `SHA256SUMS` names. (Not `s3 cp
+    /// --recursive`: s3s-fs does not escape `+` in url-encoded listings, so
+    /// the CLI would turn `1.0+deb` into `1.0 deb`.)
+    pub fn fetch_run(&self, url: &str, to: &Path) {
+        for name in ["SHA256SUMS", "manifest.json"] {
+            let o = self.aws(&[
+                "s3",
+                "cp",
+                &format!("{url}/{name}"),
+                to.join(name).to_str().unwrap(),
+            ]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        let sums = std::fs::read_to_string(to.join("SHA256SUMS")).unwrap();
+        for line in sums.lines() {
+            let rel = line.split_once("  ").unwrap().1;
+            let o = self.aws(&[
+                "s3",
+                "cp",
+                &format!("{url}/{rel}"),
+                to.join(rel).to_str().unwrap(),
+            ]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+    }
+}
+
 impl Drop for S3Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
