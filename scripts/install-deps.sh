@@ -12,7 +12,7 @@ for pair in mmdebstrap:mmdebstrap debootstrap:debootstrap busybox:busybox-static
             tar:tar sha256sum:coreutils pgrep:procps dpkg-deb:dpkg script:bsdutils gcc:gcc \
             skopeo:skopeo umoci:umoci qemu-aarch64-static:qemu-user-static \
             update-binfmts:binfmt-support docker-registry:docker-registry \
-            mkfs.ext4:e2fsprogs debugfs:e2fsprogs qemu-img:qemu-utils zstd:zstd aws:awscli openssl:openssl; do
+            mkfs.ext4:e2fsprogs debugfs:e2fsprogs qemu-img:qemu-utils zstd:zstd aws:awscli openssl:openssl arch-test:arch-test; do
     cmd=${pair%%:*}
     pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || need="$need $pkg"
