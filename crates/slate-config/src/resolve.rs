@@ -158,6 +158,23 @@ impl Resolver<'_> {
             },
             images,
             targets,
+            vm: file
+                .providers
+                .vm
+                .as_ref()
+                .map(|vm| VmSpec {
+                    accel: vm
+                        .accel
+                        .as_ref()
+                        .map(|a| a.get_ref().clone())
+                        .unwrap_or_else(|| "auto".into()),
+                    init: vm
+                        .init
+                        .as_ref()
+                        .map(|i| i.get_ref().clone())
+                        .unwrap_or_else(|| "slate".into()),
+                })
+                .unwrap_or_default(),
         }
     }
 

@@ -11,6 +11,26 @@ pub struct Project {
     pub settings: Settings,
     pub images: Vec<ImageSpec>,
     pub targets: Vec<TargetSpec>,
+    /// `[providers.vm]`.
+    pub vm: VmSpec,
+}
+
+/// How the vm provider runs its machines.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmSpec {
+    /// `auto` (KVM when a probe guest runs under it, else TCG), `kvm` or `tcg`.
+    pub accel: String,
+    /// `slate` (slate's agent as PID 1) or `systemd`.
+    pub init: String,
+}
+
+impl Default for VmSpec {
+    fn default() -> Self {
+        VmSpec {
+            accel: "auto".into(),
+            init: "slate".into(),
+        }
+    }
 }
 
 impl Project {

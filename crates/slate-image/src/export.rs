@@ -407,63 +407,104 @@ pub fn rfc3339(secs: u64) -> String {
 /// `/boot`, `DEST.vmlinuz` and `DEST.initrd` beside it. Returns the kernel
 /// files written.
 pub fn export_disk(image: &BakedImage, dest: &Path, clamp: u64) -> io::Result<Vec<PathBuf>> {
+    write_disk(&image.layers, dest, clamp, 128)?;
+    let mut kernel_files = Vec::new();
+    if let Some(k) = kernel_in(&image.layers) {
+        let initrd = format!("boot/initrd.img-{}", k.version);
+        for (src, ext) in [
+            (Some(k.path), "vmlinuz"),
+            (layer_file(&image.layers, &initrd), "initrd"),
+        ] {
+            if let Some(src) = src {
+                let to = PathBuf::from(format!("{}.{ext}", dest.display()));
+                fs::copy(&src, &to)?;
+                kernel_files.push(to);
+            }
+        }
+    }
+    Ok(kernel_files)
+}
+
+/// Writes the merged layers as an ext4 filesystem with `free_mib` MiB to
+/// spare (and a quarter of the contents' size), in a qcow2 file at `dest`.
+/// The file appears only when complete.
+pub fn write_disk(layers: &[PathBuf], dest: &Path, clamp: u64, free_mib: u64) -> io::Result<()> {
     let work = dest.with_extension("disk-tmp");
     let _ = fs::remove_dir_all(&work);
     let root = work.join("root");
     fs::create_dir_all(&root)?;
     let res = (|| {
         let flat = work.join("rootfs.tar");
-        write_flat(
-            &image.layers,
-            io::BufWriter::new(File::create(&flat)?),
-            clamp,
-        )?
-        .flush()?;
+        write_flat(layers, io::BufWriter::new(File::create(&flat)?), clamp)?.flush()?;
         crate::registry::unpack_layer(io::BufReader::new(File::open(&flat)?), &root)?;
         fs::remove_file(&flat)?;
         let used = crate::store::slate_size(&root);
-        let mib = (used + used / 4) / (1 << 20) + 128;
+        let mib = (used + used / 4) / (1 << 20) + free_mib;
         let raw = work.join("disk.raw");
         run(
             Command::new("mkfs.ext4")
-                .args(["-q", "-F", "-L", "slate-root", "-d"])
+                .args(["-q", "-F", "-L", "slate-root"])
+                // Inode tables and journal are not zeroed now (a sparse file
+                // reads as zeroes anyway), so free space costs nothing.
+                .args(["-E", "lazy_itable_init=1,lazy_journal_init=1", "-d"])
                 .arg(&root)
                 .arg(&raw)
                 .arg(format!("{mib}M")),
             "mkfs.ext4 (e2fsprogs)",
         )?;
+        let tmp = work.join("disk.qcow2");
         run(
             Command::new("qemu-img")
                 .args(["convert", "-f", "raw", "-O", "qcow2"])
                 .arg(&raw)
-                .arg(dest),
+                .arg(&tmp),
             "qemu-img (qemu-utils)",
         )?;
-        let mut kernel_files = Vec::new();
-        let newest = |prefix: &str| -> Option<PathBuf> {
-            let mut v: Vec<PathBuf> = fs::read_dir(root.join("boot"))
-                .ok()?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
-                })
-                .collect();
-            v.sort();
-            v.pop()
-        };
-        for (prefix, ext) in [("vmlinuz-", "vmlinuz"), ("initrd.img-", "initrd")] {
-            if let Some(src) = newest(prefix) {
-                let to = PathBuf::from(format!("{}.{ext}", dest.display()));
-                fs::copy(&src, &to)?;
-                kernel_files.push(to);
-            }
-        }
-        Ok(kernel_files)
+        fs::rename(&tmp, dest)
     })();
     let _ = fs::remove_dir_all(&work);
     res
+}
+
+/// A kernel found in an image's `/boot`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kernel {
+    pub path: PathBuf,
+    /// e.g. `6.1.0-35-amd64`
+    pub version: String,
+}
+
+/// The file at `rel` (no leading slash) in the merged layers, if any: the
+/// topmost layer that has it wins; a whiteout there hides it.
+pub fn layer_file(layers: &[PathBuf], rel: &str) -> Option<PathBuf> {
+    for l in layers.iter().rev() {
+        let p = l.join(rel);
+        if let Ok(m) = fs::symlink_metadata(&p) {
+            if m.file_type().is_char_device() && m.rdev() == 0 {
+                return None;
+            }
+            return Some(p);
+        }
+    }
+    None
+}
+
+/// The newest `/boot/vmlinuz-*` of the merged layers.
+pub fn kernel_in(layers: &[PathBuf]) -> Option<Kernel> {
+    let mut versions: BTreeSet<String> = BTreeSet::new();
+    for l in layers {
+        if let Ok(rd) = fs::read_dir(l.join("boot")) {
+            for e in rd.flatten() {
+                if let Some(v) = e.file_name().to_string_lossy().strip_prefix("vmlinuz-") {
+                    versions.insert(v.to_string());
+                }
+            }
+        }
+    }
+    versions.into_iter().rev().find_map(|version| {
+        let path = layer_file(layers, &format!("boot/vmlinuz-{version}"))?;
+        Some(Kernel { path, version })
+    })
 }
 
 fn run(cmd: &mut Command, what: &str) -> io::Result<()> {

@@ -320,6 +320,7 @@ impl<P: Provider> Baker<'_, P> {
             limits: Default::default(),
             binds,
             ephemeral: false,
+            kind: slate_provider::EnvKind::Sandbox,
         };
         let mut envir = self.provider.create(&spec)?;
         let mut sink = |s: Stream, l: &str| self.reporter.output(&plan.name, s, l);

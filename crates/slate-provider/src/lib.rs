@@ -13,6 +13,7 @@
 //!   infrastructure failure; a command's own non-zero exit is an `ExecOutcome`.
 
 pub mod fake;
+pub mod lease;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,6 +38,17 @@ pub struct EnvSpec {
     /// may live in memory and nothing need touch the disk. `put`, `list` and
     /// `fetch` are refused.
     pub ephemeral: bool,
+    /// What makes it: a sandbox (the default; also for baking) or a VM.
+    pub kind: EnvKind,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum EnvKind {
+    /// Namespaces and overlayfs on the host's kernel.
+    #[default]
+    Sandbox,
+    /// A virtual machine with the image's own kernel.
+    Vm,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]

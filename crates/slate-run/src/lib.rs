@@ -13,7 +13,7 @@ pub mod record;
 
 use artifacts::{ArtifactRecord, ArtifactStore, ManifestTarget};
 use events::{Event, EventKind, EventSink, TargetStatus};
-use slate_config::{BuildCommand, Project, TargetSpec};
+use slate_config::{BuildCommand, Project, ProviderKind, TargetSpec};
 use slate_image::{BakeReporter, BakedImage, Baker, ImageError, LayerPlan, LayerState, LayerStore};
 use slate_provider::*;
 use std::collections::{BTreeMap, VecDeque};
@@ -225,7 +225,7 @@ impl<P: Provider> Orchestrator<'_, P> {
                                 .as_ref()
                                 .map(|b| b.digest.clone())
                                 .unwrap_or_default(),
-                            provider: self.provider.name().into(),
+                            provider: t.provider.name().into(),
                             artifacts: vec![],
                         });
                         if opts.fail_fast
@@ -335,6 +335,10 @@ impl<P: Provider> Orchestrator<'_, P> {
             },
             binds: vec![],
             ephemeral: false,
+            kind: match t.provider {
+                ProviderKind::Vm => EnvKind::Vm,
+                _ => EnvKind::Sandbox,
+            },
         };
         let mut attempt = 1;
         loop {
@@ -379,7 +383,7 @@ impl<P: Provider> Orchestrator<'_, P> {
                     let statement = provenance::statement(&provenance::Facts {
                         target: t,
                         image: img,
-                        provider: self.provider.name(),
+                        provider: t.provider.name(),
                         run_id: store.run_id(),
                         started,
                         finished: events::now(),
@@ -393,7 +397,7 @@ impl<P: Provider> Orchestrator<'_, P> {
                             status: String::new(),
                             image: t.image.clone(),
                             image_digest: img.digest.clone(),
-                            provider: self.provider.name().into(),
+                            provider: t.provider.name().into(),
                             artifacts: arts.clone(),
                         })
                     });

@@ -3,6 +3,7 @@
 mod cli;
 mod commands;
 mod error;
+mod providers;
 mod report;
 mod signals;
 
@@ -48,6 +49,44 @@ impl Ctx {
             .hint("`slate check` shows what this host supports")
         })?;
         Ok(SandboxProvider::new(store.envs_dir()))
+    }
+
+    /// The sandbox, and the vm provider when `vm` (a target asks for it).
+    pub fn providers(
+        &self,
+        store: &LayerStore,
+        project: &Project,
+        vm: bool,
+    ) -> Result<providers::Providers> {
+        let sandbox = self.sandbox(store)?;
+        let vm = if vm {
+            if project.vm.init != "slate" {
+                return Err(CliError::usage(format!(
+                    "`init = \"{}\"` under [providers.vm] is not available in this version of slate",
+                    project.vm.init
+                ))
+                .hint("use `init = \"slate\"` (the default): slate's agent boots the machine"));
+            }
+            let settings = slate_vm::VmSettings {
+                accel: slate_vm::Accel::parse(&project.vm.accel).unwrap_or(slate_vm::Accel::Auto),
+                ..Default::default()
+            };
+            let vm = slate_vm::VmProvider::new(store.root().join("vm"), store.envs_dir(), settings)
+                .map_err(|e| {
+                    CliError::from_error(Exit::Infra, &e)
+                        .hint("`slate check` shows what this host supports")
+                })?;
+            let quiet = self.cli.quiet;
+            vm.on_note(move |m| {
+                if !quiet {
+                    eprintln!("note: {m}");
+                }
+            });
+            Some(vm)
+        } else {
+            None
+        };
+        Ok(providers::Providers { sandbox, vm })
     }
 
     pub fn color(&self) -> bool {

@@ -57,20 +57,36 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
         })?),
         None => None,
     };
+    let mut needs_vm = false;
     for t in &selected {
         let p = forced.unwrap_or(t.provider);
-        if p != ProviderKind::Sandbox {
-            return Err(CliError::usage(format!(
-                "target `{}`: the `{}` provider is not available in this version of slate",
-                t.name,
-                p.name()
-            ))
-            .hint("use `provider = \"sandbox\"` (the default) or `--provider sandbox`"));
+        match p {
+            ProviderKind::Sandbox => {}
+            ProviderKind::Vm => needs_vm = true,
+            _ => {
+                return Err(CliError::usage(format!(
+                    "target `{}`: the `{}` provider is not available in this version of slate",
+                    t.name,
+                    p.name()
+                ))
+                .hint(
+                    "use `provider = \"sandbox\"` (the default), `\"vm\"`, or `--provider sandbox`",
+                ))
+            }
         }
     }
+    let selected: Vec<TargetSpec> = selected
+        .into_iter()
+        .map(|t| {
+            let mut t = t.clone();
+            t.provider = forced.unwrap_or(t.provider);
+            t
+        })
+        .collect();
+    let selected: Vec<&TargetSpec> = selected.iter().collect();
     let signer = super::provenance::signer(&project)?;
     let store = ctx.store()?;
-    let provider = ctx.sandbox(&store)?;
+    let provider = ctx.providers(&store, &project, needs_vm)?;
     // Environments a killed run left behind go first.
     let _ = slate_sandbox::reap(&store.envs_dir());
 

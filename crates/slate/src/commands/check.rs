@@ -32,7 +32,14 @@ pub fn check(ctx: &Ctx) -> CmdResult {
         ),
         Err(why) => println!("  sandbox: unavailable: {why}"),
     }
-    for p in ["vm", "ssh", "ec2"] {
+    match slate_vm::probe() {
+        Ok(()) => println!(
+            "  vm: works (QEMU microvm; accel = \"{}\": KVM when a probe guest runs under it, else TCG)",
+            project.vm.accel
+        ),
+        Err(why) => println!("  vm: unavailable: {why}"),
+    }
+    for p in ["ssh", "ec2"] {
         println!("  {p}: not available in this version of slate");
     }
     println!("tools:");

@@ -1,0 +1,500 @@
+//! slate's guest agent: PID 1 of every VM. It loads the modules the
+//! initramfs carries, mounts the image's disk as the root, and then does
+//! what slate asks over the `slate.agent` virtio-serial port: run commands
+//! (streaming their output), copy files in and out, power off.
+//!
+//! It reads its settings from the kernel command line: `slate.hostname=`,
+//! `slate.net=1` (configure `eth0` for QEMU's user-mode network) and
+//! `slate.probe=1` (print a marker and power off: the KVM probe).
+
+use crate::proto::{self, DataReader};
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+/// What the probe prints on the console when the guest came up.
+pub const PROBE_MARKER: &str = "slate-probe-ok";
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+fn log(msg: &str) {
+    // The console is the serial port: slate keeps it in the environment's log.
+    let _ = writeln!(io::stderr(), "slate-agent: {msg}");
+}
+
+fn cstr(s: &str) -> CString {
+    CString::new(s).unwrap_or_default()
+}
+
+fn mount(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
+    let _ = std::fs::create_dir_all(target);
+    let (s, t, f, d) = (cstr(src), cstr(target), cstr(fstype), cstr(data));
+    // SAFETY: valid C strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            t.as_ptr(),
+            if fstype.is_empty() {
+                std::ptr::null()
+            } else {
+                f.as_ptr()
+            },
+            flags,
+            if data.is_empty() {
+                std::ptr::null()
+            } else {
+                d.as_ptr().cast()
+            },
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("mount {fstype} on {target}: {e}"),
+        ));
+    }
+    Ok(())
+}
+
+fn power_off() -> ! {
+    // SAFETY: plain syscalls; reboot does not return on success.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_POWER_OFF);
+    }
+    std::process::exit(0)
+}
+
+/// The agent's entry point (the `slate-agent` binary's `main`).
+pub fn main() -> ! {
+    if std::process::id() != 1 {
+        eprintln!("slate-agent runs as PID 1 inside slate's virtual machines; there is nothing to do here");
+        std::process::exit(2);
+    }
+    if let Err(e) = run() {
+        log(&format!("fatal: {e}"));
+    }
+    power_off()
+}
+
+fn cmdline_value(cmdline: &str, key: &str) -> Option<String> {
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        .map(str::to_string)
+}
+
+fn run() -> io::Result<()> {
+    mount("proc", "/proc", "proc", 0, "")?;
+    mount("sysfs", "/sys", "sysfs", 0, "")?;
+    mount("devtmpfs", "/dev", "devtmpfs", 0, "")?;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if cmdline_value(&cmdline, "slate.probe").is_some() {
+        println!("{PROBE_MARKER}");
+        power_off();
+    }
+    load_modules()?;
+    let port = find_port()?;
+    wait_for(Path::new("/sys/block/vda"), "the disk /dev/vda")?;
+    mount("/dev/vda", "/newroot", "ext4", 0, "noinit_itable")?;
+    for d in ["proc", "sys", "dev"] {
+        mount(
+            &format!("/{d}"),
+            &format!("/newroot/{d}"),
+            "",
+            libc::MS_MOVE,
+            "",
+        )?;
+    }
+    enter_root("/newroot")?;
+    let _ = mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        0,
+        "newinstance,ptmxmode=0666",
+    );
+    let _ = mount("tmpfs", "/dev/shm", "tmpfs", 0, "mode=1777");
+    mount("tmpfs", "/tmp", "tmpfs", 0, "mode=1777")?;
+    mount("tmpfs", "/run", "tmpfs", 0, "mode=0755")?;
+    if let Some(h) = cmdline_value(&cmdline, "slate.hostname") {
+        // SAFETY: a valid buffer and its length.
+        unsafe { libc::sethostname(h.as_ptr().cast(), h.len()) };
+    }
+    crate::net::up("lo", None)?;
+    if cmdline_value(&cmdline, "slate.net").is_some() {
+        crate::net::up("eth0", Some(crate::net::USER_NET))?;
+        let _ = std::fs::write("/etc/resolv.conf", "nameserver 10.0.2.3\n");
+    }
+    serve(port)
+}
+
+/// Loads `/modules/*.ko` in the order of `/modules/order` (dependencies first).
+fn load_modules() -> io::Result<()> {
+    let order = std::fs::read_to_string("/modules/order").unwrap_or_default();
+    for name in order.lines().filter(|l| !l.is_empty()) {
+        let f = File::open(format!("/modules/{name}"))?;
+        let params = cstr("");
+        // SAFETY: finit_module with a descriptor we own and a C string.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_finit_module,
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                params.as_ptr(),
+                0,
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(io::Error::new(e.kind(), format!("load module {name}: {e}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn wait_for(p: &Path, what: &str) -> io::Result<()> {
+    for _ in 0..2000 {
+        if p.exists() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{what} did not appear"),
+    ))
+}
+
+/// The `slate.agent` port's device, found by name (its number depends on
+/// the order of devices).
+fn find_port() -> io::Result<File> {
+    for _ in 0..2000 {
+        if let Ok(rd) = std::fs::read_dir("/sys/class/virtio-ports") {
+            for e in rd.flatten() {
+                let name = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
+                if name.trim() == "slate.agent" {
+                    let dev = Path::new("/dev").join(e.file_name());
+                    wait_for(&dev, "the agent port")?;
+                    return std::fs::OpenOptions::new().read(true).write(true).open(dev);
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        "no virtio-serial port named slate.agent",
+    ))
+}
+
+/// Makes `new` the root: move it over `/`, then chroot into it.
+fn enter_root(new: &str) -> io::Result<()> {
+    std::env::set_current_dir(new)?;
+    mount(".", "/", "", libc::MS_MOVE, "")?;
+    let dot = cstr(".");
+    // SAFETY: a valid C string.
+    if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    std::env::set_current_dir("/")
+}
+
+type Out = Arc<Mutex<File>>;
+
+fn send(out: &Out, kind: u8, payload: &[u8]) -> io::Result<()> {
+    proto::write_frame(&mut *out.lock().unwrap(), kind, payload)
+}
+
+enum Msg {
+    Frame(u8, Vec<u8>),
+    Exited(std::process::ExitStatus),
+    Gone,
+}
+
+fn serve(port: File) -> io::Result<()> {
+    let out: Out = Arc::new(Mutex::new(port.try_clone()?));
+    let mut uname: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: uname fills the struct we own.
+    unsafe { libc::uname(&mut uname) };
+    // SAFETY: release is a NUL-terminated C string in the struct.
+    let kernel = unsafe { std::ffi::CStr::from_ptr(uname.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    proto::write_json(
+        &mut *out.lock().unwrap(),
+        proto::HELLO,
+        &proto::Hello { kernel, cpus },
+    )?;
+
+    // One thread reads the port, so that a KILL arrives while a command runs.
+    let (tx, rx) = mpsc::channel::<Msg>();
+    let reader_tx = tx.clone();
+    let mut input = port;
+    // Bulk data (PUT) is read inline by the main thread; the reader hands it
+    // frames one by one through the channel, so the stream stays in order.
+    std::thread::spawn(move || loop {
+        match proto::read_frame(&mut input) {
+            Ok(Some((k, p))) => {
+                if reader_tx.send(Msg::Frame(k, p)).is_err() {
+                    return;
+                }
+            }
+            _ => {
+                let _ = reader_tx.send(Msg::Gone);
+                return;
+            }
+        }
+    });
+    let mut frames = ChannelFrames { rx: &rx };
+    loop {
+        let (kind, payload) = match proto::FrameSource::next_frame(&mut frames)? {
+            Some(f) => f,
+            None => return Ok(()),
+        };
+        let res = match kind {
+            proto::EXEC => exec(&out, &payload, &rx, &tx),
+            proto::PUT_TAR => put_tar(&out, &payload, &mut frames),
+            proto::PUT_FILE => put_file(&out, &payload, &mut frames),
+            proto::LIST => list(&out, &payload),
+            proto::FETCH => fetch(&out, &payload),
+            proto::POWEROFF => {
+                let _ = send(&out, proto::OK, b"");
+                return Ok(());
+            }
+            proto::KILL => Ok(()),
+            other => send(
+                &out,
+                proto::ERR,
+                format!("unknown request {other}").as_bytes(),
+            ),
+        };
+        if let Err(e) = res {
+            send(&out, proto::ERR, e.to_string().as_bytes())?;
+        }
+    }
+}
+
+/// Frames from the reader thread.
+struct ChannelFrames<'a> {
+    rx: &'a mpsc::Receiver<Msg>,
+}
+
+impl proto::FrameSource for ChannelFrames<'_> {
+    fn next_frame(&mut self) -> io::Result<Option<(u8, Vec<u8>)>> {
+        loop {
+            match self.rx.recv() {
+                Ok(Msg::Frame(k, p)) => return Ok(Some((k, p))),
+                Ok(Msg::Exited(_)) => continue,
+                Ok(Msg::Gone) | Err(_) => return Ok(None),
+            }
+        }
+    }
+}
+
+fn exec(
+    out: &Out,
+    payload: &[u8],
+    rx: &mpsc::Receiver<Msg>,
+    tx: &mpsc::Sender<Msg>,
+) -> io::Result<()> {
+    let spec: proto::Exec = proto::parse(payload)?;
+    let Some((prog, args)) = spec.argv.split_first() else {
+        return send(out, proto::ERR, b"empty command");
+    };
+    let mut cmd = Command::new(prog);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", DEFAULT_PATH)
+        .env("HOME", "/root")
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(if spec.cwd.is_empty() { "/" } else { &spec.cwd })
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return send(
+                out,
+                proto::ERR,
+                format!("cannot start `{prog}`: {e}").as_bytes(),
+            );
+        }
+    };
+    let pid = child.id() as i32;
+    let pump = |r: Option<Box<dyn Read + Send>>, kind: u8| {
+        let out = out.clone();
+        std::thread::spawn(move || {
+            let Some(mut r) = r else { return };
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match r.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if send(&out, kind, &buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let o = pump(
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        proto::STDOUT,
+    );
+    let e = pump(
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        proto::STDERR,
+    );
+    let waiter_tx = tx.clone();
+    std::thread::spawn(move || {
+        if let Ok(st) = child.wait() {
+            let _ = waiter_tx.send(Msg::Exited(st));
+        }
+    });
+    let status = loop {
+        match rx.recv() {
+            Ok(Msg::Exited(st)) => break st,
+            Ok(Msg::Frame(proto::KILL, _)) => {
+                // SAFETY: signalling the command's process group.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+            }
+            Ok(Msg::Frame(k, _)) => log(&format!("ignored request {k} while a command runs")),
+            Ok(Msg::Gone) | Err(_) => {
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+            }
+        }
+    };
+    // Every byte of output goes before the exit status. Processes the command
+    // left in the background may hold the pipes: they die with its group.
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
+    let _ = o.join();
+    let _ = e.join();
+    use std::os::unix::process::ExitStatusExt;
+    proto::write_json(
+        &mut *out.lock().unwrap(),
+        proto::EXIT,
+        &proto::Exit {
+            code: status.code(),
+            signal: status.signal(),
+        },
+    )
+}
+
+fn put_tar(out: &Out, payload: &[u8], frames: &mut ChannelFrames) -> io::Result<()> {
+    let arg: proto::PathArg = proto::parse(payload)?;
+    let dest = PathBuf::from(&arg.path);
+    let mut data = DataReader::new(frames);
+    let res = (|| {
+        std::fs::create_dir_all(&dest)?;
+        let mut ar = tar::Archive::new(&mut data);
+        ar.set_preserve_permissions(true);
+        ar.set_overwrite(true);
+        ar.unpack(&dest)
+    })();
+    data.drain()?;
+    match res {
+        Ok(()) => send(out, proto::OK, b""),
+        Err(e) => send(
+            out,
+            proto::ERR,
+            format!("unpack into `{}`: {e}", dest.display()).as_bytes(),
+        ),
+    }
+}
+
+fn put_file(out: &Out, payload: &[u8], frames: &mut ChannelFrames) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let arg: proto::PathArg = proto::parse(payload)?;
+    let dest = PathBuf::from(&arg.path);
+    let mut data = DataReader::new(frames);
+    let res = (|| {
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let mut f = File::create(&dest)?;
+        io::copy(&mut data, &mut f)?;
+        f.set_permissions(std::fs::Permissions::from_mode(arg.mode))
+    })();
+    data.drain()?;
+    match res {
+        Ok(()) => send(out, proto::OK, b""),
+        Err(e) => send(
+            out,
+            proto::ERR,
+            format!("write `{}`: {e}", dest.display()).as_bytes(),
+        ),
+    }
+}
+
+fn list(out: &Out, payload: &[u8]) -> io::Result<()> {
+    let arg: proto::PathArg = proto::parse(payload)?;
+    let root = PathBuf::from(&arg.path);
+    let mut files = Vec::new();
+    let mut stack = vec![root.clone()];
+    while let Some(d) = stack.pop() {
+        let rd = match std::fs::read_dir(&d) {
+            Ok(rd) => rd,
+            Err(e) if d == root => {
+                return send(
+                    out,
+                    proto::ERR,
+                    format!("list `{}`: {e}", root.display()).as_bytes(),
+                )
+            }
+            Err(_) => continue,
+        };
+        for e in rd.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                if let Ok(rel) = e.path().strip_prefix(&root) {
+                    files.push(rel.to_string_lossy().into_owned());
+                }
+            }
+        }
+    }
+    files.sort();
+    proto::write_json(&mut *out.lock().unwrap(), proto::RESULT, &files)
+}
+
+fn fetch(out: &Out, payload: &[u8]) -> io::Result<()> {
+    let arg: proto::PathArg = proto::parse(payload)?;
+    let mut f = match File::open(&arg.path) {
+        Ok(f) => f,
+        Err(e) => {
+            return send(
+                out,
+                proto::ERR,
+                format!("read `{}`: {e}", arg.path).as_bytes(),
+            )
+        }
+    };
+    let mut w = out.lock().unwrap();
+    proto::send_data(&mut *w, &mut f).map(|_| ())
+}

@@ -1,0 +1,818 @@
+//! The vm provider: each environment is a QEMU machine booted from the
+//! image's own kernel, with a copy-on-write overlay over a base disk made
+//! once per image, driven by slate's guest agent over virtio-serial.
+//!
+//! The machine is QEMU's `microvm` entered through PVH (no firmware, no
+//! in-guest decompression), with only the devices the agent uses: a disk,
+//! the agent's port and, with `network = true`, a user-mode NIC. KVM is used
+//! when a probe guest comes up under it; where /dev/kvm exists but guests do
+//! not run, slate says so once and uses TCG.
+//!
+//! Teardown: QEMU gets SIGKILL when the slate thread that started it dies
+//! (parent-death signal), the overlay lives in the environment's folder with
+//! a lease, so the next run or `slate gc` removes what a killed slate left.
+
+pub mod agent;
+pub mod boot;
+mod net;
+pub mod proto;
+
+use slate_provider::lease::take_lease;
+use slate_provider::*;
+use std::io::{self, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn parse(s: &str) -> Option<Accel> {
+        match s {
+            "auto" => Some(Accel::Auto),
+            "kvm" => Some(Accel::Kvm),
+            "tcg" => Some(Accel::Tcg),
+            _ => None,
+        }
+    }
+}
+
+/// Where QEMU is.
+pub fn qemu_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/bin".into(), "/usr/local/bin".into()])
+        .map(|d| d.join("qemu-system-x86_64"))
+        .find(|p| p.exists())
+}
+
+/// Why the vm provider cannot run here, if it cannot.
+pub fn probe() -> Result<(), String> {
+    if std::env::consts::ARCH != "x86_64" {
+        return Err(format!(
+            "the vm provider runs x86_64 guests on x86_64 hosts; this host is {}",
+            std::env::consts::ARCH
+        ));
+    }
+    if qemu_binary().is_none() {
+        return Err(
+            "qemu-system-x86_64 is not installed (Debian: `apt-get install qemu-system-x86`)"
+                .into(),
+        );
+    }
+    for tool in ["qemu-img", "mkfs.ext4"] {
+        let found = ["/usr/bin", "/usr/sbin", "/sbin", "/bin"]
+            .iter()
+            .any(|d| Path::new(d).join(tool).exists());
+        if !found {
+            return Err(format!(
+                "`{tool}` is not installed (Debian: qemu-utils, e2fsprogs)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub struct VmSettings {
+    pub accel: Accel,
+    /// How long a guest may take to come up.
+    pub boot_timeout: Duration,
+}
+
+impl Default for VmSettings {
+    fn default() -> Self {
+        VmSettings {
+            accel: Accel::Auto,
+            boot_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Receives notes meant for the user.
+pub type NoteSink = Box<dyn FnMut(&str) + Send>;
+
+pub struct VmProvider {
+    /// `v1/vm` in slate's cache: kernels, initramfs, base disks.
+    cache: PathBuf,
+    /// Where environments' folders go (shared with the sandbox's).
+    envs: PathBuf,
+    settings: VmSettings,
+    qemu: PathBuf,
+    agent: PathBuf,
+    /// The accelerator chosen, once probed.
+    accel: OnceLock<Result<&'static str, String>>,
+    /// Told once, e.g. that KVM does not work here.
+    notes: Mutex<NoteSink>,
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl VmProvider {
+    pub fn new(
+        cache: PathBuf,
+        envs: PathBuf,
+        settings: VmSettings,
+    ) -> Result<VmProvider, ProviderError> {
+        probe().map_err(|why| ProviderError::Unavailable {
+            provider: "vm".into(),
+            why,
+        })?;
+        let agent = boot::find_agent().map_err(|e| ProviderError::Unavailable {
+            provider: "vm".into(),
+            why: e.to_string(),
+        })?;
+        Ok(VmProvider {
+            cache,
+            envs,
+            settings,
+            qemu: qemu_binary().expect("probed"),
+            agent,
+            accel: OnceLock::new(),
+            notes: Mutex::new(Box::new(|_| {})),
+        })
+    }
+
+    /// Where notes for the user go (the binary prints them).
+    pub fn on_note(&self, f: impl FnMut(&str) + Send + 'static) {
+        *self.notes.lock().unwrap() = Box::new(f);
+    }
+
+    fn note(&self, msg: &str) {
+        (self.notes.lock().unwrap())(msg);
+    }
+
+    /// `kvm` or `tcg`, probing KVM once when `auto`.
+    fn accel(&self, boot: &boot::BootFiles) -> Result<&'static str, String> {
+        self.accel
+            .get_or_init(|| match self.settings.accel {
+                Accel::Tcg => Ok("tcg"),
+                Accel::Kvm => match self.kvm_works(boot) {
+                    Ok(()) => Ok("kvm"),
+                    Err(why) => Err(format!(
+                        "`accel = \"kvm\"` but KVM does not work on this host: {why}; use `accel = \"auto\"` or `\"tcg\"` under [providers.vm]"
+                    )),
+                },
+                Accel::Auto => match self.kvm_works(boot) {
+                    Ok(()) => Ok("kvm"),
+                    Err(why) => {
+                        self.note(&format!("vm: KVM does not work here ({why}); using TCG (software emulation, slower)"));
+                        Ok("tcg")
+                    }
+                },
+            })
+            .clone()
+    }
+
+    /// Boots a probe guest under KVM: it must print its marker and power off
+    /// within a few seconds (a working KVM needs well under one).
+    fn kvm_works(&self, boot: &boot::BootFiles) -> Result<(), String> {
+        if let Err(e) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+        {
+            return Err(format!("/dev/kvm: {e}"));
+        }
+        let mut cmd = Command::new(&self.qemu);
+        cmd.args(["-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "256"])
+            .args(machine_args())
+            .arg("-kernel")
+            .arg(&boot.kernel)
+            .arg("-initrd")
+            .arg(&boot.initramfs)
+            .arg("-append")
+            .arg(format!("{} slate.probe=1", kernel_cmdline()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().map_err(|e| format!("cannot start QEMU: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let pid = child.id();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Ok(out)) => {
+                if String::from_utf8_lossy(&out.stdout).contains(agent::PROBE_MARKER) {
+                    Ok(())
+                } else {
+                    let err = String::from_utf8_lossy(&out.stderr);
+                    let last = err
+                        .lines()
+                        .rfind(|l| !l.trim().is_empty())
+                        .unwrap_or("")
+                        .trim();
+                    Err(format!(
+                        "QEMU under KVM exited ({}){}",
+                        out.status,
+                        if last.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {last}")
+                        }
+                    ))
+                }
+            }
+            Ok(Err(e)) => Err(format!("QEMU: {e}")),
+            Err(_) => {
+                // SAFETY: killing the probe QEMU we started.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                Err("a probe guest made no progress under KVM in 5 s".into())
+            }
+        }
+    }
+}
+
+fn machine_args() -> [&'static str; 11] {
+    [
+        // pic=off: with the PIC, PVH guests sometimes die silently early.
+        "-M",
+        "microvm,pic=off",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-device",
+        "virtio-serial-device",
+    ]
+}
+
+/// The host's TSC frequency: given to the guest, its early calibration does
+/// not fail when the host is busy.
+fn tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
+fn kernel_cmdline() -> String {
+    let mut c = String::from(
+        "console=ttyS0 panic=-1 reboot=t quiet mitigations=off cryptomgr.notests audit=0 \
+         apparmor=0 security=none ipv6.disable=1 rcupdate.rcu_expedited=1 8250.nr_uarts=1 nowatchdog",
+    );
+    if let Some(k) = tsc_khz() {
+        c.push_str(&format!(" tsc_early_khz={k}"));
+    }
+    c
+}
+
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe; it ties QEMU to the slate thread
+    // that starts (and later stops) it.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+impl Provider for VmProvider {
+    type Env = VmEnv;
+
+    fn name(&self) -> &'static str {
+        "vm"
+    }
+
+    fn create(&self, spec: &EnvSpec) -> Result<VmEnv, ProviderError> {
+        let cerr = |what: String| ProviderError::Create {
+            env: spec.name.clone(),
+            what,
+            source: None,
+        };
+        if spec.upper.is_some() {
+            return Err(cerr("images are baked in the sandbox, not in a VM".into()));
+        }
+        let boot = boot::prepare(&self.cache, &spec.layers, &self.agent)
+            .map_err(|e| cerr(format!("cannot prepare the VM's boot files: {e}")))?;
+        let accel = self.accel(&boot).map_err(cerr)?;
+        let id = format!(
+            "vm-{}-{}-{}",
+            sanitize(&spec.name),
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = self.envs.join(&id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| cerr(format!("create `{}`: {e}", dir.display())))?;
+        let lease = take_lease(&dir.join("lease")).map_err(|e| cerr(format!("take lease: {e}")))?;
+        let mut env = VmEnv {
+            id: id.clone(),
+            dir: dir.clone(),
+            qemu: None,
+            to_guest: None,
+            from_guest: None,
+            hello: None,
+            destroyed: false,
+            _lease: lease,
+        };
+        env.boot(self, spec, &boot, accel)
+            .map_err(|e| cerr(format!("{e}{}", console_tail(&dir.join("console.log")))))?;
+        Ok(env)
+    }
+}
+
+/// The last lines the guest printed, for an error message.
+fn console_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let tail = &lines[lines.len().saturating_sub(8)..];
+    format!("; the guest's console ended with:\n  {}", tail.join("\n  "))
+}
+
+type Frame = (u8, Vec<u8>);
+
+pub struct VmEnv {
+    id: String,
+    dir: PathBuf,
+    qemu: Option<Child>,
+    to_guest: Option<UnixStream>,
+    from_guest: Option<Receiver<Frame>>,
+    hello: Option<proto::Hello>,
+    destroyed: bool,
+    _lease: std::fs::File,
+}
+
+struct HostFrames<'a>(&'a Receiver<Frame>);
+
+impl proto::FrameSource for HostFrames<'_> {
+    fn next_frame(&mut self) -> io::Result<Option<Frame>> {
+        self.0
+            .recv()
+            .map(Some)
+            .map_err(|_| io::Error::new(io::ErrorKind::UnexpectedEof, "the VM went away"))
+    }
+}
+
+impl VmEnv {
+    /// The kernel release and CPU count the guest reported.
+    pub fn guest(&self) -> Option<&proto::Hello> {
+        self.hello.as_ref()
+    }
+
+    fn boot(
+        &mut self,
+        p: &VmProvider,
+        spec: &EnvSpec,
+        boot: &boot::BootFiles,
+        accel: &str,
+    ) -> io::Result<()> {
+        let overlay = self.dir.join("disk.qcow2");
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&boot.disk)
+            .arg(&overlay)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()?;
+        if !st.status.success() {
+            return Err(io::Error::other(format!(
+                "qemu-img create: {}",
+                String::from_utf8_lossy(&st.stderr).trim()
+            )));
+        }
+        let sock = self.dir.join("agent.sock");
+        let listener = UnixListener::bind(&sock)?;
+        listener.set_nonblocking(true)?;
+        let cpus = spec
+            .limits
+            .cpus
+            .map(|c| c.ceil().max(1.0) as u64)
+            .unwrap_or(1);
+        let mem_mib = spec
+            .limits
+            .memory
+            .map(|m| (m >> 20).max(128))
+            .unwrap_or(1024);
+        let mut append = format!(
+            "{} slate.hostname={}",
+            kernel_cmdline(),
+            sanitize(&spec.name)
+        );
+        if spec.network {
+            append.push_str(" slate.net=1");
+        }
+        let console = std::fs::File::create(self.dir.join("console.log"))?;
+        let mut cmd = Command::new(&p.qemu);
+        let accel_arg = if accel == "tcg" && cpus > 1 {
+            "tcg,thread=multi".to_string()
+        } else {
+            accel.to_string()
+        };
+        cmd.args([
+            "-accel",
+            &accel_arg,
+            "-cpu",
+            if accel == "kvm" { "host" } else { "max" },
+        ])
+        .args(["-smp", &cpus.to_string(), "-m", &format!("{mem_mib}M")])
+        .args(machine_args())
+        .arg("-kernel")
+        .arg(&boot.kernel)
+        .arg("-initrd")
+        .arg(&boot.initramfs)
+        .arg("-append")
+        .arg(&append)
+        .arg("-drive")
+        .arg(format!(
+            "id=root,file={},if=none,format=qcow2,cache=unsafe",
+            overlay.display()
+        ))
+        .args(["-device", "virtio-blk-device,drive=root"])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=agent,path={},server=off",
+            sock.display()
+        ))
+        .args(["-device", "virtserialport,chardev=agent,name=slate.agent"]);
+        if spec.network {
+            cmd.args([
+                "-netdev",
+                "user,id=net",
+                "-device",
+                "virtio-net-device,netdev=net",
+            ]);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(console.try_clone()?)
+            .stderr(console);
+        die_with_parent(&mut cmd);
+        let child = cmd
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot start QEMU: {e}")))?;
+        std::fs::write(self.dir.join("qemu.pid"), child.id().to_string())?;
+        self.qemu = Some(child);
+
+        let deadline = Instant::now() + p.settings.boot_timeout;
+        let stream = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.check_alive("before connecting to the agent's port")?;
+                    if Instant::now() > deadline {
+                        return Err(io::Error::other("QEMU did not connect the agent's port"));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        stream.set_nonblocking(false)?;
+        let mut reader = stream.try_clone()?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            while let Ok(Some(f)) = proto::read_frame(&mut reader) {
+                if tx.send(f).is_err() {
+                    return;
+                }
+            }
+        });
+        self.to_guest = Some(stream);
+        self.from_guest = Some(rx);
+        loop {
+            match self.recv(Duration::from_millis(100)) {
+                Ok(Some((proto::HELLO, payload))) => {
+                    self.hello = Some(proto::parse(&payload)?);
+                    return Ok(());
+                }
+                Ok(Some((k, _))) => {
+                    return Err(io::Error::other(format!("the agent said {k} before hello")))
+                }
+                Ok(None) => {
+                    self.check_alive("while booting")?;
+                    if Instant::now() > deadline {
+                        return Err(io::Error::other(format!(
+                            "the guest did not come up within {} s",
+                            p.settings.boot_timeout.as_secs()
+                        )));
+                    }
+                }
+                Err(e) => {
+                    self.check_alive("while booting")?;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn check_alive(&mut self, when: &str) -> io::Result<()> {
+        if let Some(c) = &mut self.qemu {
+            if let Some(st) = c.try_wait()? {
+                return Err(io::Error::other(format!("QEMU exited {when} ({st})")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The next frame from the agent; `None` when `wait` passes first.
+    fn recv(&self, wait: Duration) -> io::Result<Option<Frame>> {
+        let rx = self
+            .from_guest
+            .as_ref()
+            .ok_or_else(|| io::Error::other("not booted"))?;
+        match rx.recv_timeout(wait) {
+            Ok(f) => Ok(Some(f)),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the VM went away (its agent port closed)",
+            )),
+        }
+    }
+
+    fn send(&mut self, kind: u8, payload: &[u8]) -> io::Result<()> {
+        let s = self
+            .to_guest
+            .as_mut()
+            .ok_or_else(|| io::Error::other("not booted"))?;
+        proto::write_frame(s, kind, payload)
+    }
+
+    fn send_json(&mut self, kind: u8, v: &impl serde::Serialize) -> io::Result<()> {
+        self.send(kind, &serde_json::to_vec(v).map_err(io::Error::other)?)
+    }
+
+    /// Waits for OK (or the agent's error).
+    fn expect_ok(&mut self) -> io::Result<()> {
+        loop {
+            match self.recv(Duration::from_secs(3600))? {
+                Some((proto::OK, _)) => return Ok(()),
+                Some((proto::ERR, m)) => {
+                    return Err(io::Error::other(String::from_utf8_lossy(&m).into_owned()))
+                }
+                Some((k, _)) => {
+                    return Err(io::Error::other(format!(
+                        "unexpected answer {k} from the agent"
+                    )))
+                }
+                None => continue,
+            }
+        }
+    }
+
+    fn err(&self, op: impl Into<String>, e: io::Error) -> ProviderError {
+        ProviderError::op(&self.id, op, e)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.qemu.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Environment for VmEnv {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn put(&mut self, base: &Path, entries: &[PathBuf], dest: &str) -> Result<u64, ProviderError> {
+        let mut b = tar::Builder::new(Vec::new());
+        b.follow_symlinks(false);
+        let mut bytes = 0u64;
+        for e in entries {
+            let src = base.join(e);
+            let meta = std::fs::symlink_metadata(&src)
+                .map_err(|er| self.err(format!("read `{}`", src.display()), er))?;
+            if meta.is_dir() {
+                b.append_dir_all(e, &src)
+            } else {
+                bytes += meta.len();
+                b.append_path_with_name(&src, e)
+            }
+            .map_err(|er| self.err(format!("pack `{}`", src.display()), er))?;
+        }
+        let data = b.into_inner().map_err(|e| self.err("pack the inputs", e))?;
+        let res = (|| {
+            self.send_json(
+                proto::PUT_TAR,
+                &proto::PathArg {
+                    path: dest.into(),
+                    mode: 0,
+                },
+            )?;
+            let s = self
+                .to_guest
+                .as_mut()
+                .ok_or_else(|| io::Error::other("not booted"))?;
+            proto::send_data(s, &mut &data[..])?;
+            self.expect_ok()
+        })();
+        res.map_err(|e| self.err(format!("copy into `{dest}`"), e))?;
+        Ok(bytes)
+    }
+
+    fn put_bytes(&mut self, data: &[u8], dest: &str, mode: u32) -> Result<(), ProviderError> {
+        let res = (|| {
+            self.send_json(
+                proto::PUT_FILE,
+                &proto::PathArg {
+                    path: dest.into(),
+                    mode,
+                },
+            )?;
+            let s = self
+                .to_guest
+                .as_mut()
+                .ok_or_else(|| io::Error::other("not booted"))?;
+            proto::send_data(s, &mut &data[..])?;
+            self.expect_ok()
+        })();
+        res.map_err(|e| self.err(format!("write `{dest}`"), e))
+    }
+
+    fn exec(
+        &mut self,
+        spec: &ExecSpec,
+        out: &mut dyn OutputSink,
+        cancel: &Cancel,
+    ) -> Result<ExecOutcome, ProviderError> {
+        if spec.interactive {
+            return Err(ProviderError::Other {
+                env: self.id.clone(),
+                what: "interactive shells are not available with the vm provider yet; use the sandbox provider for `slate shell`".into(),
+            });
+        }
+        let what = spec.argv.first().cloned().unwrap_or_default();
+        let req = proto::Exec {
+            argv: spec.argv.clone(),
+            env: spec.env.clone(),
+            cwd: spec.cwd.clone(),
+        };
+        self.send_json(proto::EXEC, &req)
+            .map_err(|e| self.err(format!("run `{what}`"), e))?;
+        let mut outs = [LineSplitter::default(), LineSplitter::default()];
+        let mut stopped: Option<ExecOutcome> = None;
+        loop {
+            let frame = match self.recv(Duration::from_millis(50)) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = self.check_alive("while a command ran");
+                    return Err(self.err(format!("run `{what}`"), e));
+                }
+            };
+            match frame {
+                Some((proto::STDOUT, d)) => outs[0].push(&d, |l| out.line(Stream::Stdout, l)),
+                Some((proto::STDERR, d)) => outs[1].push(&d, |l| out.line(Stream::Stderr, l)),
+                Some((proto::EXIT, d)) => {
+                    outs[0].finish(|l| out.line(Stream::Stdout, l));
+                    outs[1].finish(|l| out.line(Stream::Stderr, l));
+                    if let Some(s) = stopped {
+                        return Ok(s);
+                    }
+                    let exit: proto::Exit =
+                        proto::parse(&d).map_err(|e| self.err("read the exit status", e))?;
+                    return Ok(match (exit.code, exit.signal) {
+                        (Some(c), _) => ExecOutcome::Exited(c),
+                        (None, Some(s)) => ExecOutcome::Signaled(s),
+                        _ => ExecOutcome::Exited(-1),
+                    });
+                }
+                Some((proto::ERR, m)) => {
+                    return Err(self.err(
+                        format!("run `{what}`"),
+                        io::Error::other(String::from_utf8_lossy(&m).into_owned()),
+                    ))
+                }
+                Some((k, _)) => {
+                    return Err(self.err(
+                        format!("run `{what}`"),
+                        io::Error::other(format!("unexpected frame {k}")),
+                    ))
+                }
+                None => {
+                    if stopped.is_none() {
+                        let s = if cancel.is_cancelled() {
+                            Some(ExecOutcome::Cancelled)
+                        } else if cancel.timed_out() {
+                            Some(ExecOutcome::TimedOut)
+                        } else {
+                            None
+                        };
+                        if let Some(s) = s {
+                            stopped = Some(s);
+                            self.send(proto::KILL, b"")
+                                .map_err(|e| self.err("stop the command", e))?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn list(&mut self, dir: &str) -> Result<Vec<String>, ProviderError> {
+        let res = (|| {
+            self.send_json(
+                proto::LIST,
+                &proto::PathArg {
+                    path: dir.into(),
+                    mode: 0,
+                },
+            )?;
+            loop {
+                match self.recv(Duration::from_secs(3600))? {
+                    Some((proto::RESULT, d)) => return proto::parse::<Vec<String>>(&d),
+                    Some((proto::ERR, m)) => {
+                        return Err(io::Error::other(String::from_utf8_lossy(&m).into_owned()))
+                    }
+                    Some((k, _)) => return Err(io::Error::other(format!("unexpected frame {k}"))),
+                    None => continue,
+                }
+            }
+        })();
+        res.map_err(|e| self.err(format!("list `{dir}`"), e))
+    }
+
+    fn fetch(&mut self, src: &str, dest: &Path) -> Result<u64, ProviderError> {
+        let res = (|| {
+            self.send_json(
+                proto::FETCH,
+                &proto::PathArg {
+                    path: src.into(),
+                    mode: 0,
+                },
+            )?;
+            let rx = self
+                .from_guest
+                .as_ref()
+                .ok_or_else(|| io::Error::other("not booted"))?;
+            let mut frames = HostFrames(rx);
+            let mut data = proto::DataReader::new(&mut frames);
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let mut f = std::fs::File::create(dest)?;
+            let n = io::copy(&mut data, &mut f)?;
+            f.flush()?;
+            Ok(n)
+        })();
+        res.map_err(|e| self.err(format!("copy `{src}` out"), e))
+    }
+
+    fn destroy(mut self) -> Result<(), ProviderError> {
+        self.destroyed = true;
+        // Ask the guest to power off; whatever it answers, QEMU goes.
+        if self.send(proto::POWEROFF, b"").is_ok() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                match self.qemu.as_mut().map(|c| c.try_wait()) {
+                    Some(Ok(Some(_))) | None => break,
+                    _ => {
+                        let _ = self.recv(Duration::from_millis(20));
+                    }
+                }
+            }
+        }
+        self.stop();
+        Ok(())
+    }
+}
+
+impl Drop for VmEnv {
+    fn drop(&mut self) {
+        if !self.destroyed {
+            self.stop();
+        }
+    }
+}
