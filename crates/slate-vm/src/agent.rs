@@ -67,11 +67,14 @@ fn mount(
     Ok(())
 }
 
+/// Ends the machine: a reboot, which QEMU (run with `-no-reboot`) turns
+/// into its exit. Unlike a power-off it needs no ACPI, so it works even when
+/// the guest came up without its ACPI tables.
 fn power_off() -> ! {
     // SAFETY: plain syscalls; reboot does not return on success.
     unsafe {
         libc::sync();
-        libc::reboot(libc::RB_POWER_OFF);
+        libc::reboot(libc::RB_AUTOBOOT);
     }
     std::process::exit(0)
 }
@@ -104,7 +107,10 @@ fn run() -> io::Result<()> {
         println!("{PROBE_MARKER}");
         power_off();
     }
-    load_modules()?;
+    load_modules("order")?;
+    if cmdline_value(&cmdline, "slate.net").is_some() {
+        load_modules("order-net")?;
+    }
     let port = find_port()?;
     wait_for(Path::new("/sys/block/vda"), "the disk /dev/vda")?;
     mount("/dev/vda", "/newroot", "ext4", 0, "noinit_itable")?;
@@ -140,9 +146,10 @@ fn run() -> io::Result<()> {
     serve(port)
 }
 
-/// Loads `/modules/*.ko` in the order of `/modules/order` (dependencies first).
-fn load_modules() -> io::Result<()> {
-    let order = std::fs::read_to_string("/modules/order").unwrap_or_default();
+/// Loads `/modules/*.ko` in the order the list `/modules/LIST` gives
+/// (dependencies first).
+fn load_modules(list: &str) -> io::Result<()> {
+    let order = std::fs::read_to_string(format!("/modules/{list}")).unwrap_or_default();
     for name in order.lines().filter(|l| !l.is_empty()) {
         let f = File::open(format!("/modules/{name}"))?;
         let params = cstr("");

@@ -15,14 +15,15 @@ use std::process::{Command, Stdio};
 /// The modules the agent needs (with their dependencies), loaded in order
 /// when they are not built in. `crc32c_generic` is only a soft dependency
 /// of ext4, but mounting a disk with metadata checksums fails without it.
-const WANTED: [&str; 6] = [
-    "virtio_mmio",
+const WANTED: [&str; 5] = [
+    "virtio_pci",
     "virtio_blk",
     "virtio_console",
     "crc32c_generic",
     "ext4",
-    "virtio_net",
 ];
+/// Loaded only for `network = true`.
+const WANTED_NET: [&str; 1] = ["virtio_net"];
 
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|b| format!("{b:02x}")).collect()
@@ -75,21 +76,27 @@ pub fn prepare(cache: &Path, layers: &[PathBuf], agent: &Path) -> io::Result<Boo
             "the image has no kernel in /boot: set `vm = true` on it (or on its base) to install the distro kernel",
         )
     })?;
-    let kernel_bytes = fs::read(&kernel.path)?;
-    let agent_bytes = fs::read(agent).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot read slate's guest agent `{}`: {e}", agent.display()),
-        )
-    })?;
-    let kdir = cache.join("kernels").join(sha_of(&[&kernel_bytes]));
+    // Layers never change once made, and the agent changes only with slate:
+    // their path, size and time name them without reading them.
+    let stamp = |p: &Path| -> io::Result<String> {
+        let m = fs::metadata(p)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot read `{}`: {e}", p.display())))?;
+        let t = m
+            .modified()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Ok(format!("{}\n{}\n{}", p.display(), m.len(), t.as_nanos()))
+    };
+    let kernel_id = stamp(&kernel.path)?;
+    let agent_id = stamp(agent)?;
+    let kdir = cache.join("kernels").join(sha_of(&[kernel_id.as_bytes()]));
     fs::create_dir_all(&kdir)?;
     let _lock = Lock::take(&kdir.join("lock"))?;
     let vmlinux = kdir.join("vmlinux");
     let kernel_file = if vmlinux.exists() {
         vmlinux
     } else {
-        match extract_vmlinux(&kernel_bytes) {
+        match extract_vmlinux(&fs::read(&kernel.path)?) {
             Some(elf) => {
                 write_atomic(&vmlinux, &elf)?;
                 vmlinux
@@ -98,9 +105,12 @@ pub fn prepare(cache: &Path, layers: &[PathBuf], agent: &Path) -> io::Result<Boo
             None => kernel.path.clone(),
         }
     };
-    let initramfs = kdir.join(format!("initramfs-{}.cpio", &sha_of(&[&agent_bytes])[..16]));
+    let initramfs = kdir.join(format!(
+        "initramfs-{}.cpio",
+        &sha_of(&[agent_id.as_bytes()])[..16]
+    ));
     if !initramfs.exists() {
-        let cpio = build_initramfs(layers, &kernel.version, agent, &agent_bytes)?;
+        let cpio = build_initramfs(layers, &kernel.version, agent)?;
         write_atomic(&initramfs, &cpio)?;
     }
     drop(_lock);
@@ -204,8 +214,9 @@ fn parse_modules_dep(text: &str) -> BTreeMap<String, (String, Vec<String>)> {
         .collect()
 }
 
-/// The modules to load, dependencies first, as paths under the modules folder.
-fn module_order(dep: &BTreeMap<String, (String, Vec<String>)>) -> Vec<String> {
+/// The modules to load, dependencies first, as paths under the modules
+/// folder: those every guest needs, then those only a networked one needs.
+fn module_order(dep: &BTreeMap<String, (String, Vec<String>)>) -> (Vec<String>, Vec<String>) {
     fn visit(
         m: &str,
         dep: &BTreeMap<String, (String, Vec<String>)>,
@@ -223,12 +234,15 @@ fn module_order(dep: &BTreeMap<String, (String, Vec<String>)>) -> Vec<String> {
         }
     }
     let mut seen = BTreeSet::new();
-    let mut out = Vec::new();
+    let (mut base, mut net) = (Vec::new(), Vec::new());
+    // Built-in modules are not in modules.dep: nothing to load.
     for m in WANTED {
-        // Built-in modules are not in modules.dep: nothing to load.
-        visit(m, dep, &mut seen, &mut out);
+        visit(m, dep, &mut seen, &mut base);
     }
-    out
+    for m in WANTED_NET {
+        visit(m, dep, &mut seen, &mut net);
+    }
+    (base, net)
 }
 
 /// The modules folder of `version` in the image (merged-/usr or not).
@@ -241,22 +255,17 @@ fn modules_dir(layers: &[PathBuf], version: &str) -> Option<String> {
 
 /// The initramfs: `/init` is the agent, with the shared libraries it needs
 /// (copied from the host, at the paths `ldd` names) and the modules.
-fn build_initramfs(
-    layers: &[PathBuf],
-    version: &str,
-    agent: &Path,
-    agent_bytes: &[u8],
-) -> io::Result<Vec<u8>> {
+fn build_initramfs(layers: &[PathBuf], version: &str, agent: &Path) -> io::Result<Vec<u8>> {
     let mut c = Cpio::default();
     for d in ["dev", "proc", "sys", "newroot", "modules"] {
         c.dir(d);
     }
     c.node("dev/console", 0o020600, (5, 1));
-    c.file(
-        "init",
-        0o755,
-        &stripped(agent).unwrap_or_else(|| agent_bytes.to_vec()),
-    );
+    let agent_bytes = match stripped(agent) {
+        Some(b) => b,
+        None => fs::read(agent)?,
+    };
+    c.file("init", 0o755, &agent_bytes);
     for lib in shared_libs(agent)? {
         let rel = lib.trim_start_matches('/');
         c.parents(rel);
@@ -271,8 +280,13 @@ fn build_initramfs(
     let depfile =
         slate_image::export::layer_file(layers, &format!("{mdir}/modules.dep")).expect("checked");
     let dep = parse_modules_dep(&fs::read_to_string(depfile)?);
-    let mut order = String::new();
-    for rel in module_order(&dep) {
+    let (base, net) = module_order(&dep);
+    let mut orders = [String::new(), String::new()];
+    for (i, rel) in base
+        .iter()
+        .map(|r| (0, r))
+        .chain(net.iter().map(|r| (1, r)))
+    {
         let src =
             slate_image::export::layer_file(layers, &format!("{mdir}/{rel}")).ok_or_else(|| {
                 io::Error::new(
@@ -291,13 +305,14 @@ fn build_initramfs(
         } else {
             raw
         };
-        let base = rel.rsplit('/').next().unwrap_or(&rel);
+        let base = rel.rsplit('/').next().unwrap_or(rel);
         let name = format!("{}.ko", base.split(".ko").next().unwrap_or(base));
         c.file(&format!("modules/{name}"), 0o644, &ko);
-        order.push_str(&name);
-        order.push('\n');
+        orders[i].push_str(&name);
+        orders[i].push('\n');
     }
-    c.file("modules/order", 0o644, order.as_bytes());
+    c.file("modules/order", 0o644, orders[0].as_bytes());
+    c.file("modules/order-net", 0o644, orders[1].as_bytes());
     Ok(c.finish())
 }
 
@@ -445,13 +460,14 @@ mod tests {
              kernel/drivers/virtio/virtio.ko.xz: kernel/drivers/virtio/virtio_ring.ko.xz\n\
              kernel/drivers/virtio/virtio_ring.ko.xz:\n",
         );
-        let order = module_order(&dep);
+        let (order, net) = module_order(&dep);
+        assert!(net.is_empty(), "virtio_net is not in this modules.dep");
         let pos = |m: &str| order.iter().position(|p| p.contains(m)).unwrap();
         assert!(pos("virtio_ring") < pos("virtio.ko") && pos("virtio.ko") < pos("virtio_blk"));
         assert!(pos("jbd2") < pos("ext4") && pos("crc16") < pos("ext4"));
         assert!(order.iter().any(|p| p.contains("crc32c_generic")));
-        // virtio_mmio and virtio_console are built in here: not listed, not loaded.
-        assert!(!order.iter().any(|p| p.contains("virtio_mmio")));
+        // virtio_pci and virtio_console are built in here: not listed, not loaded.
+        assert!(!order.iter().any(|p| p.contains("virtio_pci")));
         assert_eq!(order.len(), 8);
     }
 

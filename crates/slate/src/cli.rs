@@ -89,6 +89,9 @@ pub enum Command {
         /// Share the host's network
         #[arg(long)]
         network: bool,
+        /// `sandbox` (the default) or `vm` (a machine with the image's own kernel)
+        #[arg(long, value_name = "PROVIDER")]
+        provider: Option<String>,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },

@@ -149,8 +149,9 @@ fn main() -> ExitCode {
         Command::Run {
             image,
             network,
+            provider,
             command,
-        } => commands::run::run(&ctx, image, *network, command),
+        } => commands::run::run(&ctx, image, *network, provider.as_deref(), command),
         Command::Verify { target } => commands::verify::verify(&ctx, target),
         Command::Publish {
             run,

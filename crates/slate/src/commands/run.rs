@@ -72,9 +72,25 @@ fn run_in(
     Ok(exit_of(outcome))
 }
 
-pub fn run(ctx: &Ctx, name: &str, network: bool, command: &[String]) -> CmdResult {
+pub fn run(
+    ctx: &Ctx,
+    name: &str,
+    network: bool,
+    provider: Option<&str>,
+    command: &[String],
+) -> CmdResult {
     let project = ctx.project()?;
     let store = ctx.store()?;
+    match provider {
+        None | Some("sandbox") => {}
+        Some("vm") => return run_in_vm(ctx, &project, &store, name, network, command),
+        Some(p) => {
+            return Err(
+                CliError::usage(format!("`slate run` cannot use the `{p}` provider"))
+                    .hint("use `--provider sandbox` (the default) or `--provider vm`"),
+            )
+        }
+    }
     let provider = ctx.sandbox(&store)?;
     let img = image(ctx, &project, &store, &provider, name)?;
     let spec = EnvSpec {
@@ -91,6 +107,58 @@ pub fn run(ctx: &Ctx, name: &str, network: bool, command: &[String]) -> CmdResul
         interactive: true,
     };
     run_in(&provider, spec, exec, |_| Ok(()))
+}
+
+/// `slate run --provider vm`: the command's output streams through the
+/// agent (a VM has no terminal to hand over); Ctrl-C stops it and the VM.
+fn run_in_vm(
+    ctx: &Ctx,
+    project: &slate_config::Project,
+    store: &LayerStore,
+    name: &str,
+    network: bool,
+    command: &[String],
+) -> CmdResult {
+    let providers = ctx.providers(store, project, true)?;
+    let img = image(ctx, project, store, &providers.sandbox, name)?;
+    let spec = EnvSpec {
+        name: name.to_string(),
+        layers: img.layers,
+        network,
+        kind: slate_provider::EnvKind::Vm,
+        ..Default::default()
+    };
+    let exec = ExecSpec {
+        argv: command.to_vec(),
+        env: img.env,
+        cwd: "/".into(),
+        interactive: false,
+    };
+    let cancel = Cancel::new();
+    signals::install(cancel.clone(), || {});
+    // A machine that did not come up is retried, as builds retry theirs.
+    let mut attempt = 1;
+    let mut env = loop {
+        match providers.create(&spec) {
+            Ok(env) => break env,
+            Err(e) if attempt < slate_run::CREATE_ATTEMPTS && !cancel.is_cancelled() => {
+                if !ctx.cli.quiet {
+                    eprintln!("note: attempt {attempt} failed, retrying: {e}");
+                }
+                attempt += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let mut print = |s: slate_provider::Stream, line: &str| match s {
+        slate_provider::Stream::Stdout => println!("{line}"),
+        slate_provider::Stream::Stderr => eprintln!("{line}"),
+    };
+    let res = env.exec(&exec, &mut print, &cancel);
+    let destroyed = env.destroy();
+    let outcome = res?;
+    destroyed?;
+    Ok(exit_of(outcome))
 }
 
 pub fn shell(ctx: &Ctx, name: &str) -> CmdResult {
