@@ -212,3 +212,55 @@ fn root_vm_ctrl_c_and_kill_9_leave_no_qemu_and_gc_reaps_the_overlay() {
         }
     }
 }
+
+#[test]
+fn root_vm_docker_image_example_saves_a_tagged_image() {
+    if !required() {
+        return;
+    }
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/docker-image");
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "slate.toml",
+        "build.sh",
+        "greet.c",
+        "Dockerfile",
+        ".gitignore",
+    ] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_slate"))
+        .arg("-C")
+        .arg(dir.path())
+        .arg("build")
+        .env("SLATE_CACHE", cache())
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    // dockerd ran in the guest, and the image it built runs there.
+    assert!(out.contains("Successfully tagged greet:1.0.0"), "{out}");
+    assert!(
+        out.contains("[greet-image] hello from a scratch image, built by slate in a fresh VM"),
+        "{out}"
+    );
+    let arts = dir.path().join("artifacts");
+    let check = Command::new("sha256sum")
+        .arg("-c")
+        .arg("SHA256SUMS")
+        .current_dir(&arts)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", text(&check));
+    assert!(text(&check).contains("greet-image/greet-1.0.0.docker.tar: OK"));
+    // docker save's own manifest names the tag.
+    let m = Command::new("tar")
+        .arg("-xOf")
+        .arg(arts.join("greet-image/greet-1.0.0.docker.tar"))
+        .arg("manifest.json")
+        .output()
+        .unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&m.stdout).unwrap();
+    assert_eq!(m[0]["RepoTags"][0], "greet:1.0.0", "{m}");
+}
