@@ -264,3 +264,24 @@ fn root_vm_docker_image_example_saves_a_tagged_image() {
     let m: serde_json::Value = serde_json::from_slice(&m.stdout).unwrap();
     assert_eq!(m[0]["RepoTags"][0], "greet:1.0.0", "{m}");
 }
+
+#[test]
+fn root_vm_accel_kvm_fails_with_the_reason_where_kvm_does_not_work() {
+    if !required() {
+        return;
+    }
+    let p = Project::new(
+        "[builds.k]\nimage = \"vm\"\nprovider = \"vm\"\nrun = [\"true\"]\n[providers.vm]\naccel = \"kvm\"\n",
+    );
+    let o = p.run(&["build"]);
+    let out = text(&o);
+    // The probe's answer is kept in the cache: it says which case this is.
+    let probe = std::fs::read_to_string(cache().join("v1/vm/kvm-probe")).unwrap();
+    if probe.contains("broken: ") {
+        assert_eq!(o.status.code(), Some(3), "{out}");
+        assert!(out.contains("but KVM does not work on this host"), "{out}");
+        assert!(out.contains("use `accel = \"auto\"` or `\"tcg\"`"), "{out}");
+    } else {
+        assert!(o.status.success(), "{out}");
+    }
+}
