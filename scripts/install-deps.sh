@@ -40,7 +40,12 @@ if ! command -v qemu-system-x86_64 >/dev/null 2>&1 || ! command -v qemu-img >/de
         mirror=$(sed -n -E -e 's/^URIs: *([^ ]+).*/\1/p' -e 's/^deb +(\[[^]]*\] +)?([^ ]+) .*/\2/p' \
             /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null |
             grep -v security | head -n 1)
+        if [ -z "$mirror" ]; then
+            echo "error: cannot install qemu-system-x86 (see above), and found no Debian mirror in apt's sources to try ${VERSION_CODENAME}-backports" >&2
+            exit 1
+        fi
         bpo=$(mktemp -d)
+        trap 'rm -rf "$bpo"' EXIT
         mkdir -p "$bpo/lists/partial" "$bpo/archives/partial"
         { cat /etc/apt/sources.list 2>/dev/null || true
           echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror ${VERSION_CODENAME}-backports main"

@@ -45,7 +45,6 @@ impl DestinationError {
 }
 
 /// A place to publish to.
-#[derive(Debug)]
 pub struct Destination {
     store: Arc<dyn ObjectStore>,
     /// Key prefix, without slashes at either end (may be empty).
@@ -56,6 +55,13 @@ pub struct Destination {
     metadata: bool,
     /// Values scrubbed from every error text.
     secrets: Vec<String>,
+}
+
+impl std::fmt::Debug for Destination {
+    // Not derived: the secrets it scrubs must not print either.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Destination({self})")
+    }
 }
 
 impl std::fmt::Display for Destination {
@@ -107,25 +113,34 @@ impl Destination {
         }
         let env: HashMap<String, String> = std::env::vars().collect();
         let aws = AwsSettings::load(&env);
-        let mut b = AmazonS3Builder::from_env()
-            .with_bucket_name(bucket)
-            .with_retry(RetryConfig {
-                backoff: BackoffConfig {
-                    init_backoff: Duration::from_millis(100),
-                    max_backoff: Duration::from_secs(5),
-                    base: 2.0,
-                },
-                max_retries: 5,
-                retry_timeout: Duration::from_secs(180),
-            });
-        let mut secrets = Vec::new();
+        let keys_from_env = env.get("AWS_ACCESS_KEY_ID").is_some_and(|v| !v.is_empty());
+        // Keys from a profile must not meet a session token from the
+        // environment: then nothing is taken from the environment wholesale.
+        let base = if keys_from_env || aws.access_key.is_none() {
+            AmazonS3Builder::from_env()
+        } else {
+            AmazonS3Builder::new()
+        };
+        let mut b = base.with_bucket_name(bucket).with_retry(RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(5),
+                base: 2.0,
+            },
+            max_retries: 5,
+            retry_timeout: Duration::from_secs(180),
+        });
+        // Every credential in reach is scrubbed from messages, used or not.
+        let mut secrets: Vec<String> = ["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"]
+            .iter()
+            .filter_map(|k| env.get(*k).cloned())
+            .collect();
+        secrets.extend(aws.secret_key.iter().chain(aws.token.iter()).cloned());
         match (&aws.access_key, &aws.secret_key) {
             (Some(k), Some(s)) => {
                 b = b.with_access_key_id(k).with_secret_access_key(s);
-                secrets.push(s.clone());
                 if let Some(t) = &aws.token {
                     b = b.with_token(t);
-                    secrets.push(t.clone());
                 }
             }
             _ if env
@@ -144,6 +159,11 @@ impl Destination {
         let endpoint = endpoint
             .map(str::to_string)
             .or_else(|| b.get_config_value(&AmazonS3ConfigKey::Endpoint))
+            .or_else(|| {
+                ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
+                    .iter()
+                    .find_map(|k| env.get(*k).filter(|v| !v.is_empty()).cloned())
+            })
             .or(aws.endpoint);
         if let Some(e) = &endpoint {
             b = b.with_endpoint(e).with_allow_http(e.starts_with("http://"));
@@ -241,12 +261,29 @@ fn scrub_text(text: &str, secrets: &[String]) -> String {
     for s in secrets.iter().filter(|s| s.len() >= 4) {
         t = t.replace(s.as_str(), "***");
     }
+    // S3 echoes a refused request back in its error body: the token it
+    // received and the canonical request, which carries the token too.
+    for tag in [
+        "Token-0",
+        "Token-1",
+        "CanonicalRequest",
+        "StringToSign",
+        "StringToSignBytes",
+    ] {
+        let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+        let mut from = 0;
+        while let Some(a) = t[from..].find(&open).map(|i| from + i + open.len()) {
+            let b = t[a..].find(&close).map_or(t.len(), |i| a + i);
+            t.replace_range(a..b, "***");
+            from = a + 3;
+        }
+    }
     t
 }
 
 /// AWS settings that object_store does not read itself: a profile from the
-/// shared credentials and config files.
-#[derive(Debug, Default, PartialEq)]
+/// shared credentials and config files. (No Debug: it holds secrets.)
+#[derive(Default, PartialEq)]
 struct AwsSettings {
     access_key: Option<String>,
     secret_key: Option<String>,
@@ -401,6 +438,18 @@ mod tests {
         assert_eq!(
             scrub_text("bad key s3cr3tvalue here", &["s3cr3tvalue".into()]),
             "bad key *** here"
+        );
+        let body = "<Error><Code>InvalidToken</Code><Token-0>FQoGZXIvYXdzEJr</Token-0>\
+                    <CanonicalRequest>PUT\nx-amz-security-token:FQoGZXIvYXdzEJr</CanonicalRequest>\
+                    <Token-0>second</Token-0></Error>";
+        let t = scrub_text(body, &[]);
+        assert!(
+            !t.contains("FQoGZXIvYXdzEJr") && !t.contains("second"),
+            "{t}"
+        );
+        assert!(
+            t.contains("<Code>InvalidToken</Code><Token-0>***</Token-0>"),
+            "{t}"
         );
     }
 }

@@ -275,7 +275,11 @@ fn serve(port: File) -> io::Result<()> {
             None => return Ok(()),
         };
         let res = match kind {
-            proto::EXEC => exec(&out, &payload, &rx, &tx),
+            proto::EXEC => match exec(&out, &payload, &rx, &tx) {
+                // The host is gone: nothing left to serve.
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
+                other => other,
+            },
             proto::PUT_TAR => put_tar(&out, &payload, &mut frames),
             proto::PUT_FILE => put_file(&out, &payload, &mut frames),
             proto::LIST => list(&out, &payload),
@@ -284,7 +288,8 @@ fn serve(port: File) -> io::Result<()> {
                 let _ = send(&out, proto::OK, b"");
                 return Ok(());
             }
-            proto::KILL => Ok(()),
+            // A late KILL, or the rest of a request that failed: no answer.
+            proto::KILL | proto::DATA => Ok(()),
             other => send(
                 &out,
                 proto::ERR,
@@ -346,31 +351,40 @@ fn exec(
         }
     };
     let pid = child.id() as i32;
+    // Output frames go only while `open`: once EXIT is sent, a pump still
+    // held up by a stray descendant holding the pipe can send nothing more.
+    let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (done_tx, done_rx) = mpsc::channel::<()>();
     let pump = |r: Option<Box<dyn Read + Send>>, kind: u8| {
-        let out = out.clone();
+        let (out, open, done) = (out.clone(), open.clone(), done_tx.clone());
         std::thread::spawn(move || {
-            let Some(mut r) = r else { return };
-            let mut buf = vec![0u8; 64 << 10];
-            loop {
-                match r.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => {
-                        if send(&out, kind, &buf[..n]).is_err() {
-                            return;
+            if let Some(mut r) = r {
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    match r.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            let mut w = out.lock().unwrap();
+                            if !open.load(std::sync::atomic::Ordering::SeqCst)
+                                || proto::write_frame(&mut *w, kind, &buf[..n]).is_err()
+                            {
+                                break;
+                            }
                         }
                     }
                 }
             }
-        })
+            let _ = done.send(());
+        });
     };
-    let o = pump(
+    pump(
         child
             .stdout
             .take()
             .map(|s| Box::new(s) as Box<dyn Read + Send>),
         proto::STDOUT,
     );
-    let e = pump(
+    pump(
         child
             .stderr
             .take()
@@ -383,37 +397,63 @@ fn exec(
             let _ = waiter_tx.send(Msg::Exited(st));
         }
     });
+    let mut host_gone = false;
     let status = loop {
         match rx.recv() {
             Ok(Msg::Exited(st)) => break st,
-            Ok(Msg::Frame(proto::KILL, _)) => {
-                // SAFETY: signalling the command's process group.
-                unsafe { libc::kill(-pid, libc::SIGKILL) };
-            }
+            // Cancel or timeout: everything but PID 1 goes, also what the
+            // command started in other process groups or sessions.
+            // SAFETY: signals only; the agent (PID 1) is exempt from kill(-1).
+            Ok(Msg::Frame(proto::KILL, _)) => unsafe {
+                libc::kill(-1, libc::SIGKILL);
+            },
             Ok(Msg::Frame(k, _)) => log(&format!("ignored request {k} while a command runs")),
             Ok(Msg::Gone) | Err(_) => {
-                unsafe { libc::kill(-pid, libc::SIGKILL) };
+                host_gone = true;
+                // SAFETY: as above.
+                unsafe { libc::kill(-1, libc::SIGKILL) };
             }
         }
     };
-    // Every byte of output goes before the exit status. Processes the command
-    // left in the background may hold the pipes: they die with its group.
+    // Every byte of output goes before the exit status. The command's group
+    // dies with it; a pipe still held by something outside that group gets
+    // a short grace, then is abandoned.
+    // SAFETY: signalling the command's process group.
     unsafe { libc::kill(-pid, libc::SIGKILL) };
-    let _ = o.join();
-    let _ = e.join();
+    for _ in 0..2 {
+        if done_rx
+            .recv_timeout(std::time::Duration::from_secs(2))
+            .is_err()
+        {
+            break;
+        }
+    }
+    let mut w = out.lock().unwrap();
+    open.store(false, std::sync::atomic::Ordering::SeqCst);
     use std::os::unix::process::ExitStatusExt;
     proto::write_json(
-        &mut *out.lock().unwrap(),
+        &mut *w,
         proto::EXIT,
         &proto::Exit {
             code: status.code(),
             signal: status.signal(),
         },
-    )
+    )?;
+    drop(w);
+    if host_gone {
+        return Err(io::Error::new(io::ErrorKind::BrokenPipe, "slate went away"));
+    }
+    Ok(())
 }
 
 fn put_tar(out: &Out, payload: &[u8], frames: &mut ChannelFrames) -> io::Result<()> {
-    let arg: proto::PathArg = proto::parse(payload)?;
+    let arg: proto::PathArg = match proto::parse(payload) {
+        Ok(a) => a,
+        Err(e) => {
+            DataReader::new(frames).drain()?;
+            return Err(e);
+        }
+    };
     let dest = PathBuf::from(&arg.path);
     let mut data = DataReader::new(frames);
     let res = (|| {
@@ -436,7 +476,13 @@ fn put_tar(out: &Out, payload: &[u8], frames: &mut ChannelFrames) -> io::Result<
 
 fn put_file(out: &Out, payload: &[u8], frames: &mut ChannelFrames) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let arg: proto::PathArg = proto::parse(payload)?;
+    let arg: proto::PathArg = match proto::parse(payload) {
+        Ok(a) => a,
+        Err(e) => {
+            DataReader::new(frames).drain()?;
+            return Err(e);
+        }
+    };
     let dest = PathBuf::from(&arg.path);
     let mut data = DataReader::new(frames);
     let res = (|| {
@@ -487,7 +533,10 @@ fn list(out: &Out, payload: &[u8]) -> io::Result<()> {
         }
     }
     files.sort();
-    proto::write_json(&mut *out.lock().unwrap(), proto::RESULT, &files)
+    // As data: a big tree's list may not fit one frame.
+    let json = serde_json::to_vec(&files).map_err(io::Error::other)?;
+    let mut w = out.lock().unwrap();
+    proto::send_data(&mut *w, &mut &json[..]).map(|_| ())
 }
 
 fn fetch(out: &Out, payload: &[u8]) -> io::Result<()> {

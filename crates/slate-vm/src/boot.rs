@@ -319,7 +319,9 @@ fn build_initramfs(layers: &[PathBuf], version: &str, agent: &Path) -> io::Resul
 /// The agent without debug information, which a debug build carries by the
 /// tens of megabytes: the guest would unpack every byte of it at boot.
 fn stripped(agent: &Path) -> Option<Vec<u8>> {
-    let tmp = std::env::temp_dir().join(format!("slate-agent-{}", std::process::id()));
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = std::env::temp_dir().join(format!("slate-agent-{}-{n}", std::process::id()));
     let ok = Command::new("strip")
         .arg("--strip-debug")
         .arg("-o")

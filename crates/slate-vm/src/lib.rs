@@ -20,7 +20,7 @@ pub mod proto;
 
 use slate_provider::lease::take_lease;
 use slate_provider::*;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -200,12 +200,17 @@ impl VmProvider {
             };
         }
         let res = self.probe_kvm(boot);
+        // A probe that only ran out of time (a busy host) is asked again
+        // next time; a definite answer is kept.
         let answer = match &res {
-            Ok(()) => "ok".to_string(),
-            Err(why) => format!("broken: {why}"),
+            Ok(()) => Some("ok".to_string()),
+            Err(why) if why.contains("made no progress") => None,
+            Err(why) => Some(format!("broken: {why}")),
         };
-        let _ = std::fs::create_dir_all(&self.cache);
-        let _ = std::fs::write(&memo, format!("{key}{answer}\n"));
+        if let Some(answer) = answer {
+            let _ = std::fs::create_dir_all(&self.cache);
+            let _ = std::fs::write(&memo, format!("{key}{answer}\n"));
+        }
         res
     }
 
@@ -361,13 +366,20 @@ impl Provider for VmProvider {
         let boot = boot::prepare(&self.cache, &spec.layers, &self.agent)
             .map_err(|e| cerr(format!("cannot prepare the VM's boot files: {e}")))?;
         let accel = self.accel(&boot).map_err(cerr)?;
+        // Short: the agent's socket path must fit a Unix socket address.
+        let name: String = sanitize(&spec.name).chars().take(24).collect();
         let id = format!(
-            "vm-{}-{}-{}",
-            sanitize(&spec.name),
+            "vm-{name}-{}-{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
         let dir = self.envs.join(&id);
+        if dir.join("agent.sock").as_os_str().len() > 100 {
+            return Err(cerr(format!(
+                "the path `{}` is too long for the agent's socket; set SLATE_CACHE to a shorter folder",
+                dir.display()
+            )));
+        }
         std::fs::create_dir_all(&dir)
             .map_err(|e| cerr(format!("create `{}`: {e}", dir.display())))?;
         let lease = take_lease(&dir.join("lease")).map_err(|e| cerr(format!("take lease: {e}")))?;
@@ -517,7 +529,10 @@ impl VmEnv {
                 "virtio-net-pci,netdev=net",
             ]);
         }
-        cmd.env("TMPDIR", &self.dir)
+        // QEMU gets nothing of slate's environment (credentials included).
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("TMPDIR", &self.dir)
             .stdin(Stdio::null())
             .stdout(console.try_clone()?)
             .stderr(console);
@@ -735,6 +750,7 @@ impl Environment for VmEnv {
             .map_err(|e| self.err(format!("run `{what}`"), e))?;
         let mut outs = [LineSplitter::default(), LineSplitter::default()];
         let mut stopped: Option<ExecOutcome> = None;
+        let mut killed_at: Option<Instant> = None;
         loop {
             let frame = match self.recv(Duration::from_millis(50)) {
                 Ok(f) => f,
@@ -772,8 +788,15 @@ impl Environment for VmEnv {
                         io::Error::other(format!("unexpected frame {k}")),
                     ))
                 }
-                None => {
-                    if stopped.is_none() {
+                None => match (stopped, killed_at) {
+                    // The guest did not answer a kill in time: the machine
+                    // goes, and the command with it.
+                    (Some(s), Some(at)) if at.elapsed() > Duration::from_secs(10) => {
+                        self.stop();
+                        return Ok(s);
+                    }
+                    (Some(_), _) => {}
+                    (None, _) => {
                         let s = if cancel.is_cancelled() {
                             Some(ExecOutcome::Cancelled)
                         } else if cancel.timed_out() {
@@ -783,11 +806,14 @@ impl Environment for VmEnv {
                         };
                         if let Some(s) = s {
                             stopped = Some(s);
-                            self.send(proto::KILL, b"")
-                                .map_err(|e| self.err("stop the command", e))?;
+                            killed_at = Some(Instant::now());
+                            if self.send(proto::KILL, b"").is_err() {
+                                self.stop();
+                                return Ok(s);
+                            }
                         }
                     }
-                }
+                },
             }
         }
     }
@@ -801,22 +827,25 @@ impl Environment for VmEnv {
                     mode: 0,
                 },
             )?;
-            loop {
-                match self.recv(Duration::from_secs(3600))? {
-                    Some((proto::RESULT, d)) => return proto::parse::<Vec<String>>(&d),
-                    Some((proto::ERR, m)) => {
-                        return Err(io::Error::other(String::from_utf8_lossy(&m).into_owned()))
-                    }
-                    Some((k, _)) => return Err(io::Error::other(format!("unexpected frame {k}"))),
-                    None => continue,
-                }
-            }
+            let rx = self
+                .from_guest
+                .as_ref()
+                .ok_or_else(|| io::Error::other("not booted"))?;
+            let mut json = Vec::new();
+            proto::DataReader::new(&mut HostFrames(rx)).read_to_end(&mut json)?;
+            proto::parse::<Vec<String>>(&json)
         })();
         res.map_err(|e| self.err(format!("list `{dir}`"), e))
     }
 
     fn fetch(&mut self, src: &str, dest: &Path) -> Result<u64, ProviderError> {
         let res = (|| {
+            // The file first: a host-side failure must not leave the guest's
+            // data unread in the stream.
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let mut f = std::fs::File::create(dest)?;
             self.send_json(
                 proto::FETCH,
                 &proto::PathArg {
@@ -830,13 +859,12 @@ impl Environment for VmEnv {
                 .ok_or_else(|| io::Error::other("not booted"))?;
             let mut frames = HostFrames(rx);
             let mut data = proto::DataReader::new(&mut frames);
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent)?;
+            let copied = io::copy(&mut data, &mut f).and_then(|n| f.flush().map(|()| n));
+            if copied.is_err() {
+                let _ = data.drain();
+                let _ = std::fs::remove_file(dest);
             }
-            let mut f = std::fs::File::create(dest)?;
-            let n = io::copy(&mut data, &mut f)?;
-            f.flush()?;
-            Ok(n)
+            copied
         })();
         res.map_err(|e| self.err(format!("copy `{src}` out"), e))
     }

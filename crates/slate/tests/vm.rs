@@ -285,3 +285,27 @@ fn root_vm_accel_kvm_fails_with_the_reason_where_kvm_does_not_work() {
         assert!(o.status.success(), "{out}");
     }
 }
+
+#[test]
+fn root_vm_detached_children_do_not_hang_a_target_and_a_timeout_ends_the_vm() {
+    if !required() {
+        return;
+    }
+    // `setsid` puts the sleeper outside the command's process group, still
+    // holding its stdout: the target must still finish.
+    let p = Project::new(
+        "[builds.detached]\nimage = \"vm\"\nprovider = \"vm\"\nrun = [\"setsid sleep 600 & echo detached-started\"]\n\
+         [builds.slow]\nimage = \"vm\"\nprovider = \"vm\"\ntimeout = \"5s\"\nrun = [\"echo slow-started; sleep 600\"]\n",
+    );
+    let o = p.run(&["build", "detached"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("[detached] detached-started"),
+        "{}",
+        text(&o)
+    );
+    let o = p.run(&["build", "slow"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("timed out"), "{}", text(&o));
+    assert!(qemus_with("vm-detached-").is_empty() && qemus_with("vm-slow-").is_empty());
+}

@@ -34,7 +34,7 @@ pub fn check(ctx: &Ctx) -> CmdResult {
     }
     match slate_vm::probe() {
         Ok(()) => println!(
-            "  vm: works (QEMU microvm; accel = \"{}\": KVM when a probe guest runs under it, else TCG)",
+            "  vm: works (QEMU, PVH boot; accel = \"{}\": KVM when a probe guest runs under it, else TCG)",
             project.vm.accel
         ),
         Err(why) => println!("  vm: unavailable: {why}"),
