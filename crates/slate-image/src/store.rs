@@ -18,7 +18,6 @@
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -130,16 +129,9 @@ impl LayerStore {
     /// Waits for, then holds, the lock of `key`.
     pub fn lock(&self, key: &str) -> io::Result<KeyLock> {
         let path = self.root.join("locks").join(format!("{key}.lock"));
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(KeyLock { _file: file })
+        Ok(KeyLock {
+            _file: slate_provider::lease::lock_file(&path)?,
+        })
     }
 
     /// A fresh staging folder; its `fs/` is where the layer is built.

@@ -446,14 +446,16 @@ fn exec(
     Ok(())
 }
 
+/// The request's argument; when it does not parse, the data that follows
+/// is read and dropped first, so that the stream stays in step.
+fn parse_or_drain(payload: &[u8], frames: &mut ChannelFrames) -> io::Result<proto::PathArg> {
+    proto::parse(payload).inspect_err(|_| {
+        let _ = DataReader::new(frames).drain();
+    })
+}
+
 fn put_tar(out: &Out, payload: &[u8], frames: &mut ChannelFrames) -> io::Result<()> {
-    let arg: proto::PathArg = match proto::parse(payload) {
-        Ok(a) => a,
-        Err(e) => {
-            DataReader::new(frames).drain()?;
-            return Err(e);
-        }
-    };
+    let arg = parse_or_drain(payload, frames)?;
     let dest = PathBuf::from(&arg.path);
     let mut data = DataReader::new(frames);
     let res = (|| {
@@ -476,13 +478,7 @@ fn put_tar(out: &Out, payload: &[u8], frames: &mut ChannelFrames) -> io::Result<
 
 fn put_file(out: &Out, payload: &[u8], frames: &mut ChannelFrames) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let arg: proto::PathArg = match proto::parse(payload) {
-        Ok(a) => a,
-        Err(e) => {
-            DataReader::new(frames).drain()?;
-            return Err(e);
-        }
-    };
+    let arg = parse_or_drain(payload, frames)?;
     let dest = PathBuf::from(&arg.path);
     let mut data = DataReader::new(frames);
     let res = (|| {

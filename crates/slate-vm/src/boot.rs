@@ -38,23 +38,19 @@ fn sha_of(parts: &[&[u8]]) -> String {
     hex(&h.finalize())
 }
 
-/// Holds an exclusive flock on `path` while alive.
+/// Holds an exclusive lock on `path` (its folder made) while alive.
 pub struct Lock {
     _file: fs::File,
 }
 
 impl Lock {
     pub fn take(path: &Path) -> io::Result<Lock> {
-        use std::os::fd::AsRawFd;
         if let Some(d) = path.parent() {
             fs::create_dir_all(d)?;
         }
-        let f = fs::File::create(path)?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Lock { _file: f })
+        Ok(Lock {
+            _file: slate_provider::lease::lock_file(path)?,
+        })
     }
 }
 

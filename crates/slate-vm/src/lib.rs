@@ -637,6 +637,23 @@ impl VmEnv {
         self.send(kind, &serde_json::to_vec(v).map_err(io::Error::other)?)
     }
 
+    /// A request about `path` followed by `data`, answered by OK.
+    fn send_with_data(&mut self, kind: u8, path: &str, mode: u32, data: &[u8]) -> io::Result<()> {
+        self.send_json(
+            kind,
+            &proto::PathArg {
+                path: path.into(),
+                mode,
+            },
+        )?;
+        let s = self
+            .to_guest
+            .as_mut()
+            .ok_or_else(|| io::Error::other("not booted"))?;
+        proto::send_data(s, &mut &data[..])?;
+        self.expect_ok()
+    }
+
     /// Waits for OK (or the agent's error).
     fn expect_ok(&mut self) -> io::Result<()> {
         loop {
@@ -690,42 +707,14 @@ impl Environment for VmEnv {
             .map_err(|er| self.err(format!("pack `{}`", src.display()), er))?;
         }
         let data = b.into_inner().map_err(|e| self.err("pack the inputs", e))?;
-        let res = (|| {
-            self.send_json(
-                proto::PUT_TAR,
-                &proto::PathArg {
-                    path: dest.into(),
-                    mode: 0,
-                },
-            )?;
-            let s = self
-                .to_guest
-                .as_mut()
-                .ok_or_else(|| io::Error::other("not booted"))?;
-            proto::send_data(s, &mut &data[..])?;
-            self.expect_ok()
-        })();
-        res.map_err(|e| self.err(format!("copy into `{dest}`"), e))?;
+        self.send_with_data(proto::PUT_TAR, dest, 0, &data)
+            .map_err(|e| self.err(format!("copy into `{dest}`"), e))?;
         Ok(bytes)
     }
 
     fn put_bytes(&mut self, data: &[u8], dest: &str, mode: u32) -> Result<(), ProviderError> {
-        let res = (|| {
-            self.send_json(
-                proto::PUT_FILE,
-                &proto::PathArg {
-                    path: dest.into(),
-                    mode,
-                },
-            )?;
-            let s = self
-                .to_guest
-                .as_mut()
-                .ok_or_else(|| io::Error::other("not booted"))?;
-            proto::send_data(s, &mut &data[..])?;
-            self.expect_ok()
-        })();
-        res.map_err(|e| self.err(format!("write `{dest}`"), e))
+        self.send_with_data(proto::PUT_FILE, dest, mode, data)
+            .map_err(|e| self.err(format!("write `{dest}`"), e))
     }
 
     fn exec(
