@@ -88,6 +88,11 @@ pub fn prepare(cache: &Path, layers: &[PathBuf], agent: &Path) -> io::Result<Boo
     let kdir = cache.join("kernels").join(sha_of(&[kernel_id.as_bytes()]));
     fs::create_dir_all(&kdir)?;
     let _lock = Lock::take(&kdir.join("lock"))?;
+    // What `gc` checks: the folder goes when its kernel's layer is gone.
+    fs::write(
+        kdir.join("source"),
+        kernel.path.as_os_str().as_encoded_bytes(),
+    )?;
     let vmlinux = kdir.join("vmlinux");
     let kernel_file = if vmlinux.exists() {
         vmlinux
@@ -120,6 +125,9 @@ pub fn prepare(cache: &Path, layers: &[PathBuf], agent: &Path) -> io::Result<Boo
     if !disk.exists() {
         let _lock = Lock::take(&disk.with_extension("lock"))?;
         if !disk.exists() {
+            // What `gc` checks: the disk goes when one of its layers is gone.
+            let list: Vec<String> = layers.iter().map(|l| l.display().to_string()).collect();
+            fs::write(disk.with_extension("layers"), list.join("\n"))?;
             // 4 GiB free for builds: the file is sparse, so it costs nothing.
             slate_image::export::write_disk(layers, &disk, 0, 4096)?;
         }
@@ -422,6 +430,52 @@ impl Cpio {
         self.entry("TRAILER!!!", 0, (0, 0), &[]);
         self.out
     }
+}
+
+/// Removes base disks and boot files whose layers are gone (after `slate gc`
+/// removed them): what a machine of a live image needs stays. Returns the
+/// count and bytes removed.
+pub fn gc(cache: &Path) -> (usize, u64) {
+    let (mut n, mut bytes) = (0, 0);
+    let size = |p: &Path| -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        fs::symlink_metadata(p)
+            .map(|m| m.blocks() * 512)
+            .unwrap_or(0)
+    };
+    if let Ok(rd) = fs::read_dir(cache.join("disks")) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().is_none_or(|x| x != "qcow2") {
+                continue;
+            }
+            let list = fs::read_to_string(p.with_extension("layers")).unwrap_or_default();
+            let alive = !list.is_empty() && list.lines().all(|l| Path::new(l).is_dir());
+            if !alive {
+                if let Ok(_lock) = Lock::take(&p.with_extension("lock")) {
+                    bytes += size(&p);
+                    let _ = fs::remove_file(&p);
+                    let _ = fs::remove_file(p.with_extension("layers"));
+                    n += 1;
+                }
+                let _ = fs::remove_file(p.with_extension("lock"));
+            }
+        }
+    }
+    if let Ok(rd) = fs::read_dir(cache.join("kernels")) {
+        for e in rd.flatten() {
+            let source = fs::read_to_string(e.path().join("source")).unwrap_or_default();
+            if source.is_empty() || !Path::new(&source).exists() {
+                let _lock = Lock::take(&e.path().join("lock"));
+                if let Ok(files) = fs::read_dir(e.path()) {
+                    bytes += files.flatten().map(|f| size(&f.path())).sum::<u64>();
+                }
+                let _ = fs::remove_dir_all(e.path());
+                n += 1;
+            }
+        }
+    }
+    (n, bytes)
 }
 
 /// The agent binary beside slate's own (`SLATE_AGENT` overrides).

@@ -1224,3 +1224,50 @@ fn root_signed_provenance_verifies_against_its_artifact_and_openssl_agrees() {
         text(&o)
     );
 }
+
+#[test]
+fn root_gc_removes_vm_disks_and_boot_files_of_removed_layers_only() {
+    if !root_available() {
+        return;
+    }
+    let p = Project::new("[images.bb]\nfrom = \"tar:bb.tar.gz\"\n");
+    assert!(p.run(&["bake"]).status.success());
+    let layer = std::fs::read_dir(p.cache.join("v1/layers"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.is_dir())
+        .unwrap();
+    // What the vm provider leaves in the cache: a base disk per layer set,
+    // boot files per kernel (each naming what it was made from).
+    let vm = p.cache.join("v1/vm");
+    std::fs::create_dir_all(vm.join("disks")).unwrap();
+    for (name, source) in [
+        ("live", layer.clone()),
+        ("dead", PathBuf::from("/gone/layer")),
+    ] {
+        std::fs::write(vm.join(format!("disks/{name}.qcow2")), vec![1u8; 8192]).unwrap();
+        std::fs::write(
+            vm.join(format!("disks/{name}.layers")),
+            source.display().to_string(),
+        )
+        .unwrap();
+        let k = vm.join(format!("kernels/{name}"));
+        std::fs::create_dir_all(&k).unwrap();
+        std::fs::write(k.join("source"), source.display().to_string()).unwrap();
+        std::fs::write(k.join("vmlinux"), vec![2u8; 8192]).unwrap();
+    }
+    let o = p.run(&["gc"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("removed 2 VM disk(s) and boot file set(s) of removed layers"),
+        "{}",
+        text(&o)
+    );
+    assert!(vm.join("disks/live.qcow2").exists() && vm.join("kernels/live/vmlinux").exists());
+    assert!(!vm.join("disks/dead.qcow2").exists() && !vm.join("kernels/dead").exists());
+    // With --all the layer goes, and so does what was made from it.
+    let o = p.run(&["gc", "--all"]);
+    assert!(text(&o).contains("removed 2 VM disk(s)"), "{}", text(&o));
+    assert!(!vm.join("disks/live.qcow2").exists() && !vm.join("kernels/live").exists());
+}

@@ -134,6 +134,8 @@ pub fn gc(ctx: &Ctx, all: bool, older_than: Option<&str>, keep_runs: usize) -> C
             .map_err(|e| CliError::from_error(Exit::Infra, &e))?;
         layers += 1;
     }
+    // VM base disks and boot files of layers that are gone now.
+    let (vm_files, vm_bytes) = slate_vm::boot::gc(&store.root().join("vm"));
     let runs_dir = super::runs_dir(&project);
     let runs = slate_run::record::list_runs(&runs_dir);
     let mut runs_removed = 0;
@@ -162,8 +164,12 @@ pub fn gc(ctx: &Ctx, all: bool, older_than: Option<&str>, keep_runs: usize) -> C
     ));
     ctx.say(&format!("removed unfinished layers: {}", human(tmp)));
     ctx.say(&format!(
+        "removed {vm_files} VM disk(s) and boot file set(s) of removed layers: {}",
+        human(vm_bytes)
+    ));
+    ctx.say(&format!(
         "freed {} in all",
-        human(layer_bytes + reaped.bytes + run_bytes + tmp)
+        human(layer_bytes + reaped.bytes + run_bytes + tmp + vm_bytes)
     ));
     Ok(Exit::Ok.into())
 }
