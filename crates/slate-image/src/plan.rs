@@ -83,7 +83,9 @@ impl ImagePlan {
     }
 }
 
-fn hash(parts: &[&[u8]]) -> String {
+/// The sha256 of `parts`, each prefixed by its length (so that no two
+/// different lists of parts hash alike), as hex.
+pub fn hash(parts: &[&[u8]]) -> String {
     let mut h = Sha256::new();
     for p in parts {
         h.update((p.len() as u64).to_le_bytes());

@@ -11,6 +11,7 @@ use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, 
 use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier, VerifyingKey};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use slate_image::plan::hex;
 use std::path::{Path, PathBuf};
 
 /// The payload type of an in-toto statement.
@@ -190,10 +191,6 @@ fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
     .into_bytes();
     m.extend_from_slice(payload);
     m
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -284,10 +284,6 @@ fn serve(port: File) -> io::Result<()> {
             proto::PUT_FILE => put_file(&out, &payload, &mut frames),
             proto::LIST => list(&out, &payload),
             proto::FETCH => fetch(&out, &payload),
-            proto::POWEROFF => {
-                let _ = send(&out, proto::OK, b"");
-                return Ok(());
-            }
             // A late KILL, or the rest of a request that failed: no answer.
             proto::KILL | proto::DATA => Ok(()),
             other => send(
@@ -446,58 +442,53 @@ fn exec(
     Ok(())
 }
 
-/// The request's argument; when it does not parse, the data that follows
-/// is read and dropped first, so that the stream stays in step.
-fn parse_or_drain(payload: &[u8], frames: &mut ChannelFrames) -> io::Result<proto::PathArg> {
-    proto::parse(payload).inspect_err(|_| {
-        let _ = DataReader::new(frames).drain();
-    })
-}
-
-fn put_tar(out: &Out, payload: &[u8], frames: &mut ChannelFrames) -> io::Result<()> {
-    let arg = parse_or_drain(payload, frames)?;
-    let dest = PathBuf::from(&arg.path);
+/// Takes the data that follows a PUT request into `take`, then answers OK
+/// or the error; the data is read to its end either way, so that the
+/// stream stays in step.
+fn receive(
+    out: &Out,
+    payload: &[u8],
+    frames: &mut ChannelFrames,
+    what: &str,
+    take: impl FnOnce(&proto::PathArg, &mut DataReader<ChannelFrames>) -> io::Result<()>,
+) -> io::Result<()> {
+    let arg: proto::PathArg = proto::parse(payload).inspect_err(|_| {
+        let _ = DataReader::new(&mut *frames).drain();
+    })?;
     let mut data = DataReader::new(frames);
-    let res = (|| {
-        std::fs::create_dir_all(&dest)?;
-        let mut ar = tar::Archive::new(&mut data);
-        ar.set_preserve_permissions(true);
-        ar.set_overwrite(true);
-        ar.unpack(&dest)
-    })();
+    let res = take(&arg, &mut data);
     data.drain()?;
     match res {
         Ok(()) => send(out, proto::OK, b""),
         Err(e) => send(
             out,
             proto::ERR,
-            format!("unpack into `{}`: {e}", dest.display()).as_bytes(),
+            format!("{what} `{}`: {e}", arg.path).as_bytes(),
         ),
     }
+}
+
+fn put_tar(out: &Out, payload: &[u8], frames: &mut ChannelFrames) -> io::Result<()> {
+    receive(out, payload, frames, "unpack into", |arg, data| {
+        std::fs::create_dir_all(&arg.path)?;
+        let mut ar = tar::Archive::new(data);
+        ar.set_preserve_permissions(true);
+        ar.set_overwrite(true);
+        ar.unpack(&arg.path)
+    })
 }
 
 fn put_file(out: &Out, payload: &[u8], frames: &mut ChannelFrames) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let arg = parse_or_drain(payload, frames)?;
-    let dest = PathBuf::from(&arg.path);
-    let mut data = DataReader::new(frames);
-    let res = (|| {
+    receive(out, payload, frames, "write", |arg, data| {
+        let dest = Path::new(&arg.path);
         if let Some(parent) = dest.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let mut f = File::create(&dest)?;
-        io::copy(&mut data, &mut f)?;
+        let mut f = File::create(dest)?;
+        io::copy(data, &mut f)?;
         f.set_permissions(std::fs::Permissions::from_mode(arg.mode))
-    })();
-    data.drain()?;
-    match res {
-        Ok(()) => send(out, proto::OK, b""),
-        Err(e) => send(
-            out,
-            proto::ERR,
-            format!("write `{}`: {e}", dest.display()).as_bytes(),
-        ),
-    }
+    })
 }
 
 fn list(out: &Out, payload: &[u8]) -> io::Result<()> {

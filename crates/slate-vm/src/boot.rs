@@ -4,7 +4,7 @@
 //! initramfs holding slate's agent and the few modules it needs, and a base
 //! disk per image that every environment's copy-on-write overlay stands on.
 
-use sha2::{Digest, Sha256};
+use slate_image::plan::hash as sha_of;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{self, Read, Write};
@@ -24,19 +24,6 @@ const WANTED: [&str; 5] = [
 ];
 /// Loaded only for `network = true`.
 const WANTED_NET: [&str; 1] = ["virtio_net"];
-
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn sha_of(parts: &[&[u8]]) -> String {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update((p.len() as u64).to_le_bytes());
-        h.update(p);
-    }
-    hex(&h.finalize())
-}
 
 /// Holds an exclusive lock on `path` (its folder made) while alive.
 pub struct Lock {
@@ -60,7 +47,6 @@ pub struct BootFiles {
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
     pub disk: PathBuf,
-    pub kernel_version: String,
 }
 
 /// Makes (or finds) the boot files of the image made of `layers`, under
@@ -136,7 +122,6 @@ pub fn prepare(cache: &Path, layers: &[PathBuf], agent: &Path) -> io::Result<Boo
         kernel: kernel_file,
         initramfs,
         disk,
-        kernel_version: kernel.version,
     })
 }
 

@@ -389,7 +389,6 @@ impl Provider for VmProvider {
             qemu: None,
             to_guest: None,
             from_guest: None,
-            hello: None,
             destroyed: false,
             _lease: lease,
         };
@@ -435,7 +434,6 @@ pub struct VmEnv {
     qemu: Option<Child>,
     to_guest: Option<UnixStream>,
     from_guest: Option<Receiver<Frame>>,
-    hello: Option<proto::Hello>,
     destroyed: bool,
     _lease: std::fs::File,
 }
@@ -452,11 +450,6 @@ impl proto::FrameSource for HostFrames<'_> {
 }
 
 impl VmEnv {
-    /// The kernel release and CPU count the guest reported.
-    pub fn guest(&self) -> Option<&proto::Hello> {
-        self.hello.as_ref()
-    }
-
     fn boot(
         &mut self,
         p: &VmProvider,
@@ -540,7 +533,6 @@ impl VmEnv {
         let child = cmd
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("cannot start QEMU: {e}")))?;
-        std::fs::write(self.dir.join("qemu.pid"), child.id().to_string())?;
         self.qemu = Some(child);
 
         let deadline = Instant::now() + p.settings.boot_timeout;
@@ -572,7 +564,7 @@ impl VmEnv {
         loop {
             match self.recv(Duration::from_millis(100)) {
                 Ok(Some((proto::HELLO, payload))) => {
-                    self.hello = Some(proto::parse(&payload)?);
+                    proto::parse::<proto::Hello>(&payload)?;
                     return Ok(());
                 }
                 Ok(Some((k, _))) => {
@@ -637,15 +629,28 @@ impl VmEnv {
         self.send(kind, &serde_json::to_vec(v).map_err(io::Error::other)?)
     }
 
-    /// A request about `path` followed by `data`, answered by OK.
-    fn send_with_data(&mut self, kind: u8, path: &str, mode: u32, data: &[u8]) -> io::Result<()> {
+    /// A request about one path.
+    fn ask(&mut self, kind: u8, path: &str, mode: u32) -> io::Result<()> {
         self.send_json(
             kind,
             &proto::PathArg {
                 path: path.into(),
                 mode,
             },
-        )?;
+        )
+    }
+
+    /// The agent's answers, as a source of frames (data, errors).
+    fn answers(&self) -> io::Result<HostFrames<'_>> {
+        self.from_guest
+            .as_ref()
+            .map(HostFrames)
+            .ok_or_else(|| io::Error::other("not booted"))
+    }
+
+    /// A request about `path` followed by `data`, answered by OK.
+    fn send_with_data(&mut self, kind: u8, path: &str, mode: u32, data: &[u8]) -> io::Result<()> {
+        self.ask(kind, path, mode)?;
         let s = self
             .to_guest
             .as_mut()
@@ -656,19 +661,15 @@ impl VmEnv {
 
     /// Waits for OK (or the agent's error).
     fn expect_ok(&mut self) -> io::Result<()> {
-        loop {
-            match self.recv(Duration::from_secs(3600))? {
-                Some((proto::OK, _)) => return Ok(()),
-                Some((proto::ERR, m)) => {
-                    return Err(io::Error::other(String::from_utf8_lossy(&m).into_owned()))
-                }
-                Some((k, _)) => {
-                    return Err(io::Error::other(format!(
-                        "unexpected answer {k} from the agent"
-                    )))
-                }
-                None => continue,
+        match proto::FrameSource::next_frame(&mut self.answers()?)? {
+            Some((proto::OK, _)) => Ok(()),
+            Some((proto::ERR, m)) => {
+                Err(io::Error::other(String::from_utf8_lossy(&m).into_owned()))
             }
+            Some((k, _)) => Err(io::Error::other(format!(
+                "unexpected answer {k} from the agent"
+            ))),
+            None => Err(io::ErrorKind::UnexpectedEof.into()),
         }
     }
 
@@ -809,19 +810,9 @@ impl Environment for VmEnv {
 
     fn list(&mut self, dir: &str) -> Result<Vec<String>, ProviderError> {
         let res = (|| {
-            self.send_json(
-                proto::LIST,
-                &proto::PathArg {
-                    path: dir.into(),
-                    mode: 0,
-                },
-            )?;
-            let rx = self
-                .from_guest
-                .as_ref()
-                .ok_or_else(|| io::Error::other("not booted"))?;
+            self.ask(proto::LIST, dir, 0)?;
             let mut json = Vec::new();
-            proto::DataReader::new(&mut HostFrames(rx)).read_to_end(&mut json)?;
+            proto::DataReader::new(&mut self.answers()?).read_to_end(&mut json)?;
             proto::parse::<Vec<String>>(&json)
         })();
         res.map_err(|e| self.err(format!("list `{dir}`"), e))
@@ -835,18 +826,8 @@ impl Environment for VmEnv {
                 std::fs::create_dir_all(parent)?;
             }
             let mut f = std::fs::File::create(dest)?;
-            self.send_json(
-                proto::FETCH,
-                &proto::PathArg {
-                    path: src.into(),
-                    mode: 0,
-                },
-            )?;
-            let rx = self
-                .from_guest
-                .as_ref()
-                .ok_or_else(|| io::Error::other("not booted"))?;
-            let mut frames = HostFrames(rx);
+            self.ask(proto::FETCH, src, 0)?;
+            let mut frames = self.answers()?;
             let mut data = proto::DataReader::new(&mut frames);
             let copied = io::copy(&mut data, &mut f).and_then(|n| f.flush().map(|()| n));
             if copied.is_err() {

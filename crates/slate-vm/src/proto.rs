@@ -1,6 +1,6 @@
 //! The wire between slate and its guest agent, over one virtio-serial port:
 //! frames of `kind: u8`, `len: u32` (little endian), then `len` bytes.
-//! Requests go one at a time; bulk data follows a request as `DATA` frames
+//! The host ends a machine by ending QEMU. Requests go one at a time; bulk data follows a request as `DATA` frames
 //! ended by an empty one. The port has no end of its own (the host sees EOF
 //! only when QEMU exits), so every answer is framed.
 
@@ -15,7 +15,6 @@ pub const PUT_FILE: u8 = 4;
 pub const DATA: u8 = 5;
 pub const LIST: u8 = 6;
 pub const FETCH: u8 = 7;
-pub const POWEROFF: u8 = 8;
 // Guest to host.
 pub const HELLO: u8 = 20;
 pub const STDOUT: u8 = 21;
