@@ -1,12 +1,21 @@
 #!/bin/sh
-# Installs what is missing and runs the whole test suite, including the tests
-# that need root, real sandboxes and a real Debian bootstrap.
+# Installs what is missing and runs the whole test suite as root, including
+# the tests that need root, real sandboxes, QEMU, servers and a real Debian
+# bootstrap (a plain `cargo test` lists those as ignored, with the reason).
+# Arguments go to `cargo test` (e.g. `-p slate --test cli`).
 set -eu
 cd "$(dirname "$0")/.."
 
-./scripts/install-deps.sh
+if [ "$(id -u)" != 0 ]; then
+    echo "error: run as root (sudo $0): the tests make sandboxes, mounts and VMs" >&2
+    exit 2
+fi
+./scripts/install-deps.sh core vm test
 # The S3-compatible server the publish tests start on loopback (s3s-fs checks
 # SigV4 signatures, so signing mistakes fail the tests). Built once.
 [ -x target/tools/bin/s3s-fs ] ||
     cargo install s3s-fs@0.14.1 --features binary --locked --root target/tools
-cargo test --workspace --locked "$@"
+case " $* " in
+    *" -- "*) exec cargo test --workspace --locked "$@" --include-ignored ;;
+    *) exec cargo test --workspace --locked "$@" -- --include-ignored ;;
+esac
