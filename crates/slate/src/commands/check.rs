@@ -54,6 +54,14 @@ pub fn check(ctx: &Ctx) -> CmdResult {
             if found { "found" } else { "missing" }
         );
     }
+    let mut arches: Vec<&str> = project.images.iter().filter_map(|i| i.arch()).collect();
+    arches.sort_unstable();
+    arches.dedup();
+    println!("architectures:");
+    println!("  {}: this host's own", slate_image::binfmt::host_arch());
+    for arch in arches {
+        println!("  {}", slate_image::binfmt::describe(arch));
+    }
     let uses_debian = project
         .images
         .iter()
