@@ -188,7 +188,7 @@ impl VmProvider {
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let key = format!("{} {qemu_time}\n", boot_id.trim());
+        let key = format!("{} {} {qemu_time}\n", boot_id.trim(), self.qemu.display());
         let memo = self.cache.join("kvm-probe");
         if let Some(answer) = std::fs::read_to_string(&memo)
             .ok()
@@ -200,17 +200,16 @@ impl VmProvider {
             };
         }
         let res = self.probe_kvm(boot);
-        // A probe that only ran out of time (a busy host) is asked again
-        // next time; a definite answer is kept.
+        // Every answer is kept until the host reboots or QEMU changes, a
+        // hang included: a working KVM boots the probe in well under a
+        // second, and a KVM that hangs would otherwise cost every VM the
+        // probe's whole wait.
         let answer = match &res {
-            Ok(()) => Some("ok".to_string()),
-            Err(why) if why.contains("made no progress") => None,
-            Err(why) => Some(format!("broken: {why}")),
+            Ok(()) => "ok".to_string(),
+            Err(why) => format!("broken: {why}"),
         };
-        if let Some(answer) = answer {
-            let _ = std::fs::create_dir_all(&self.cache);
-            let _ = std::fs::write(&memo, format!("{key}{answer}\n"));
-        }
+        let _ = std::fs::create_dir_all(&self.cache);
+        let _ = std::fs::write(&memo, format!("{key}{answer}\n"));
         res
     }
 
@@ -270,7 +269,10 @@ impl VmProvider {
             Err(_) => {
                 // SAFETY: killing the probe QEMU we started.
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                Err("a probe guest made no progress under KVM in 5 s".into())
+                Err(format!(
+                    "a probe guest made no progress under KVM in 5 s; slate asks again after a reboot, or when {} is removed",
+                    self.cache.join("kvm-probe").display()
+                ))
             }
         }
     }
@@ -383,6 +385,21 @@ impl Provider for VmProvider {
         std::fs::create_dir_all(&dir)
             .map_err(|e| cerr(format!("create `{}`: {e}", dir.display())))?;
         let lease = take_lease(&dir.join("lease")).map_err(|e| cerr(format!("take lease: {e}")))?;
+        let host_ca = if spec.network && spec.host_ca {
+            let bundle =
+                slate_provider::hostnet::host_ca_bundle().map_err(|what| ProviderError::Other {
+                    env: spec.name.clone(),
+                    what,
+                })?;
+            Some(std::fs::read(&bundle).map_err(|e| {
+                cerr(format!(
+                    "cannot read the host's CA bundle `{}`: {e}",
+                    bundle.display()
+                ))
+            })?)
+        } else {
+            None
+        };
         let mut env = VmEnv {
             id: id.clone(),
             dir: dir.clone(),
@@ -391,9 +408,18 @@ impl Provider for VmProvider {
             from_guest: None,
             destroyed: false,
             _lease: lease,
+            network_env: if spec.network {
+                net::guest_env(slate_provider::hostnet::env(spec.host_ca))
+            } else {
+                vec![]
+            },
         };
         env.boot(self, spec, &boot, accel)
             .map_err(|e| cerr(format!("{e}{}", console_tail(&dir.join("console.log")))))?;
+        if let Some(bundle) = host_ca {
+            // The guest's /run is its own tmpfs: never part of the base disk.
+            env.put_bytes(&bundle, slate_provider::hostnet::CA_PATH, 0o644)?;
+        }
         Ok(env)
     }
 }
@@ -436,6 +462,8 @@ pub struct VmEnv {
     from_guest: Option<Receiver<Frame>>,
     destroyed: bool,
     _lease: std::fs::File,
+    /// The host's proxy (and CA) variables, for every command.
+    network_env: Vec<(String, String)>,
 }
 
 struct HostFrames<'a>(&'a Receiver<Frame>);
@@ -733,7 +761,7 @@ impl Environment for VmEnv {
         let what = spec.argv.first().cloned().unwrap_or_default();
         let req = proto::Exec {
             argv: spec.argv.clone(),
-            env: spec.env.clone(),
+            env: self.network_env.iter().chain(&spec.env).cloned().collect(),
             cwd: spec.cwd.clone(),
         };
         self.send_json(proto::EXEC, &req)
