@@ -27,6 +27,9 @@ pub struct SettingsConfig {
     pub artifacts: Option<Spanned<String>>,
     pub publish: Option<Spanned<String>>,
     pub signing_key: Option<Spanned<String>>,
+    /// Network builds and bake steps trust the host's CA bundle.
+    #[serde(default)]
+    pub host_ca: bool,
 }
 
 #[derive(Debug, Deserialize)]

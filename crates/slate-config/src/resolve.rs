@@ -155,6 +155,7 @@ impl Resolver<'_> {
                     .signing_key
                     .as_ref()
                     .map(|k| self.dir.join(k.get_ref())),
+                host_ca: file.settings.host_ca,
             },
             images,
             targets,

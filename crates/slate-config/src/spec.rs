@@ -49,6 +49,9 @@ pub struct Settings {
     pub publish: Option<String>,
     /// An Ed25519 private key (PKCS#8 PEM) that signs provenance.
     pub signing_key: Option<PathBuf>,
+    /// Environments with network trust the host's CA bundle (mounted
+    /// read-only, never part of a layer or an artifact).
+    pub host_ca: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

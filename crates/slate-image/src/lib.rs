@@ -121,6 +121,8 @@ pub struct Baker<'a, P: Provider> {
     pub provider: &'a P,
     pub reporter: &'a dyn BakeReporter,
     pub cancel: Cancel,
+    /// Steps trust the host's CA bundle (`host_ca = true`).
+    pub host_ca: bool,
 }
 
 impl<P: Provider> Baker<'_, P> {
@@ -317,6 +319,7 @@ impl<P: Provider> Baker<'_, P> {
             layers: below.to_vec(),
             upper: Some(fs.to_path_buf()),
             network: true,
+            host_ca: self.host_ca,
             limits: Default::default(),
             binds,
             ephemeral: false,

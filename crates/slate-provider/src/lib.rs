@@ -13,6 +13,7 @@
 //!   infrastructure failure; a command's own non-zero exit is an `ExecOutcome`.
 
 pub mod fake;
+pub mod hostnet;
 pub mod lease;
 
 use std::path::{Path, PathBuf};
@@ -31,6 +32,10 @@ pub struct EnvSpec {
     /// environment. `Some`: a caller-owned folder kept after destroy (baking).
     pub upper: Option<PathBuf>,
     pub network: bool,
+    /// With network: trust the host's CA bundle ([`hostnet::host_ca_bundle`]),
+    /// which the provider makes readable at [`hostnet::CA_PATH`] and names
+    /// by the usual variables ([`hostnet::env`]). Never written into a layer.
+    pub host_ca: bool,
     pub limits: Limits,
     /// Host paths bound into the environment.
     pub binds: Vec<Bind>,

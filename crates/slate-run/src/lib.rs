@@ -120,6 +120,7 @@ impl<P: Provider> Orchestrator<'_, P> {
             provider: self.provider,
             reporter: &reporter,
             cancel: self.cancel.clone(),
+            host_ca: self.project.settings.host_ca,
         };
         // Independent images bake at once; images that share layers meet at
         // the store's per-layer lock, and the second finds the layer cached.
@@ -328,6 +329,7 @@ impl<P: Provider> Orchestrator<'_, P> {
             layers: img.layers.clone(),
             upper: None,
             network: t.network,
+            host_ca: t.network && self.project.settings.host_ca,
             limits: Limits {
                 cpus: t.cpus,
                 memory: t.memory,
@@ -502,6 +504,19 @@ impl<P: Provider> Orchestrator<'_, P> {
                 .collect(),
         };
         let cancel = self.cancel.with_timeout(t.timeout);
+        // A network build that fails on a certificate its image does not
+        // trust gets told about `host_ca`.
+        let untrusted_tls = std::sync::atomic::AtomicBool::new(false);
+        let tls_hint = || {
+            if t.network
+                && !self.project.settings.host_ca
+                && untrusted_tls.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                format!("; hint: {}", slate_provider::hostnet::HOST_CA_HINT)
+            } else {
+                String::new()
+            }
+        };
         for (phase, argv) in commands {
             self.phase(t, &phase, || {
                 let exec = ExecSpec {
@@ -513,6 +528,9 @@ impl<P: Provider> Orchestrator<'_, P> {
                 let sink = self.sink;
                 let name = t.name.clone();
                 let mut out = |s: Stream, l: &str| {
+                    if t.network && slate_provider::hostnet::is_untrusted_certificate(l) {
+                        untrusted_tls.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                     sink.event(&Event::new(
                         Some(&name),
                         EventKind::Output {
@@ -529,7 +547,7 @@ impl<P: Provider> Orchestrator<'_, P> {
                     ExecOutcome::Exited(0) => Ok(()),
                     ExecOutcome::Exited(c) => Err(TargetError::Script {
                         exit_code: Some(c),
-                        message: format!("`{phase}` exited with code {c}"),
+                        message: format!("`{phase}` exited with code {c}{}", tls_hint()),
                     }),
                     ExecOutcome::Signaled(s) => Err(TargetError::Script {
                         exit_code: Some(128 + s),

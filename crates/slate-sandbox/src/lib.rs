@@ -336,6 +336,19 @@ impl SandboxEnv {
                 readonly: true,
             });
         }
+        if self.spec.network && self.spec.host_ca {
+            // Under /run, a tmpfs in every environment: the mount point is
+            // never written into a layer.
+            let bundle = hostnet::host_ca_bundle().map_err(|what| ProviderError::Other {
+                env: self.id.clone(),
+                what,
+            })?;
+            binds.push(Bind {
+                host: bundle,
+                guest: hostnet::CA_PATH.into(),
+                readonly: true,
+            });
+        }
         for b in &binds {
             let guest = b.guest.trim_start_matches('/');
             let mut acc = String::new();
@@ -372,6 +385,11 @@ impl SandboxEnv {
         };
         set("PATH", DEFAULT_PATH);
         set("HOME", "/root");
+        if self.spec.network {
+            for (k, v) in hostnet::env(self.spec.host_ca) {
+                set(&k, &v);
+            }
+        }
         if spec.interactive {
             set(
                 "TERM",

@@ -110,3 +110,35 @@ pub fn up(name: &str, conf: Option<Ipv4>) -> io::Result<()> {
     unsafe { libc::close(fd) };
     res
 }
+
+/// The host's network variables as a guest needs them: a proxy on the
+/// host's loopback is the user-mode gateway from inside.
+pub fn guest_env(vars: Vec<(String, String)>) -> Vec<(String, String)> {
+    vars.into_iter()
+        .map(|(k, v)| {
+            if k.eq_ignore_ascii_case("no_proxy") {
+                return (k, v);
+            }
+            let gw = "10.0.2.2";
+            let v = ["127.0.0.1", "localhost", "[::1]"].iter().fold(v, |v, lo| {
+                v.replace(&format!("://{lo}"), &format!("://{gw}"))
+            });
+            (k, v)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_proxy_on_the_hosts_loopback_is_the_gateway_in_the_guest() {
+        let vars = super::guest_env(vec![
+            ("https_proxy".into(), "http://127.0.0.1:3128".into()),
+            ("HTTP_PROXY".into(), "http://proxy.corp:8080".into()),
+            ("no_proxy".into(), "localhost,127.0.0.1".into()),
+        ]);
+        assert_eq!(vars[0].1, "http://10.0.2.2:3128");
+        assert_eq!(vars[1].1, "http://proxy.corp:8080");
+        assert_eq!(vars[2].1, "localhost,127.0.0.1");
+    }
+}

@@ -97,6 +97,7 @@ pub fn run(
         name: name.to_string(),
         layers: img.layers,
         network,
+        host_ca: network && project.settings.host_ca,
         ephemeral: true,
         ..Default::default()
     };
@@ -125,6 +126,7 @@ fn run_in_vm(
         name: name.to_string(),
         layers: img.layers,
         network,
+        host_ca: network && project.settings.host_ca,
         kind: slate_provider::EnvKind::Vm,
         ..Default::default()
     };
@@ -178,6 +180,7 @@ pub fn shell(ctx: &Ctx, name: &str) -> CmdResult {
             name: t.name.clone(),
             layers: img.layers,
             network: t.network,
+            host_ca: t.network && project.settings.host_ca,
             ..Default::default()
         };
         let exec = ExecSpec {
