@@ -1,72 +1,31 @@
 //! The quickstart example for real: Debian bootstrapped from the archive,
 //! packages installed, a .deb built per release. Needs root and network to
-//! the Debian archive (required in CI). Its layer cache lives under the build
-//! folder, so later runs reuse what earlier runs baked.
+//! the Debian archive, so a plain `cargo test` lists these tests as ignored,
+//! and `scripts/test.sh` runs them as root. Their layer cache is the one
+//! under the build folder shared with the VM tests, so later runs reuse what
+//! earlier runs baked.
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::{text, Project};
 use std::process::Command;
 
-fn required() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let tool = ["mmdebstrap", "debootstrap"].iter().any(|t| {
-        ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
-            .iter()
-            .any(|d| Path::new(d).join(t).exists())
-    });
-    if !(root && tool) {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "this test needs root and mmdebstrap, and CI must run it"
-        );
-        eprintln!("SKIPPED: needs root and mmdebstrap (or debootstrap)");
-        return false;
-    }
-    true
-}
-
-fn copy_example(to: &Path) {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart");
-    std::fs::create_dir_all(to).unwrap();
-    for f in [
-        "slate.toml",
-        "greet.c",
-        "Makefile",
-        "build.sh",
-        ".gitignore",
-    ] {
-        std::fs::copy(src.join(f), to.join(f)).unwrap();
-    }
+/// Fails the test unless this host can bootstrap Debian images.
+#[track_caller]
+fn require_debian_host() {
+    common::require_root();
+    common::require_debian_bootstrap();
 }
 
 #[test]
+#[ignore = "needs root, the Debian archive and s3s-fs: scripts/test.sh runs it"]
 fn root_debian_quickstart_builds_real_packages() {
-    if !required() {
-        return;
-    }
-    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("slate-cache");
-    let dir = tempfile::tempdir().unwrap();
-    let project = dir.path().join("quickstart");
-    copy_example(&project);
-    let slate = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_slate"))
-            .arg("-C")
-            .arg(&project)
-            .args(args)
-            .env("SLATE_CACHE", &cache)
-            .env("NO_COLOR", "1")
-            .output()
-            .unwrap()
-    };
+    require_debian_host();
+    let p = Project::example("quickstart");
+    let project = p.project();
 
-    let o = slate(&["build"]);
-    let out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let o = p.run(&["build"]);
+    let out = text(&o);
     assert!(o.status.success(), "{out}");
     assert!(out.contains("[greet-bookworm] hello, slate"), "{out}");
     let arts = project.join("artifacts");
@@ -108,12 +67,8 @@ fn root_debian_quickstart_builds_real_packages() {
     assert!(!desc("greet-trixie/greet_1.0.0+trixie_amd64.deb").contains("gcc (Debian 12."));
 
     // Built twice in two fresh environments, the package is byte for byte the same.
-    let v = slate(&["verify", "greet-bookworm"]);
-    let vout = format!(
-        "{}{}",
-        String::from_utf8_lossy(&v.stdout),
-        String::from_utf8_lossy(&v.stderr)
-    );
+    let v = p.run(&["verify", "greet-bookworm"]);
+    let vout = text(&v);
     assert_eq!(v.status.code(), Some(0), "{vout}");
     assert!(
         vout.contains("greet-bookworm: reproducible: 1 artifact(s) identical"),
@@ -123,20 +78,14 @@ fn root_debian_quickstart_builds_real_packages() {
     // Published to a real S3-compatible server and fetched back by an
     // independent client, the packages still match SHA256SUMS.
     let w = tempfile::tempdir().unwrap();
-    let s3 = common::S3Server::start(w.path(), "releases").expect("s3s-fs (CI must run this)");
-    let p = Command::new(env!("CARGO_BIN_EXE_slate"))
-        .arg("-C")
-        .arg(&project)
-        .args(["publish", "--to", "s3://releases/greet"])
+    let s3 = common::S3Server::start(w.path(), "releases");
+    let o = p
+        .cmd(&["publish", "--to", "s3://releases/greet"])
         .envs(s3.env())
         .output()
         .unwrap();
-    let pout = format!(
-        "{}{}",
-        String::from_utf8_lossy(&p.stdout),
-        String::from_utf8_lossy(&p.stderr)
-    );
-    assert!(p.status.success(), "{pout}");
+    let pout = text(&o);
+    assert!(o.status.success(), "{pout}");
     let latest = s3.aws(&["s3", "cp", "s3://releases/greet/latest", "-"]);
     let run = String::from_utf8_lossy(&latest.stdout).trim().to_string();
     let fetched = w.path().join("fetched");
@@ -159,17 +108,13 @@ fn root_debian_quickstart_builds_real_packages() {
     let mut cfg = std::fs::read_to_string(project.join("slate.toml")).unwrap();
     cfg.push_str("\n[builds.stamp]\nimage = \"builder-bookworm\"\nrun = [\"mkdir -p dist; date +%N > dist/stamp.txt; echo same > dist/same.txt\"]\nartifacts = [\"dist/*.txt\"]\n");
     std::fs::write(project.join("slate.toml"), cfg).unwrap();
-    let v = slate(&["verify", "stamp"]);
-    let vout = format!(
-        "{}{}",
-        String::from_utf8_lossy(&v.stdout),
-        String::from_utf8_lossy(&v.stderr)
-    );
+    let v = p.run(&["verify", "stamp"]);
+    let vout = text(&v);
     assert_eq!(v.status.code(), Some(1), "{vout}");
     assert!(vout.contains("stamp.txt: contents differ"), "{vout}");
     assert!(!vout.contains("same.txt: contents differ"), "{vout}");
 
-    let again = slate(&["build"]);
+    let again = p.run(&["build"]);
     let out = String::from_utf8_lossy(&again.stdout).to_string();
     assert!(again.status.success(), "{out}");
     assert!(
@@ -179,12 +124,9 @@ fn root_debian_quickstart_builds_real_packages() {
 }
 
 #[test]
+#[ignore = "needs root and the Debian archive: scripts/test.sh runs it"]
 fn root_debian_second_image_with_the_same_packages_downloads_nothing() {
-    if !required() {
-        return;
-    }
-    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("slate-cache");
-    let dir = tempfile::tempdir().unwrap();
+    require_debian_host();
     let pkgs = "packages = [\"gcc\", \"libc6-dev\", \"make\"]";
     // `b` names the host's arch explicitly: the same system, but another
     // recipe, so it is bootstrapped and its packages installed anew.
@@ -193,38 +135,17 @@ fn root_debian_second_image_with_the_same_packages_downloads_nothing() {
         .output()
         .unwrap();
     let arch = String::from_utf8_lossy(&arch.stdout).trim().to_string();
-    std::fs::write(
-        dir.path().join("slate.toml"),
-        format!("[images.a]\nfrom = \"debian:bookworm\"\n{pkgs}\n[images.b]\nfrom = \"debian:bookworm\"\narch = \"{arch}\"\n{pkgs}\n"),
-    )
-    .unwrap();
+    let p = Project::debian(&format!("[images.a]\nfrom = \"debian:bookworm\"\n{pkgs}\n[images.b]\nfrom = \"debian:bookworm\"\narch = \"{arch}\"\n{pkgs}\n"));
     let bake = |image: &str| {
-        let o = Command::new(env!("CARGO_BIN_EXE_slate"))
-            .arg("-C")
-            .arg(dir.path())
-            .args(["bake", image])
-            .env("SLATE_CACHE", &cache)
-            .env("NO_COLOR", "1")
-            .output()
-            .unwrap();
-        let out = format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let o = p.run(&["bake", image]);
+        let out = text(&o);
         assert!(o.status.success(), "{out}");
         out
     };
     bake("a");
     // `b`'s packages layer may be in the cache from an earlier run of this
     // test: remove it (found through `slate images`) so apt runs again.
-    let images = Command::new(env!("CARGO_BIN_EXE_slate"))
-        .arg("-C")
-        .arg(dir.path())
-        .arg("images")
-        .env("SLATE_CACHE", &cache)
-        .output()
-        .unwrap();
+    let images = p.run(&["images"]);
     let listing = String::from_utf8_lossy(&images.stdout).to_string();
     let b_packages = listing
         .lines()
@@ -233,7 +154,7 @@ fn root_debian_second_image_with_the_same_packages_downloads_nothing() {
         .and_then(|l| l.split_whitespace().next())
         .unwrap_or_else(|| panic!("no packages layer listed for b:\n{listing}"))
         .to_string();
-    for e in std::fs::read_dir(cache.join("v1/layers"))
+    for e in std::fs::read_dir(p.cache.join("v1/layers"))
         .unwrap()
         .flatten()
     {
@@ -263,31 +184,23 @@ fn root_debian_second_image_with_the_same_packages_downloads_nothing() {
 }
 
 #[test]
+#[ignore = "needs root, the Debian archive and qemu-user-static on an x86_64 host: scripts/test.sh runs it"]
 fn root_debian_arm64_image_bakes_and_runs_through_qemu_user() {
-    if !required() {
-        return;
-    }
-    if std::env::consts::ARCH != "x86_64" {
-        eprintln!("SKIPPED: the foreign-arch test is written for x86_64 hosts");
-        return;
-    }
-    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("slate-cache");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("slate.toml"), "[images.arm]\nfrom = \"debian:bookworm\"\narch = \"arm64\"\nsteps = [\"uname -m > /etc/baked-on\"]\n").unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_slate"))
-        .arg("-C")
-        .arg(dir.path())
-        .args([
-            "run",
-            "arm",
-            "--",
-            "sh",
-            "-c",
-            "uname -m; cat /etc/baked-on; dpkg --print-architecture",
-        ])
-        .env("SLATE_CACHE", &cache)
-        .output()
-        .unwrap();
+    require_debian_host();
+    assert_eq!(
+        std::env::consts::ARCH,
+        "x86_64",
+        "this test runs an arm64 image on an x86_64 host"
+    );
+    let p = Project::debian("[images.arm]\nfrom = \"debian:bookworm\"\narch = \"arm64\"\nsteps = [\"uname -m > /etc/baked-on\"]\n");
+    let o = p.run(&[
+        "run",
+        "arm",
+        "--",
+        "sh",
+        "-c",
+        "uname -m; cat /etc/baked-on; dpkg --print-architecture",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(
         String::from_utf8_lossy(&o.stdout),
@@ -296,44 +209,22 @@ fn root_debian_arm64_image_bakes_and_runs_through_qemu_user() {
 }
 
 #[test]
+#[ignore = "needs root, the Debian archive and docker-registry: scripts/test.sh runs it"]
 fn root_debian_quickstart_image_round_trips_through_a_registry() {
-    if !required() {
-        return;
-    }
-    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("slate-cache");
-    let dir = tempfile::tempdir().unwrap();
-    let Some(reg) = common::Registry::start(dir.path()) else {
-        return;
-    };
-    let source = dir.path().join("source");
-    copy_example(&source);
-    let slate = |project: &Path, args: &[&str], cache: &Path| {
-        let o = Command::new(env!("CARGO_BIN_EXE_slate"))
-            .arg("-C")
-            .arg(project)
-            .args(args)
-            .env("SLATE_CACHE", cache)
-            .env("NO_COLOR", "1")
-            .output()
-            .unwrap();
-        let out = format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
+    require_debian_host();
+    let source = Project::example("quickstart");
+    let reg = common::Registry::start(source.path());
+    let slate = |p: &Project, args: &[&str]| {
+        let o = p.run(args);
+        let out = text(&o);
         assert!(o.status.success(), "{out}");
         out
     };
     let reference = format!("{}/slate/builder-bookworm:v1", reg.addr);
-    slate(
-        &source,
-        &["bake", "builder-bookworm", "--push", &reference],
-        &cache,
-    );
+    slate(&source, &["bake", "builder-bookworm", "--push", &reference]);
     // The quickstart again, its image now pulled from the registry, in a new cache.
-    let pulled = dir.path().join("pulled");
-    copy_example(&pulled);
-    let config = std::fs::read_to_string(pulled.join("slate.toml")).unwrap();
+    let pulled = Project::example("quickstart").with_own_cache();
+    let config = pulled.read("slate.toml");
     let start = config.find("[images.builder-bookworm]").unwrap();
     let end = config.find("[images.builder-trixie]").unwrap();
     let config = format!(
@@ -341,15 +232,13 @@ fn root_debian_quickstart_image_round_trips_through_a_registry() {
         &config[..start],
         &config[end..]
     );
-    std::fs::write(pulled.join("slate.toml"), config).unwrap();
-    let out = slate(
-        &pulled,
-        &["build", "greet-bookworm"],
-        &dir.path().join("cache2"),
-    );
+    pulled.write("slate.toml", &config);
+    let out = slate(&pulled, &["build", "greet-bookworm"]);
     assert!(out.contains(&format!("pull {reference}")), "{out}");
     assert!(out.contains("[greet-bookworm] hello, slate"), "{out}");
-    let deb = pulled.join("artifacts/greet-bookworm/greet_1.0.0+bookworm_amd64.deb");
+    let deb = pulled
+        .project()
+        .join("artifacts/greet-bookworm/greet_1.0.0+bookworm_amd64.deb");
     let info = Command::new("dpkg-deb")
         .arg("--field")
         .arg(&deb)
@@ -363,31 +252,14 @@ fn root_debian_quickstart_image_round_trips_through_a_registry() {
 }
 
 #[test]
+#[ignore = "needs root, the Debian archive and qemu-img: scripts/test.sh runs it"]
 fn root_debian_vm_image_exports_a_disk_with_its_kernel_beside_it() {
-    if !required() {
-        return;
-    }
-    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("slate-cache");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("slate.toml"),
-        "[images.vm]\nfrom = \"debian:bookworm\"\nvm = true\n",
-    )
-    .unwrap();
-    let disk = dir.path().join("vm.qcow2");
-    let o = Command::new(env!("CARGO_BIN_EXE_slate"))
-        .arg("-C")
-        .arg(dir.path())
-        .args(["bake", "vm", "--export", "disk"])
-        .arg(&disk)
-        .env("SLATE_CACHE", &cache)
-        .output()
-        .unwrap();
-    let out = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    require_debian_host();
+    common::require_tool("qemu-img", "qemu-utils");
+    let p = Project::debian("[images.vm]\nfrom = \"debian:bookworm\"\nvm = true\n");
+    let disk = p.path().join("vm.qcow2");
+    let o = p.run(&["bake", "vm", "--export", "disk", disk.to_str().unwrap()]);
+    let out = text(&o);
     assert!(o.status.success(), "{out}");
     assert!(
         out.contains("apt-get install initramfs-tools linux-image-amd64"),

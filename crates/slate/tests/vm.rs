@@ -1,94 +1,41 @@
 //! The vm provider for real: a Debian bookworm image with its distro kernel,
 //! booted under QEMU (TCG where KVM does not work) with slate's agent. Needs
-//! root, mmdebstrap and qemu-system-x86 (required in CI). The layer cache
-//! lives under the build folder, shared with the Debian tests.
+//! root, mmdebstrap and qemu-system-x86, so a plain `cargo test` lists these
+//! tests as ignored, and `scripts/test.sh` runs them as root. The layer cache
+//! is the one shared with the Debian tests.
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
 
-fn required() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let found = |t: &str| {
-        ["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
-            .iter()
-            .any(|d| Path::new(d).join(t).exists())
-    };
-    let ok = root && found("mmdebstrap") && found("qemu-system-x86_64") && found("qemu-img");
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "this test needs root, mmdebstrap and qemu-system-x86, and CI must run it"
-        );
-        eprintln!("SKIPPED: needs root, mmdebstrap and qemu-system-x86");
-    }
-    ok
+use common::{text, Project};
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+
+/// Fails the test unless this host can bake a Debian VM image and boot it.
+#[track_caller]
+fn require_vm_host() {
+    common::require_root();
+    common::require_tool("mmdebstrap", "mmdebstrap");
+    common::require_tool("qemu-system-x86_64", "qemu-system-x86");
+    common::require_tool("qemu-img", "qemu-utils");
 }
 
 const IMAGE: &str = "[images.vm]\nfrom = \"debian:bookworm\"\nvm = true\n";
 
-struct Project {
-    dir: tempfile::TempDir,
-}
-
-impl Project {
-    fn new(builds: &str) -> Project {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("slate.toml"), format!("{IMAGE}{builds}")).unwrap();
-        Project { dir }
-    }
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_slate"));
-        c.arg("-C")
-            .arg(self.path())
-            .args(args)
-            .env("SLATE_CACHE", cache())
-            .env("NO_COLOR", "1");
-        c
-    }
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
-    }
-    fn read(&self, rel: &str) -> String {
-        std::fs::read_to_string(self.path().join(rel)).unwrap_or_default()
-    }
-}
-
-fn cache() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("slate-cache")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+/// A project with the `vm` image and these targets.
+fn vm_project(builds: &str) -> Project {
+    Project::debian(&format!("{IMAGE}{builds}"))
 }
 
 /// QEMU processes of environments whose name contains `marker`.
 fn qemus_with(marker: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.starts_with("/usr/bin/qemu-system") && cmd.contains(marker) {
-                out.push(cmd);
-            }
-        }
-    }
-    out
+    common::processes_where(|cmd| cmd.starts_with("/usr/bin/qemu-system") && cmd.contains(marker))
 }
 
 #[test]
+#[ignore = "needs root, QEMU and the Debian archive: scripts/test.sh runs it"]
 fn root_vm_target_runs_in_a_guest_with_its_own_kernel_cpus_and_no_network() {
-    if !required() {
-        return;
-    }
+    require_vm_host();
     // A server on the host's loopback: QEMU's user network reaches it as
     // 10.0.2.2, so a network = true target can talk to it.
     let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -99,7 +46,7 @@ fn root_vm_target_runs_in_a_guest_with_its_own_kernel_cpus_and_no_network() {
             let _ = c.write_all(b"pong-from-host\n");
         }
     });
-    let p = Project::new(&format!(
+    let p = vm_project(&format!(
         "[builds.probe]\nimage = \"vm\"\nprovider = \"vm\"\ncpus = 2\nworkdir = \"/src\"\n\
          run = [\"mkdir -p out; uname -r > out/kernel.txt; nproc > out/cpus.txt; ls /sys/class/net > out/net.txt; hostname > out/host.txt\"]\n\
          artifacts = [\"out/*\"]\n\
@@ -128,7 +75,7 @@ fn root_vm_target_runs_in_a_guest_with_its_own_kernel_cpus_and_no_network() {
     let check = Command::new("sha256sum")
         .arg("-c")
         .arg("SHA256SUMS")
-        .current_dir(p.path().join("artifacts"))
+        .current_dir(p.project().join("artifacts"))
         .output()
         .unwrap();
     assert!(check.status.success(), "{}", text(&check));
@@ -143,23 +90,7 @@ fn root_vm_target_runs_in_a_guest_with_its_own_kernel_cpus_and_no_network() {
 }
 
 fn start_sleeper(p: &Project) -> std::process::Child {
-    let mut child = p
-        .cmd(&["build"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if line.contains("guest-is-sleeping") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv().expect("the guest printed its marker");
-    child
+    common::spawn_until_printed(p.cmd(&["build"]), "guest-is-sleeping")
 }
 
 /// Waits (bounded: 20 s) for the VMs named by `marker` to be gone.
@@ -174,15 +105,14 @@ fn gone(marker: &str) -> bool {
 }
 
 #[test]
+#[ignore = "needs root, QEMU and the Debian archive: scripts/test.sh runs it"]
 fn root_vm_ctrl_c_and_kill_9_leave_no_qemu_and_gc_reaps_the_overlay() {
-    if !required() {
-        return;
-    }
+    require_vm_host();
     for (signal, marker) in [
         (libc::SIGINT, "sleeper-int"),
         (libc::SIGKILL, "sleeper-kill"),
     ] {
-        let p = Project::new(&format!(
+        let p = vm_project(&format!(
             "[builds.{marker}]\nimage = \"vm\"\nprovider = \"vm\"\nrun = [\"echo guest-is-sleeping; sleep 600\"]\n"
         ));
         let mut child = start_sleeper(&p);
@@ -205,38 +135,20 @@ fn root_vm_ctrl_c_and_kill_9_leave_no_qemu_and_gc_reaps_the_overlay() {
                     })
                     .unwrap_or(0)
             };
-            assert_eq!(left(&cache()), 1, "the killed run left its overlay folder");
+            assert_eq!(left(&p.cache), 1, "the killed run left its overlay folder");
             let o = p.run(&["gc"]);
             assert!(o.status.success(), "{}", text(&o));
-            assert_eq!(left(&cache()), 0, "gc removed it: {}", text(&o));
+            assert_eq!(left(&p.cache), 0, "gc removed it: {}", text(&o));
         }
     }
 }
 
 #[test]
+#[ignore = "needs root, QEMU and the Debian archive: scripts/test.sh runs it"]
 fn root_vm_docker_image_example_saves_a_tagged_image() {
-    if !required() {
-        return;
-    }
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/docker-image");
-    let dir = tempfile::tempdir().unwrap();
-    for f in [
-        "slate.toml",
-        "build.sh",
-        "greet.c",
-        "Dockerfile",
-        ".gitignore",
-    ] {
-        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
-    }
-    let o = Command::new(env!("CARGO_BIN_EXE_slate"))
-        .arg("-C")
-        .arg(dir.path())
-        .arg("build")
-        .env("SLATE_CACHE", cache())
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
+    require_vm_host();
+    let p = Project::example("docker-image");
+    let o = p.run(&["build"]);
     let out = text(&o);
     assert!(o.status.success(), "{out}");
     // dockerd ran in the guest, and the image it built runs there.
@@ -245,7 +157,7 @@ fn root_vm_docker_image_example_saves_a_tagged_image() {
         out.contains("[greet-image] hello from a scratch image, built by slate in a fresh VM"),
         "{out}"
     );
-    let arts = dir.path().join("artifacts");
+    let arts = p.project().join("artifacts");
     let check = Command::new("sha256sum")
         .arg("-c")
         .arg("SHA256SUMS")
@@ -266,17 +178,16 @@ fn root_vm_docker_image_example_saves_a_tagged_image() {
 }
 
 #[test]
+#[ignore = "needs root, QEMU and the Debian archive: scripts/test.sh runs it"]
 fn root_vm_accel_kvm_fails_with_the_reason_where_kvm_does_not_work() {
-    if !required() {
-        return;
-    }
-    let p = Project::new(
+    require_vm_host();
+    let p = vm_project(
         "[builds.k]\nimage = \"vm\"\nprovider = \"vm\"\nrun = [\"true\"]\n[providers.vm]\naccel = \"kvm\"\n",
     );
     let o = p.run(&["build"]);
     let out = text(&o);
     // The probe's answer is kept in the cache: it says which case this is.
-    let probe = std::fs::read_to_string(cache().join("v1/vm/kvm-probe")).unwrap();
+    let probe = std::fs::read_to_string(p.cache.join("v1/vm/kvm-probe")).unwrap();
     if probe.contains("broken: ") {
         assert_eq!(o.status.code(), Some(3), "{out}");
         assert!(out.contains("but KVM does not work on this host"), "{out}");
@@ -287,13 +198,12 @@ fn root_vm_accel_kvm_fails_with_the_reason_where_kvm_does_not_work() {
 }
 
 #[test]
+#[ignore = "needs root, QEMU and the Debian archive: scripts/test.sh runs it"]
 fn root_vm_detached_children_do_not_hang_a_target_and_a_timeout_ends_the_vm() {
-    if !required() {
-        return;
-    }
+    require_vm_host();
     // `setsid` puts the sleeper outside the command's process group, still
     // holding its stdout: the target must still finish.
-    let p = Project::new(
+    let p = vm_project(
         "[builds.detached]\nimage = \"vm\"\nprovider = \"vm\"\nrun = [\"setsid sleep 600 & echo detached-started\"]\n\
          [builds.slow]\nimage = \"vm\"\nprovider = \"vm\"\ntimeout = \"5s\"\nrun = [\"echo slow-started; sleep 600\"]\n",
     );

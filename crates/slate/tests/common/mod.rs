@@ -1,30 +1,291 @@
-//! A real OCI registry for tests: Debian's docker-registry on a free loopback
-//! port, with its own config and storage, stopped when dropped.
+//! What slate's CLI tests share: temp projects run by the real binary, the
+//! checks that fail a test whose host lacks what it needs, a process scan,
+//! and real servers (an OCI registry, an S3-compatible store) on loopback.
+//!
+//! Tests that need root are named `root_*` and carry `#[ignore = "needs
+//! root…"]`, so a plain `cargo test` lists them as ignored with the reason;
+//! `scripts/test.sh` runs them as root with `--include-ignored`. A test that
+//! runs gets what it needs or fails, naming what to install: it never
+//! returns early and reports a pass.
 
-use std::io::{Read, Write};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+// Each test binary (cli, vm, debian) uses its own subset of these helpers.
+#![allow(dead_code)]
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+/// Fails the test unless it runs as root.
+#[track_caller]
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(
+        root,
+        "this test needs root; run it through scripts/test.sh as root"
+    );
+}
+
+/// Fails the test unless `command` is installed, naming the Debian package
+/// that has it; returns where it is.
+#[track_caller]
+pub fn require_tool(command: &str, package: &str) -> PathBuf {
+    find_tool(command).unwrap_or_else(|| {
+        panic!(
+            "this test needs `{command}`: install {package} (scripts/install-deps.sh installs it)"
+        )
+    })
+}
+
+/// Fails the test unless a Debian bootstrap tool is installed: mmdebstrap,
+/// or debootstrap (slate's slower fallback).
+#[track_caller]
+pub fn require_debian_bootstrap() {
+    assert!(
+        find_tool("mmdebstrap").is_some() || find_tool("debootstrap").is_some(),
+        "this test bootstraps Debian and needs `mmdebstrap` (or `debootstrap`): install mmdebstrap (scripts/install-deps.sh installs it)"
+    );
+}
+
+/// Where `command` is: on `PATH`, or in the sbin folders root's `PATH` has
+/// (where slate looks too).
+fn find_tool(command: &str) -> Option<PathBuf> {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|d| Path::new(d).join(command))
+        .find(|p| p.is_file())
+}
+
+/// A project in a temp folder, run by the real `slate` binary with `-C`.
+pub struct Project {
+    dir: tempfile::TempDir,
+    project: PathBuf,
+    /// slate's cache (`SLATE_CACHE`) for this project's commands.
+    pub cache: PathBuf,
+}
+
+impl Project {
+    /// A project whose config may use `tar:bb.tar.gz`, a busybox rootfs (a
+    /// base image that needs no network), with a cache of its own.
+    pub fn new(config: &str) -> Project {
+        let p = Project::config_only(config);
+        busybox_tar(&p.project().join("bb.tar.gz"));
+        p
+    }
+
+    /// A project of just its config, with a cache of its own: for tests
+    /// that stop at the config and so need no base image.
+    pub fn config_only(config: &str) -> Project {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Project {
+            project: dir.path().join("project"),
+            cache: dir.path().join("cache"),
+            dir,
+        };
+        p.write("slate.toml", config);
+        p
+    }
+
+    /// A project whose images start from Debian. Its cache is the one all
+    /// such tests share in this build folder, so Debian is bootstrapped and
+    /// its packages installed once, not once per test.
+    pub fn debian(config: &str) -> Project {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Project {
+            project: dir.path().join("project"),
+            cache: shared_cache(),
+            dir,
+        };
+        p.write("slate.toml", config);
+        p
+    }
+
+    /// A copy of `examples/<name>` (its files, as shipped), in the shared
+    /// Debian cache.
+    pub fn example(name: &str) -> Project {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples")
+            .join(name);
+        let dir = tempfile::tempdir().unwrap();
+        let project = dir.path().join(name);
+        std::fs::create_dir_all(&project).unwrap();
+        for e in std::fs::read_dir(&src).unwrap().flatten() {
+            if e.file_type().unwrap().is_file() {
+                std::fs::copy(e.path(), project.join(e.file_name())).unwrap();
+            }
+        }
+        Project {
+            dir,
+            project,
+            cache: shared_cache(),
+        }
+    }
+
+    /// The same project with a new, empty cache of its own.
+    pub fn with_own_cache(mut self) -> Project {
+        self.cache = self.dir.path().join("cache");
+        self
+    }
+
+    /// The temp folder: the project, its cache (unless shared), and room
+    /// for whatever else a test makes.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The project folder, where `slate.toml` is.
+    pub fn project(&self) -> PathBuf {
+        self.project.clone()
+    }
+
+    pub fn write(&self, rel: &str, text: &str) {
+        let p = self.project().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+
+    /// A file of the project as text; empty when it is missing.
+    pub fn read(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.project().join(rel)).unwrap_or_default()
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_slate"));
+        c.arg("-C")
+            .arg(self.project())
+            .args(args)
+            .env("SLATE_CACHE", &self.cache)
+            .env("NO_COLOR", "1");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Environment folders left in the cache.
+    pub fn envs_left(&self) -> usize {
+        std::fs::read_dir(self.cache.join("v1/envs"))
+            .map(|r| r.count())
+            .unwrap_or(0)
+    }
+
+    /// Mounts left under the cache.
+    pub fn mounts_left(&self) -> Vec<String> {
+        let cache = self.cache.display().to_string();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&cache))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// The cache the Debian and VM tests share, under the build folder, so
+/// later runs reuse what earlier runs baked.
+pub fn shared_cache() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("slate-cache")
+}
+
+/// A busybox rootfs tarball at `to`.
+fn busybox_tar(to: &Path) {
+    let root = to.with_extension("rootfs");
+    for d in ["bin", "etc", "root", "var", "tmp", "proc", "dev", "sys"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let bb = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("this test needs a static `busybox` for its base image: install busybox-static (scripts/install-deps.sh installs it)");
+    std::fs::copy(bb, root.join("bin/busybox")).unwrap();
+    let list = Command::new(bb).arg("--list").output().unwrap();
+    for name in String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter(|n| *n != "busybox")
+    {
+        let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(name));
+    }
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-czf")
+        .arg(to)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// A command's stdout, then its stderr.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Running processes whose command line (its arguments joined by spaces)
+/// passes `keep`, each as `pid: command line`.
+pub fn processes_where(keep: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if keep(&cmd) {
+                out.push(format!("{}: {cmd}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    out
+}
+
+/// Running processes whose command line contains `marker`.
+pub fn processes_with(marker: &str) -> Vec<String> {
+    processes_where(|cmd| cmd.contains(marker))
+}
+
+/// Starts `cmd` with its output piped and returns once it prints a line
+/// containing `marker`. Its stdout is drained to the end, so it never writes
+/// to a closed pipe; its stderr is left to the caller.
+pub fn spawn_until_printed(mut cmd: Command, marker: &str) -> Child {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let wanted = marker.to_string();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if line.contains(&wanted) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv()
+        .unwrap_or_else(|_| panic!("the command ended without printing `{marker}`"));
+    child
+}
+
+/// A real OCI registry: Debian's docker-registry on a free loopback port,
+/// with its own config and storage, stopped when dropped.
 pub struct Registry {
     child: Child,
     pub addr: String,
 }
 
 impl Registry {
-    /// Starts a registry, or returns `None` (skipped) when it is not
-    /// installed outside CI; in CI a missing registry fails the test.
-    pub fn start(dir: &Path) -> Option<Registry> {
-        let bin = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"]
-            .into_iter()
-            .find(|p| Path::new(p).exists());
-        let Some(bin) = bin else {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "this test needs docker-registry, and CI must run it"
-            );
-            eprintln!("SKIPPED: needs docker-registry");
-            return None;
-        };
+    /// Starts a registry keeping its data under `dir`; fails the test when
+    /// docker-registry is not installed.
+    #[track_caller]
+    pub fn start(dir: &Path) -> Registry {
+        let bin = require_tool("docker-registry", "docker-registry");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -51,7 +312,7 @@ impl Registry {
         // Ready when /v2/ answers (bounded: 10 s).
         for _ in 0..500 {
             if reg.answers() {
-                return Some(reg);
+                return reg;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
@@ -76,39 +337,32 @@ impl Drop for Registry {
     }
 }
 
-/// A real S3-compatible server for tests: s3s-fs (it checks SigV4
-/// signatures) on a free loopback port, serving a temp folder; stopped when
-/// dropped. Access key `test`, secret key `testsecret`.
-#[allow(dead_code)]
+/// A real S3-compatible server: s3s-fs (it checks SigV4 signatures) on a
+/// free loopback port, serving a temp folder; stopped when dropped. Access
+/// key `test`, secret key `testsecret`.
 pub struct S3Server {
     child: Child,
     pub endpoint: String,
-    pub data: std::path::PathBuf,
+    pub data: PathBuf,
 }
 
-#[allow(dead_code)]
 impl S3Server {
     pub const ACCESS_KEY: &'static str = "test";
     pub const SECRET_KEY: &'static str = "testsecret";
 
-    /// Starts a server with one bucket, or returns `None` (skipped) when
-    /// s3s-fs is not installed outside CI; in CI a missing server fails.
-    /// `scripts/test.sh` installs s3s-fs into `target/tools`.
-    pub fn start(dir: &Path, bucket: &str) -> Option<S3Server> {
+    /// Starts a server with one bucket, keeping its data under `dir`; fails
+    /// the test when s3s-fs, or the aws CLI the tests check it with, is
+    /// missing. `scripts/test.sh` installs s3s-fs into `target/tools`.
+    #[track_caller]
+    pub fn start(dir: &Path, bucket: &str) -> S3Server {
         let in_target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tools/bin/s3s-fs");
         let bin = std::env::var_os("SLATE_TEST_S3S_FS")
-            .map(std::path::PathBuf::from)
+            .map(PathBuf::from)
             .into_iter()
             .chain([in_target])
-            .find(|p| p.exists());
-        let Some(bin) = bin else {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "this test needs s3s-fs (scripts/test.sh installs it), and CI must run it"
-            );
-            eprintln!("SKIPPED: needs s3s-fs (run scripts/test.sh, or set SLATE_TEST_S3S_FS)");
-            return None;
-        };
+            .find(|p| p.exists())
+            .expect("this test needs s3s-fs, an S3-compatible server: scripts/test.sh installs it into target/tools (or set SLATE_TEST_S3S_FS to one)");
+        require_tool("aws", "awscli");
         let data = dir.join("s3data");
         std::fs::create_dir_all(data.join(bucket)).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -141,7 +395,7 @@ impl S3Server {
                 let mut buf = String::new();
                 let _ = c.read_to_string(&mut buf);
                 if buf.starts_with("HTTP/") {
-                    return Some(s);
+                    return s;
                 }
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
@@ -167,13 +421,10 @@ impl S3Server {
             .args(args)
             .envs(self.env())
             .output()
-            .expect("the aws CLI is installed (scripts/install-deps.sh)");
+            .expect("the aws CLI runs");
         out
     }
-}
 
-#[allow(dead_code)]
-impl S3Server {
     /// Downloads a published run with the aws CLI, file by file: `SHA256SUMS`,
     /// `manifest.json` and every file `SHA256SUMS` names. (Not `s3 cp
     /// --recursive`: s3s-fs does not escape `+` in url-encoded listings, so
