@@ -282,3 +282,153 @@ fn root_debian_vm_image_exports_a_disk_with_its_kernel_beside_it() {
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(info["format"], "qcow2");
 }
+
+/// A CA only this test trusts, and a certificate for 127.0.0.1 signed by
+/// it, made with openssl under `dir`: (ca.crt, server.crt, server.key).
+fn test_ca(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let ssl = |args: &[&str]| {
+        let o = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "openssl {args:?}: {}", text(&o));
+    };
+    ssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=slate test CA",
+    ]);
+    ssl(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    ssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.crt",
+    ]);
+    (
+        dir.join("ca.crt"),
+        dir.join("server.crt"),
+        dir.join("server.key"),
+    )
+}
+
+#[test]
+#[ignore = "needs root, the Debian archive and openssl: scripts/test.sh runs it"]
+fn root_debian_host_ca_lets_a_network_build_trust_the_hosts_ca() {
+    require_debian_host();
+    common::require_tool("openssl", "openssl");
+    let config = |host_ca: bool, port: u16| {
+        format!(
+            r#"
+[settings]
+host_ca = {host_ca}
+
+[images.fetcher]
+from = "debian:bookworm"
+packages = ["curl", "ca-certificates"]
+
+[builds.fetch]
+image = "fetcher"
+network = true
+run = ["mkdir -p out", "curl -fsS https://127.0.0.1:{port}/hello.txt -o out/hello.txt"]
+artifacts = ["out/hello.txt"]
+"#
+        )
+    };
+    let p = Project::debian(&config(false, 1));
+    // Baked with the host's own settings, before the test's CA is in play.
+    let o = p.run(&["bake"]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // An HTTPS server on loopback whose certificate only the test CA signs.
+    let (ca, cert, key) = test_ca(&p.path().join("tls"));
+    let www = p.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("hello.txt"), "hello over TLS\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new("openssl");
+    server
+        .args(["s_server", "-WWW", "-accept"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .current_dir(&www);
+    let mut server = common::spawn_until_printed(server, "ACCEPT");
+
+    // The host trusts the test CA (SSL_CERT_FILE names the host's bundle).
+    let build = |host_ca: bool| {
+        p.write("slate.toml", &config(host_ca, port));
+        p.cmd(&["build"])
+            .env("SSL_CERT_FILE", &ca)
+            .output()
+            .unwrap()
+    };
+    let off = build(false);
+    let out = text(&off);
+    assert_eq!(off.status.code(), Some(1), "{out}");
+    assert!(out.contains("SSL certificate problem"), "{out}");
+    assert!(
+        out.contains("hint: ") && out.contains("host_ca = true"),
+        "{out}"
+    );
+
+    let on = build(true);
+    let out = text(&on);
+    assert!(on.status.success(), "{out}");
+    assert_eq!(p.read("artifacts/fetch/hello.txt"), "hello over TLS\n");
+    // The bundle was mounted, not copied: nothing of it is an artifact.
+    let files: Vec<_> = std::fs::read_dir(p.project().join("artifacts/fetch"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("provenance"))
+        .collect();
+    assert_eq!(files, vec!["hello.txt".to_string()]);
+    let _ = server.kill();
+    let _ = server.wait();
+}
