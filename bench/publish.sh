@@ -43,8 +43,18 @@ slate="${CARGO_TARGET_DIR:-$root/target}/release/slate"
 # --- 2. server and files ----------------------------------------------------
 tmp="$(mktemp -d -t slate-bench.XXXXXX)"
 pid=""
+# s3s-fs does not end on SIGTERM while clients keep connections open, and a
+# `wait` for it then never returned: ask, give it 5 s, then SIGKILL.
 cleanup() {
-    [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+    if [ -n "$pid" ]; then
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -9 "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    fi
     rm -rf "$tmp"
 }
 trap cleanup EXIT
