@@ -192,7 +192,24 @@ fn root_debian_arm64_image_bakes_and_runs_through_qemu_user() {
         "x86_64",
         "this test runs an arm64 image on an x86_64 host"
     );
+    // slate's own registration is removed first, so the run has to make
+    // it again from the static interpreter it finds, whatever the
+    // distribution registered (qemu 10 ships its entries disabled).
+    let binfmt = std::path::Path::new("/proc/sys/fs/binfmt_misc");
+    let ours = binfmt.join("slate-qemu-aarch64");
+    if ours.exists() {
+        std::fs::write(&ours, "-1").unwrap();
+    }
+    let distro_usable = std::fs::read_to_string(binfmt.join("qemu-aarch64")).is_ok_and(|e| {
+        e.starts_with("enabled")
+            && e.contains("flags: ")
+            && e.lines()
+                .any(|l| l.starts_with("flags:") && l.contains('F'))
+    });
     let p = Project::debian("[images.arm]\nfrom = \"debian:bookworm\"\narch = \"arm64\"\nsteps = [\"uname -m > /etc/baked-on\"]\n");
+    let check = p.run(&["check"]);
+    let said = text(&check);
+    assert!(said.contains("arm64: "), "{said}");
     let o = p.run(&[
         "run",
         "arm",
@@ -206,6 +223,21 @@ fn root_debian_arm64_image_bakes_and_runs_through_qemu_user() {
         String::from_utf8_lossy(&o.stdout),
         "aarch64\naarch64\narm64\n"
     );
+    if !distro_usable {
+        let entry = std::fs::read_to_string(&ours).unwrap_or_default();
+        assert!(entry.starts_with("enabled"), "{entry}");
+        assert!(
+            entry
+                .lines()
+                .any(|l| l.starts_with("flags:") && l.contains('F')),
+            "{entry}"
+        );
+        let said = text(&p.run(&["check"]));
+        assert!(
+            said.contains("arm64: registered as `slate-qemu-aarch64`"),
+            "{said}"
+        );
+    }
 }
 
 #[test]
