@@ -132,8 +132,28 @@ impl Resolver<'_> {
         for (name, build) in file.builds.iter() {
             self.build(name, build, &names, &mut targets);
         }
+        for (name, img) in file.images.iter() {
+            if let Err(why) = check_name(name) {
+                self.err(
+                    img,
+                    format!("image name `{name}` {why}"),
+                    Some(NAME_HINT.into()),
+                );
+            }
+        }
+        // Target names become folder names slate writes and removes, and
+        // hostnames: a matrix value counts as much as a build's name.
         let mut seen = BTreeSet::new();
         for t in &targets {
+            if let Err(why) = check_name(&t.name) {
+                let at = &file.builds.get(&t.build).unwrap();
+                self.err(
+                    at,
+                    format!("target name `{}` {why}", t.name),
+                    Some(NAME_HINT.into()),
+                );
+                continue;
+            }
             if !seen.insert(t.name.clone()) {
                 let at = &file.builds.get(&t.build).unwrap();
                 self.err(
@@ -490,8 +510,14 @@ impl Resolver<'_> {
                 }
             });
         if let Some(c) = &bc.cpus {
-            if *c.get_ref() <= 0.0 {
-                self.err(c, "`cpus` must be more than 0".into(), None);
+            let cpus = *c.get_ref();
+            // NaN compares false to everything: test for what is valid.
+            if !(cpus > 0.0 && cpus <= 1024.0) {
+                self.err(
+                    c,
+                    format!("`cpus = {cpus}` is not a number of CPUs"),
+                    Some("write a number above 0, e.g. `cpus = 2` or `cpus = 0.5`".into()),
+                );
             }
         }
         let workdir = bc
@@ -601,6 +627,30 @@ impl Resolver<'_> {
 }
 
 /// Every combination of matrix values, axes in file order.
+const NAME_HINT: &str =
+    "use letters, digits, `.`, `_` and `-`, starting with a letter or digit, at most 63 characters";
+
+/// Whether `name` can be an image or target name: it becomes a folder name
+/// under `artifacts/` and `.slate/`, and a hostname.
+fn check_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("is empty");
+    }
+    if name.len() > 63 {
+        return Err("is longer than 63 characters (a hostname's limit)");
+    }
+    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err("must start with a letter or a digit");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err("may hold only letters, digits, `.`, `_` and `-`");
+    }
+    Ok(())
+}
+
 fn combinations(axes: &[(&String, &Spanned<Vec<String>>)]) -> Vec<Vec<(String, String)>> {
     let mut out = vec![Vec::new()];
     for (axis, values) in axes {
@@ -746,6 +796,43 @@ memory = "2GiB"
             d[0].message
         );
         assert_eq!((d[0].line, d[0].col), (4, 9));
+    }
+
+    #[test]
+    fn names_that_would_become_paths_outside_are_errors() {
+        let d = diags("[images.b]\nfrom = \"tar:x.tar\"\n[builds.\"../victim\"]\nimage = \"b\"\nrun = [\"true\"]\n");
+        assert!(
+            d.iter()
+                .any(|d| d.message.contains("target name `../victim`") && d.line == 3),
+            "{d:?}"
+        );
+        let d = diags("[images.b]\nfrom = \"tar:x.tar\"\n[builds.t]\nimage = \"b\"\nrun = [\"true\"]\nmatrix = { v = [\"a/../../x\"] }\n");
+        assert!(
+            d.iter().any(|d| d.message.contains("`t-a/../../x`")),
+            "{d:?}"
+        );
+        let long = "x".repeat(64);
+        let d = diags(&format!(
+            "[images.b]\nfrom = \"tar:x.tar\"\n[builds.{long}]\nimage = \"b\"\nrun = [\"true\"]\n"
+        ));
+        assert!(
+            d.iter().any(|d| d.message.contains("longer than 63")),
+            "{d:?}"
+        );
+        let d = diags("[images.\".hidden\"]\nfrom = \"tar:x.tar\"\n");
+        assert!(
+            d.iter().any(|d| d.message.contains("image name `.hidden`")),
+            "{d:?}"
+        );
+        let d = diags("[images.b]\nfrom = \"tar:x.tar\"\n[builds.t]\nimage = \"b\"\nrun = [\"true\"]\ncpus = nan\ntimeout = \"18446744073709551615\"\n");
+        assert!(
+            d.iter().any(|d| d.message.contains("`cpus = NaN`")),
+            "{d:?}"
+        );
+        assert!(
+            d.iter().any(|d| d.message.contains("longer than a year")),
+            "{d:?}"
+        );
     }
 
     #[test]

@@ -31,8 +31,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// Parses `90s`, `30m`, `1h30m`, `2h` into a duration.
+/// The longest duration slate takes (a year): anything longer is a typo,
+/// and deadlines past it would overflow the clock's arithmetic.
+const MAX_DURATION_SECS: u64 = 365 * 86400;
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("`{s}` is not a duration; write e.g. `90s`, `30m` or `1h30m`");
+    let too_long =
+        || format!("`{s}` is longer than a year (365d), the longest duration slate takes");
     let mut total = 0u64;
     let mut num = String::new();
     let mut any = false;
@@ -43,13 +49,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
         let n: u64 = num.parse().map_err(|_| bad())?;
         num.clear();
-        total += n * match c {
+        let unit = match c {
             's' => 1,
             'm' => 60,
             'h' => 3600,
             'd' => 86400,
             _ => return Err(bad()),
         };
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(too_long)?;
         any = true;
     }
     if !num.is_empty() {
@@ -62,12 +72,29 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if !any || total == 0 {
         return Err(bad());
     }
+    if total > MAX_DURATION_SECS {
+        return Err(too_long());
+    }
     Ok(Duration::from_secs(total))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_that_overflow_are_errors_not_panics() {
+        for s in [
+            "18446744073709551615",
+            "18446744073709551615m",
+            "99999999999999999999s",
+            "366d",
+        ] {
+            let e = parse_duration(s).unwrap_err();
+            assert!(e.contains(s), "{e}");
+        }
+        assert_eq!(parse_duration("365d").unwrap().as_secs(), 365 * 86400);
+    }
 
     #[test]
     fn sizes() {

@@ -444,7 +444,9 @@ impl SandboxEnv {
             unshare_flags: flags,
             root: cpath(&root),
             preps,
-            hostname: cstr(&self.spec.name),
+            // The kernel takes at most 64 bytes (`bake-` and a long image
+            // name can exceed it).
+            hostname: cstr(hostname(&self.spec.name)),
             loopback_up: !self.spec.network,
             cwd: cstr(if spec.cwd.is_empty() { "/" } else { &spec.cwd }),
             exe_candidates,
@@ -657,4 +659,13 @@ impl Drop for SandboxEnv {
     fn drop(&mut self) {
         let _ = self.destroy_inner();
     }
+}
+
+/// `name` cut to the 64 bytes a hostname may have, at a character boundary.
+fn hostname(name: &str) -> &str {
+    let mut end = name.len().min(64);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
 }

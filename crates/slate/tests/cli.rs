@@ -25,6 +25,27 @@ fn bad_config_exits_2_naming_file_line_and_column() {
 }
 
 #[test]
+fn hostile_build_name_is_refused_and_the_folder_beside_is_untouched() {
+    // `artifacts/../victim` is the folder next to the artifacts folder: a
+    // build named `../victim` once had slate empty it.
+    let p = Project::config_only(
+        "[images.bb]\nfrom = \"tar:bb.tar.gz\"\n\n[builds.\"../victim\"]\nimage = \"bb\"\nrun = [\"true\"]\n",
+    );
+    p.write("victim/keep.txt", "mine\n");
+    for cmd in ["build", "check"] {
+        let o = p.run(&[cmd]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("slate.toml:4:1: target name `../victim`"),
+            "{err}"
+        );
+        assert!(err.contains("hint: use letters, digits"), "{err}");
+    }
+    assert_eq!(p.read("victim/keep.txt"), "mine\n");
+}
+
+#[test]
 fn dangling_image_reference_exits_2() {
     let p = Project::config_only(
         "[images.bb]\nfrom = \"tar:bb.tar.gz\"\n[builds.x]\nimage = \"bbb\"\nrun = [\"true\"]\n",
@@ -1106,4 +1127,30 @@ fn root_gc_removes_vm_disks_and_boot_files_of_removed_layers_only() {
     let o = p.run(&["gc", "--all"]);
     assert!(text(&o).contains("removed 2 VM disk(s)"), "{}", text(&o));
     assert!(!vm.join("disks/live.qcow2").exists() && !vm.join("kernels/live").exists());
+}
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_a_63_character_image_name_bakes_and_runs() {
+    common::require_root();
+    // Bake steps run as `bake-NAME`: 68 bytes here, more than a hostname
+    // may have; the sandbox cuts it rather than failing the bake.
+    let name = "i".repeat(63);
+    let p = Project::new(&format!(
+        "[images.{name}]\nfrom = \"tar:bb.tar.gz\"\nsteps = [\"hostname > /etc/baked-as\"]\n"
+    ));
+    let o = p.run(&[
+        "run",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "cat /etc/baked-as; hostname",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let baked_as = format!("bake-{name}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        format!("{}\n{name}\n", &baked_as[..64])
+    );
 }
