@@ -171,3 +171,19 @@ impl ArtifactStore {
         let _ = std::fs::remove_dir_all(&self.staging);
     }
 }
+
+/// Makes a fetched artifact an ordinary file: no setuid, setgid or sticky
+/// bit (a build could otherwise leave a root-owned setuid shell in
+/// `artifacts/`).
+pub fn make_plain(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o7000 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o777))?;
+    }
+    Ok(())
+}

@@ -589,10 +589,14 @@ impl<P: Provider> Orchestrator<'_, P> {
             for rel in picked {
                 let base = rel.rsplit('/').next().unwrap_or(&rel).to_string();
                 let dest = staging.join(&base);
+                if base.starts_with("provenance.") && base.ends_with(".json") {
+                    return Err(TargetError::Script { exit_code: None, message: format!("artifact `{rel}` is named like slate's own `{base}` beside the artifacts; rename it in the build") });
+                }
                 if dest.exists() {
                     return Err(TargetError::Script { exit_code: None, message: format!("two artifacts are both named `{base}`; artifacts are stored by file name") });
                 }
                 let size = env.fetch(&format!("{}/{rel}", t.workdir.trim_end_matches('/')), &dest).map_err(infra)?;
+                artifacts::make_plain(&dest).map_err(|e| TargetError::Infra(format!("artifact `{rel}`: {e}")))?;
                 let sha256 = ArtifactStore::sha256(&dest).map_err(|e| TargetError::Infra(e.to_string()))?;
                 let path = format!("{}/{base}", t.name);
                 self.sink.event(&Event::new(Some(&t.name), EventKind::Artifact { path: path.clone(), size, sha256: sha256.clone() }));

@@ -1154,3 +1154,37 @@ fn root_a_63_character_image_name_bakes_and_runs() {
         format!("{}\n{name}\n", &baked_as[..64])
     );
 }
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_a_setuid_artifact_lands_without_its_setuid_bit() {
+    common::require_root();
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.suid]\nimage = \"bb\"\nrun = [\"mkdir -p out\", \"cp /bin/busybox out/x\", \"chmod 6755 out/x\"]\nartifacts = [\"out/x\"]\n"
+    ));
+    let o = p.run(&["build"]);
+    assert!(o.status.success(), "{}", text(&o));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(p.project().join("artifacts/suid/x"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o755, "mode {mode:o}");
+}
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_an_artifact_named_like_slates_provenance_is_refused() {
+    common::require_root();
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.prov]\nimage = \"bb\"\nrun = [\"echo forged > provenance.json\"]\nartifacts = [\"provenance.json\"]\n"
+    ));
+    let o = p.run(&["build"]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("named like slate's own `provenance.json`"),
+        "{out}"
+    );
+    assert!(!p.project().join("artifacts/prov/provenance.json").exists());
+}
