@@ -204,61 +204,68 @@ unsafe fn init(plan: &Plan) -> ! {
     {
         fail(plan, b"make mounts private");
     }
+    // Paths inside the new root are walked one component at a time without
+    // following symlinks: the image is untrusted, and a symlink such as
+    // `/etc/resolv.conf -> /etc/nologin` followed from the host's root would
+    // create or cover a host file.
     for p in &plan.preps {
         match p {
-            Prep::Mkdir(path, mode) => {
-                if libc::mkdir(path.as_ptr(), *mode) != 0
-                    && *libc::__errno_location() != libc::EEXIST
-                {
-                    fail2(plan, b"mkdir ", bytes(path));
+            Prep::Mkdir(path, mode) => match in_root(plan, path) {
+                Some(rel) => libc::close(walk(plan, path, rel, Create::Dir(*mode))),
+                None => {
+                    if libc::mkdir(path.as_ptr(), *mode) != 0
+                        && *libc::__errno_location() != libc::EEXIST
+                    {
+                        fail2(plan, b"mkdir ", bytes(path));
+                    }
+                    0
                 }
-            }
+            },
             Prep::Touch(path) => {
-                let f = libc::open(
-                    path.as_ptr(),
-                    libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
-                    0o644,
-                );
-                if f < 0 {
-                    fail2(plan, b"create ", bytes(path));
-                }
-                libc::close(f);
+                let Some(rel) = in_root(plan, path) else {
+                    fail2(plan, b"create outside the root ", bytes(path));
+                };
+                libc::close(walk(plan, path, rel, Create::File))
             }
             Prep::Symlink(target, link) => {
-                if libc::symlink(target.as_ptr(), link.as_ptr()) != 0
+                let Some(rel) = in_root(plan, link) else {
+                    fail2(plan, b"symlink outside the root ", bytes(link));
+                };
+                let (dir, name) = split_last(rel);
+                let dfd = walk(plan, link, dir, Create::None);
+                let mut buf = [0u8; COMPONENT_MAX + 1];
+                let name = c_component(plan, link, name, &mut buf);
+                if libc::symlinkat(target.as_ptr(), dfd, name) != 0
                     && *libc::__errno_location() != libc::EEXIST
                 {
                     fail2(plan, b"symlink ", bytes(link));
                 }
+                libc::close(dfd)
             }
             Prep::Mount(m) => {
                 let data = m.data.as_ref().map_or(ptr::null(), |d| d.as_ptr().cast());
-                if libc::mount(
-                    m.source.as_ptr(),
-                    m.target.as_ptr(),
-                    m.fstype.as_ptr(),
-                    m.flags,
-                    data,
-                ) != 0
+                let fd =
+                    in_root(plan, &m.target).map(|rel| walk(plan, &m.target, rel, Create::None));
+                let mut buf = [0u8; 40];
+                let target = fd.map_or(m.target.as_ptr(), |fd| fd_path(fd, &mut buf));
+                if libc::mount(m.source.as_ptr(), target, m.fstype.as_ptr(), m.flags, data) != 0
                     && !m.optional
                 {
                     fail2(plan, b"mount ", bytes(&m.target));
                 }
+                fd.map_or(0, |fd| libc::close(fd))
             }
             Prep::RemountRo(target) => {
                 let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC;
-                if libc::mount(
-                    none.as_ptr(),
-                    target.as_ptr(),
-                    ptr::null(),
-                    flags,
-                    ptr::null(),
-                ) != 0
-                {
+                let fd = in_root(plan, target).map(|rel| walk(plan, target, rel, Create::None));
+                let mut buf = [0u8; 40];
+                let at = fd.map_or(target.as_ptr(), |fd| fd_path(fd, &mut buf));
+                if libc::mount(none.as_ptr(), at, ptr::null(), flags, ptr::null()) != 0 {
                     fail2(plan, b"remount read-only ", bytes(target));
                 }
+                fd.map_or(0, |fd| libc::close(fd))
             }
-        }
+        };
     }
     if libc::sethostname(plan.hostname.as_ptr(), plan.hostname.as_bytes().len()) != 0 {
         fail(plan, b"set hostname");
@@ -291,6 +298,127 @@ unsafe fn init(plan: &Plan) -> ! {
     }
     libc::close(plan.status_fd);
     libc::_exit(wait_for(pid))
+}
+
+/// The longest path component the walk handles (NAME_MAX).
+const COMPONENT_MAX: usize = 255;
+
+#[derive(Clone, Copy)]
+enum Create {
+    /// Every component must exist.
+    None,
+    /// Missing folders are made, the last with this mode.
+    Dir(libc::mode_t),
+    /// Missing folders are made; the last component is an empty file.
+    File,
+}
+
+/// The part of `path` below the new root, when `path` is strictly inside it.
+fn in_root<'a>(plan: &Plan, path: &'a std::ffi::CStr) -> Option<&'a [u8]> {
+    let (p, root) = (path.to_bytes(), plan.root.as_bytes());
+    (p.len() > root.len() + 1 && p.starts_with(root) && p[root.len()] == b'/')
+        .then(|| &p[root.len() + 1..])
+}
+
+fn split_last(rel: &[u8]) -> (&[u8], &[u8]) {
+    match rel.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&rel[..i], &rel[i + 1..]),
+        None => (&[], rel),
+    }
+}
+
+/// `name` NUL-terminated in `buf`; `.`, `..` and over-long names fail.
+fn c_component(
+    plan: &Plan,
+    path: &CString,
+    name: &[u8],
+    buf: &mut [u8; COMPONENT_MAX + 1],
+) -> *const libc::c_char {
+    if name.is_empty() || name == b"." || name == b".." || name.len() > COMPONENT_MAX {
+        fail2(plan, b"bad path ", bytes(path));
+    }
+    buf[..name.len()].copy_from_slice(name);
+    buf[name.len()] = 0;
+    buf.as_ptr().cast()
+}
+
+/// Opens `rel` under the new root (O_PATH) one component at a time,
+/// refusing symlinks anywhere on the way, creating what `create` says.
+unsafe fn walk(plan: &Plan, path: &CString, rel: &[u8], create: Create) -> libc::c_int {
+    let mut fd = libc::open(
+        plan.root.as_ptr(),
+        libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+    );
+    if fd < 0 {
+        fail(plan, b"open the new root");
+    }
+    let mut parts = rel
+        .split(|&b| b == b'/')
+        .filter(|c| !c.is_empty())
+        .peekable();
+    while let Some(name) = parts.next() {
+        let last = parts.peek().is_none();
+        let mut buf = [0u8; COMPONENT_MAX + 1];
+        let cname = c_component(plan, path, name, &mut buf);
+        match (create, last) {
+            (Create::File, true) => {
+                let f = libc::openat(
+                    fd,
+                    cname,
+                    libc::O_CREAT | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                    0o644,
+                );
+                if f < 0 {
+                    if *libc::__errno_location() == libc::ELOOP {
+                        fail2(
+                            plan,
+                            b"symlink in the image where slate mounts (not followed): ",
+                            bytes(path),
+                        );
+                    }
+                    fail2(plan, b"create ", bytes(path));
+                }
+                libc::close(f);
+            }
+            (Create::Dir(mode), true) => {
+                if libc::mkdirat(fd, cname, mode) != 0 && *libc::__errno_location() != libc::EEXIST
+                {
+                    fail2(plan, b"mkdir ", bytes(path));
+                }
+            }
+            (Create::Dir(_) | Create::File, false) => {
+                if libc::mkdirat(fd, cname, 0o755) != 0 && *libc::__errno_location() != libc::EEXIST
+                {
+                    fail2(plan, b"mkdir ", bytes(path));
+                }
+            }
+            (Create::None, _) => {}
+        }
+        let next = libc::openat(fd, cname, libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC);
+        libc::close(fd);
+        if next < 0 {
+            fail2(plan, b"open (not following symlinks) ", bytes(path));
+        }
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(next, &mut st) != 0 || (st.st_mode & libc::S_IFMT) == libc::S_IFLNK {
+            fail2(
+                plan,
+                b"symlink in the image where slate mounts (not followed): ",
+                bytes(path),
+            );
+        }
+        fd = next;
+    }
+    fd
+}
+
+/// `/proc/self/fd/N` in `buf`: a mount on it lands on what `fd` opened.
+fn fd_path(fd: libc::c_int, buf: &mut [u8; 40]) -> *const libc::c_char {
+    let prefix = b"/proc/self/fd/";
+    buf[..prefix.len()].copy_from_slice(prefix);
+    let n = write_int(&mut buf[prefix.len()..], fd as i64);
+    buf[prefix.len() + n] = 0;
+    buf.as_ptr().cast()
 }
 
 fn fail2(plan: &Plan, what: &[u8], path: &[u8]) -> ! {

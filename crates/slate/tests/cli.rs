@@ -1188,3 +1188,40 @@ fn root_an_artifact_named_like_slates_provenance_is_refused() {
     );
     assert!(!p.project().join("artifacts/prov/provenance.json").exists());
 }
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_an_image_symlink_at_a_mount_point_cannot_create_a_host_file() {
+    common::require_root();
+    // The image points /etc/resolv.conf at a host path; a network build
+    // binds the host's resolv.conf there. Followed from the host's root,
+    // the link once created the host file.
+    let bait = format!("/etc/slate-escape-{}", std::process::id());
+    let p = Project::new(
+        "[images.evil]\nfrom = \"tar:evil.tar.gz\"\n\n[builds.net]\nimage = \"evil\"\nnetwork = true\nrun = [\"true\"]\n",
+    );
+    let tree = p.path().join("evil");
+    std::fs::create_dir_all(&tree).unwrap();
+    let sh = |script: &str| {
+        let o = std::process::Command::new("sh")
+            .arg("-ec")
+            .arg(script)
+            .current_dir(p.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+    };
+    sh(&format!(
+        "tar -xzf project/bb.tar.gz -C evil && rm -f evil/etc/resolv.conf && ln -s {bait} evil/etc/resolv.conf && tar -czf project/evil.tar.gz -C evil ."
+    ));
+    let o = p.run(&["build"]);
+    let out = text(&o);
+    let created = std::path::Path::new(&bait).exists();
+    let _ = std::fs::remove_file(&bait);
+    assert!(!created, "the build created {bait} on the host: {out}");
+    assert_eq!(o.status.code(), Some(3), "{out}");
+    assert!(
+        out.contains("symlink in the image where slate mounts"),
+        "{out}"
+    );
+}
