@@ -60,17 +60,33 @@ pub fn collect(input: &Path, exclude: &[String], skip: &[PathBuf]) -> Result<Inp
         .ignore(false)
         .overrides(overrides)
         .sort_by_file_path(|a, b| a.cmp(b))
+        // slate's own folders are pruned, not walked: other targets of the
+        // same run write and rename there while this walk runs.
+        .filter_entry({
+            let skip = skip.to_vec();
+            move |e| !skip.iter().any(|s| e.path().starts_with(s))
+        })
         .build();
     let mut entries = Vec::new();
     for e in walker {
-        let e = e.map_err(|source| InputError::Walk {
-            path: input.to_path_buf(),
-            source,
-        })?;
+        let e = match e {
+            Ok(e) => e,
+            // A file removed while the tree is walked is not an input.
+            Err(err)
+                if err
+                    .io_error()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound) =>
+            {
+                continue
+            }
+            Err(source) => {
+                return Err(InputError::Walk {
+                    path: input.to_path_buf(),
+                    source,
+                })
+            }
+        };
         let p = e.path();
-        if skip.iter().any(|s| p.starts_with(s)) {
-            continue;
-        }
         if let Ok(rel) = p.strip_prefix(input) {
             if !rel.as_os_str().is_empty() {
                 entries.push(rel.to_path_buf());
