@@ -451,6 +451,18 @@ unsafe fn loopback_up(plan: &Plan) {
 
 unsafe fn command(plan: &Plan) -> ! {
     libc::close(plan.status_fd);
+    // Dispositions slate set for itself survive fork and execve when they
+    // are "ignore": Rust ignores SIGPIPE, and `slate run`/`shell` ignore
+    // SIGINT while the command owns the terminal. The command starts with
+    // every signal at its default and none blocked, as from a shell.
+    for sig in 1..libc::SIGRTMAX() {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+    }
+    let mut none: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut none);
+    libc::sigprocmask(libc::SIG_SETMASK, &none, ptr::null_mut());
     if plan.new_session {
         libc::setsid();
     }

@@ -1243,3 +1243,26 @@ fn root_targets_of_one_run_never_trip_over_each_others_artifacts() {
     }
     assert_eq!(p.read("artifacts/t-8/n"), "8\n");
 }
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_commands_start_with_default_signals_sigint_and_sigpipe_included() {
+    common::require_root();
+    let p = Project::new(IMAGE);
+    // `slate run` ignores Ctrl-C itself while the command owns the
+    // terminal; the command must not inherit that.
+    let o = p.run(&["run", "bb", "--", "sh", "-c", "kill -INT $$; echo survived"]);
+    assert_eq!(o.status.code(), Some(130), "{}", text(&o));
+    assert!(!text(&o).contains("survived"), "{}", text(&o));
+    // Rust ignores SIGPIPE in slate; a pipeline's writer must still die of it.
+    let o = p.run(&[
+        "run",
+        "bb",
+        "--",
+        "sh",
+        "-c",
+        "(yes; echo \"yes exited $?\" >&2) | head -n 1 >/dev/null",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("yes exited 141"), "{}", text(&o));
+}
