@@ -1266,3 +1266,45 @@ fn root_commands_start_with_default_signals_sigint_and_sigpipe_included() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("yes exited 141"), "{}", text(&o));
 }
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_a_second_run_into_the_same_artifacts_folder_is_refused_while_the_first_runs() {
+    common::require_root();
+    use std::io::Read;
+    // The first run's build holds a connection to this listener: while it
+    // is open, that run is surely in progress.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.hold]\nimage = \"bb\"\nnetwork = true\nrun = [\"mkdir -p out\", \"nc 127.0.0.1 {port} > out/said\"]\nartifacts = [\"out/said\"]\n"
+    ));
+    let first = p
+        .cmd(&["build"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    // The second run's own build would not wait for anything.
+    p.write(
+        "slate.toml",
+        &format!("{IMAGE}[builds.hold]\nimage = \"bb\"\nrun = [\"true\"]\n"),
+    );
+    let second = p.run(&["build"]);
+    let err = String::from_utf8_lossy(&second.stderr).to_string();
+    assert_eq!(second.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("another slate run is writing the artifacts folder"),
+        "{err}"
+    );
+    std::io::Write::write_all(&mut conn, b"first\n").unwrap();
+    drop(conn);
+    let out = first.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let mut said = String::new();
+    std::fs::File::open(p.project().join("artifacts/hold/said"))
+        .unwrap()
+        .read_to_string(&mut said)
+        .unwrap();
+    assert_eq!(said, "first\n");
+}

@@ -85,6 +85,8 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
         .collect();
     let selected: Vec<&TargetSpec> = selected.iter().collect();
     let signer = super::provenance::signer(&project)?;
+    let artifacts_dir = project.dir.join(&project.settings.artifacts);
+    let _artifacts_lock = lock_artifacts(&artifacts_dir)?;
     let store = ctx.store()?;
     let provider = ctx.providers(&store, &project, needs_vm)?;
     // Environments a killed run left behind go first.
@@ -118,7 +120,7 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
         run_id: run_id.clone(),
         jobs: args.jobs.unwrap_or(project.settings.jobs).max(1),
         fail_fast: args.fail_fast,
-        artifacts_dir: project.dir.join(&project.settings.artifacts),
+        artifacts_dir,
         signer,
     };
     let started = Instant::now();
@@ -184,4 +186,35 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
         }
     }
     Ok(exit.into())
+}
+
+/// One run at a time writes an artifacts folder: two would interleave
+/// their manifests and checksums. Held until the run ends.
+fn lock_artifacts(dir: &std::path::Path) -> Result<std::fs::File, CliError> {
+    use std::os::fd::AsRawFd;
+    let infra = |e: std::io::Error| {
+        CliError::new(
+            Exit::Infra,
+            format!("cannot lock the artifacts folder `{}`: {e}", dir.display()),
+        )
+    };
+    std::fs::create_dir_all(dir).map_err(infra)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(".slate-lock"))
+        .map_err(infra)?;
+    // SAFETY: flock on a descriptor we own; closing it releases the lock.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(CliError::new(
+            Exit::Usage,
+            format!(
+                "another slate run is writing the artifacts folder `{}`",
+                dir.display()
+            ),
+        )
+        .hint("wait for it to finish, or give this run its own folder with `artifacts = \"...\"` under [settings]"));
+    }
+    Ok(file)
 }
