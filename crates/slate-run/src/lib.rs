@@ -53,9 +53,50 @@ pub struct Orchestrator<'a, P: Provider> {
 
 /// Replaces secret values in a line with `***`.
 pub fn mask(line: &str, secrets: &[String]) -> String {
-    let mut out = line.to_string();
+    // What a secret can look like within one line: the whole value, and
+    // each line of a multi-line value (a PEM key is printed a line at a
+    // time). Lines under 4 bytes are left: masking them would blank out
+    // ordinary text while hiding next to nothing.
+    let mut needles: Vec<&str> = Vec::new();
     for s in secrets.iter().filter(|s| !s.is_empty()) {
-        out = out.replace(s.as_str(), "***");
+        needles.push(s);
+        if s.contains('\n') {
+            needles.extend(
+                s.lines()
+                    .map(|l| l.trim_end_matches('\r'))
+                    .filter(|l| l.len() >= 4),
+            );
+        }
+    }
+    // Every byte any occurrence covers is hidden, so secrets that overlap
+    // in the output (the tail of one is the head of another) hide together
+    // instead of the first replacement leaving the other's tail readable.
+    let mut hidden = vec![false; line.len()];
+    for n in &needles {
+        let mut from = 0;
+        while let Some(at) = line[from..].find(n) {
+            let start = from + at;
+            hidden[start..start + n.len()]
+                .iter_mut()
+                .for_each(|h| *h = true);
+            from = start + line[start..].chars().next().map_or(1, char::len_utf8);
+        }
+    }
+    if !hidden.contains(&true) {
+        return line.to_string();
+    }
+    let mut out = String::with_capacity(line.len());
+    let mut in_secret = false;
+    for (i, c) in line.char_indices() {
+        if hidden[i] {
+            if !in_secret {
+                out.push_str("***");
+            }
+            in_secret = true;
+        } else {
+            out.push(c);
+            in_secret = false;
+        }
     }
     out
 }

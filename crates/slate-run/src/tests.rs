@@ -163,3 +163,21 @@ fn timeout_fails_the_target() {
     assert_eq!(r.status, TargetStatus::Failed);
     assert!(r.error.unwrap().contains("timed out"));
 }
+
+#[test]
+fn multi_line_and_overlapping_secrets_are_masked_whole() {
+    let pem = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIFX0Xq8wBHnVcWz1\n-----END PRIVATE KEY-----\n".to_string();
+    // A PEM key is printed a line at a time: every line of it is hidden.
+    for l in pem.lines() {
+        let out = crate::mask(&format!("key: {l}"), std::slice::from_ref(&pem));
+        assert_eq!(out, "key: ***", "{l}");
+    }
+    // Two secrets whose occurrences overlap: nothing of either survives.
+    let secrets = vec!["abcdef".to_string(), "defghi".to_string()];
+    assert_eq!(crate::mask("x abcdefghi y", &secrets), "x *** y");
+    assert_eq!(crate::mask("defghi then abcdef", &secrets), "*** then ***");
+    // Overlapping occurrences of one secret, and text around non-ASCII.
+    let one = vec!["aa".to_string()];
+    assert_eq!(crate::mask("é aaa é", &one), "é *** é");
+    assert_eq!(crate::mask("nothing here", &secrets), "nothing here");
+}

@@ -1308,3 +1308,23 @@ fn root_a_second_run_into_the_same_artifacts_folder_is_refused_while_the_first_r
         .unwrap();
     assert_eq!(said, "first\n");
 }
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_a_multi_line_secret_is_masked_line_by_line_in_output_and_logs() {
+    require_root();
+    let body = "MC4CAQAwBQYDK2VwBCIEIFX0Xq8wBHnVcWz1";
+    let key = format!("-----BEGIN PRIVATE KEY-----\n{body}\n-----END PRIVATE KEY-----");
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.app]\nimage = \"bb\"\nsecrets = [\"SIGNING_KEY\"]\nrun = [\"echo \\\"$SIGNING_KEY\\\"\"]\n"
+    ));
+    let o = p.cmd(&["build"]).env("SIGNING_KEY", &key).output().unwrap();
+    let printed = text(&o);
+    assert!(o.status.success(), "{printed}");
+    assert!(!printed.contains(body), "printed: {printed}");
+    assert!(printed.contains("[app] ***"), "{printed}");
+    for f in all_files(&p.project().join(".slate")) {
+        let data = String::from_utf8_lossy(&std::fs::read(&f).unwrap()).to_string();
+        assert!(!data.contains(body), "{} holds the key", f.display());
+    }
+}
