@@ -7,6 +7,12 @@ use std::path::{Path, PathBuf};
 
 /// Copies `entries` (relative to `base`) under `to`, creating parents; keeps
 /// modes and symlinks. Returns the bytes of file content copied.
+///
+/// Nothing is written through a symlink: the tree under `to` is the
+/// environment's, and a symlink there (one an earlier input put, say
+/// `l -> /etc`) points into the host when followed from here. A symlink
+/// where a folder is needed is an error; one where a file or link goes is
+/// replaced, as a later input replaces an earlier one's file.
 pub fn copy_entries(base: &Path, entries: &[PathBuf], to: &Path) -> io::Result<u64> {
     fs::create_dir_all(to).map_err(|e| with_path(e, to))?;
     let mut bytes = 0;
@@ -14,12 +20,18 @@ pub fn copy_entries(base: &Path, entries: &[PathBuf], to: &Path) -> io::Result<u
         let src = base.join(rel);
         let dst = to.join(rel);
         let meta = fs::symlink_metadata(&src).map_err(|e| with_path(e, &src))?;
-        if let Some(parent) = dst.parent() {
-            fs::create_dir_all(parent).map_err(|e| with_path(e, parent))?;
+        if let Some(parent) = rel.parent() {
+            make_dirs_no_follow(to, parent)?;
+        }
+        match fs::symlink_metadata(&dst) {
+            Ok(m) if m.file_type().is_symlink() || (m.is_file() && meta.is_dir()) => {
+                fs::remove_file(&dst).map_err(|e| with_path(e, &dst))?
+            }
+            _ => {}
         }
         let ft = meta.file_type();
         if ft.is_dir() {
-            fs::create_dir_all(&dst).map_err(|e| with_path(e, &dst))?;
+            make_dirs_no_follow(to, rel)?;
             fs::set_permissions(&dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
         } else if ft.is_symlink() {
             let target = fs::read_link(&src)?;
@@ -30,6 +42,35 @@ pub fn copy_entries(base: &Path, entries: &[PathBuf], to: &Path) -> io::Result<u
         }
     }
     Ok(bytes)
+}
+
+/// Makes the folders of `rel` under `root`, one component at a time,
+/// refusing to go through a symlink.
+fn make_dirs_no_follow(root: &Path, rel: &Path) -> io::Result<()> {
+    let mut cur = root.to_path_buf();
+    for c in rel.components() {
+        cur.push(c);
+        match fs::symlink_metadata(&cur) {
+            Ok(m) if m.is_dir() => {}
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(io::Error::other(format!(
+                    "`{}` is a symlink in the environment (from an earlier input?); inputs are never copied through symlinks",
+                    cur.strip_prefix(root).unwrap_or(&cur).display()
+                )))
+            }
+            Ok(_) => {
+                return Err(io::Error::other(format!(
+                    "`{}` is a file in the environment where an input has a folder",
+                    cur.strip_prefix(root).unwrap_or(&cur).display()
+                )))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir(&cur).map_err(|e| with_path(e, &cur))?
+            }
+            Err(e) => return Err(with_path(e, &cur)),
+        }
+    }
+    Ok(())
 }
 
 fn with_path(e: io::Error, p: &Path) -> io::Error {

@@ -1328,3 +1328,27 @@ fn root_a_multi_line_secret_is_masked_line_by_line_in_output_and_logs() {
         assert!(!data.contains(body), "{} holds the key", f.display());
     }
 }
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_one_inputs_symlink_cannot_carry_anothers_files_onto_the_host() {
+    require_root();
+    // Input `a` holds `l -> <host folder>`, input `b` holds `l/x`: copied
+    // into one workdir, b's file went through a's link onto the host.
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.app]\nimage = \"bb\"\ninputs = [\"a\", \"b\"]\nrun = [\"test ! -L l\", \"grep -q planted l/x\"]\n"
+    ));
+    let victim = p.path().join("victim");
+    std::fs::create_dir_all(&victim).unwrap();
+    std::fs::create_dir_all(p.project().join("a")).unwrap();
+    std::os::unix::fs::symlink(&victim, p.project().join("a/l")).unwrap();
+    p.write("b/l/x", "planted\n");
+    let o = p.run(&["build"]);
+    let out = text(&o);
+    assert!(
+        !victim.join("x").exists(),
+        "an input was written on the host: {out}"
+    );
+    // The later input's folder takes the place of the earlier one's link.
+    assert!(o.status.success(), "{out}");
+}
