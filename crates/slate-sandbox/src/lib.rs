@@ -150,13 +150,18 @@ pub struct Reaped {
     pub environments: usize,
     pub bytes: u64,
     pub cgroups: usize,
+    /// Leftovers that could not be removed, with the reason; the rest were
+    /// removed all the same.
+    pub failed: Vec<(PathBuf, std::io::Error)>,
 }
 
-/// Removes environments whose owning slate process is gone.
-pub fn reap(state_dir: &Path) -> std::io::Result<Reaped> {
+/// Removes environments whose owning slate process is gone. One that
+/// cannot be removed (busy, immutable) is reported in `failed` and the
+/// others are still removed.
+pub fn reap(state_dir: &Path) -> Reaped {
     let mut r = Reaped::default();
     let Ok(rd) = std::fs::read_dir(state_dir) else {
-        return Ok(r);
+        return r;
     };
     for e in rd.flatten() {
         if lease_held(&e.path().join("lease")) {
@@ -165,12 +170,17 @@ pub fn reap(state_dir: &Path) -> std::io::Result<Reaped> {
         if cgroup::reap_env(&e.file_name().to_string_lossy()) {
             r.cgroups += 1;
         }
-        r.bytes += fsutil::disk_usage(&e.path());
-        fsutil::remove_tree(&e.path())?;
-        r.environments += 1;
+        let bytes = fsutil::disk_usage(&e.path());
+        match fsutil::remove_tree(&e.path()) {
+            Ok(()) => {
+                r.bytes += bytes;
+                r.environments += 1;
+            }
+            Err(err) => r.failed.push((e.path(), err)),
+        }
     }
     r.cgroups += cgroup::reap_leftovers();
-    Ok(r)
+    r
 }
 
 pub struct SandboxEnv {

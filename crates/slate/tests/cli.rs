@@ -1352,3 +1352,42 @@ fn root_one_inputs_symlink_cannot_carry_anothers_files_onto_the_host() {
     // The later input's folder takes the place of the earlier one's link.
     assert!(o.status.success(), "{out}");
 }
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_gc_removes_every_leftover_it_can_and_names_the_one_it_cannot() {
+    require_root();
+    let p = Project::new(IMAGE);
+    let envs = p.cache.join("v1/envs");
+    for i in 0..5 {
+        std::fs::create_dir_all(envs.join(format!("dead-{i}/root"))).unwrap();
+        std::fs::write(envs.join(format!("dead-{i}/root/f")), "x").unwrap();
+        // A lease nobody holds: its slate process is gone.
+        std::fs::write(envs.join(format!("dead-{i}/lease")), "").unwrap();
+    }
+    // A leftover with something mounted in it cannot be removed.
+    let busy = envs.join("busy-0/m");
+    std::fs::create_dir_all(&busy).unwrap();
+    std::fs::write(envs.join("busy-0/lease"), "").unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "none"])
+        .arg(&busy)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    let o = p.run(&["gc"]);
+    let _ = std::process::Command::new("umount").arg(&busy).status();
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(3), "{out}");
+    assert!(out.contains("removed 5 leftover environment(s)"), "{out}");
+    assert!(
+        out.contains("could not remove 1 item(s)") && out.contains("busy-0"),
+        "{out}"
+    );
+    for i in 0..5 {
+        assert!(
+            !envs.join(format!("dead-{i}")).exists(),
+            "dead-{i} left: {out}"
+        );
+    }
+}

@@ -111,8 +111,12 @@ pub fn gc(ctx: &Ctx, all: bool, older_than: Option<&str>, keep_runs: usize) -> C
             keep.extend(plan.layers.iter().map(|l| l.key.clone()));
         }
     }
-    let reaped = slate_sandbox::reap(&store.envs_dir())
-        .map_err(|e| CliError::from_error(Exit::Infra, &e))?;
+    let reaped = slate_sandbox::reap(&store.envs_dir());
+    let mut failed: Vec<String> = reaped
+        .failed
+        .iter()
+        .map(|(p, e)| format!("{}: {e}", p.display()))
+        .collect();
     let tmp = store.clean_tmp();
     let mut layers = 0;
     let mut layer_bytes = 0;
@@ -129,10 +133,13 @@ pub fn gc(ctx: &Ctx, all: bool, older_than: Option<&str>, keep_runs: usize) -> C
         let _lock = store
             .lock(&m.key)
             .map_err(|e| CliError::from_error(Exit::Infra, &e))?;
-        layer_bytes += store
-            .remove(&m.key)
-            .map_err(|e| CliError::from_error(Exit::Infra, &e))?;
-        layers += 1;
+        match store.remove(&m.key) {
+            Ok(bytes) => {
+                layer_bytes += bytes;
+                layers += 1;
+            }
+            Err(e) => failed.push(format!("layer {}: {e}", m.key)),
+        }
     }
     // VM base disks and boot files of layers that are gone now.
     let (vm_files, vm_bytes) = slate_vm::boot::gc(&store.root().join("vm"));
@@ -171,5 +178,16 @@ pub fn gc(ctx: &Ctx, all: bool, older_than: Option<&str>, keep_runs: usize) -> C
         "freed {} in all",
         human(layer_bytes + reaped.bytes + run_bytes + tmp + vm_bytes)
     ));
+    if !failed.is_empty() {
+        return Err(CliError::new(
+            Exit::Infra,
+            format!(
+                "could not remove {} item(s), the rest was removed:\n  {}",
+                failed.len(),
+                failed.join("\n  ")
+            ),
+        )
+        .hint("something still uses them (a mount, an immutable file); free it and run `slate gc` again"));
+    }
     Ok(Exit::Ok.into())
 }
