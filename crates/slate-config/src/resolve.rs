@@ -419,6 +419,22 @@ impl Resolver<'_> {
                 return;
             }
         }
+        // Counted before expanding: a few lines of axes can multiply into
+        // more targets than memory holds.
+        let count = axes
+            .iter()
+            .try_fold(1usize, |n, (_, v)| n.checked_mul(v.get_ref().len()));
+        if count.is_none_or(|n| n > MAX_MATRIX_TARGETS) {
+            let count = count.map_or_else(|| "too many".to_string(), |n| n.to_string());
+            self.err(
+                axes[0].1,
+                format!(
+                    "build `{name}`: its matrix makes {count} targets, more than {MAX_MATRIX_TARGETS}"
+                ),
+                Some("split the build, or list fewer values per axis".into()),
+            );
+            return;
+        }
         let axis_names: Vec<&str> = axes.iter().map(|(a, _)| a.as_str()).collect();
         // Placeholders that must resolve: in `image` and `artifacts`.
         let mut strict = vec![&bc.image];
@@ -626,7 +642,10 @@ impl Resolver<'_> {
     }
 }
 
-/// Every combination of matrix values, axes in file order.
+/// The most targets one build's matrix may make; each is built in its own
+/// environment, so more is a mistake rather than a plan.
+const MAX_MATRIX_TARGETS: usize = 1024;
+
 const NAME_HINT: &str =
     "use letters, digits, `.`, `_` and `-`, starting with a letter or digit, at most 63 characters";
 
@@ -651,6 +670,7 @@ fn check_name(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Every combination of matrix values, axes in file order.
 fn combinations(axes: &[(&String, &Spanned<Vec<String>>)]) -> Vec<Vec<(String, String)>> {
     let mut out = vec![Vec::new()];
     for (axis, values) in axes {
@@ -833,6 +853,43 @@ memory = "2GiB"
             d.iter().any(|d| d.message.contains("longer than a year")),
             "{d:?}"
         );
+    }
+
+    #[test]
+    fn a_matrix_too_large_to_expand_is_an_error() {
+        // 2^26 targets from 26 two-value axes: expanding them exhausted memory.
+        let axes: Vec<String> = (b'a'..=b'z')
+            .map(|c| format!("{} = [\"0\", \"1\"]", c as char))
+            .collect();
+        let d = diags(&format!(
+            "[images.b]\nfrom = \"tar:x.tar\"\n[builds.t]\nimage = \"b\"\nrun = [\"true\"]\nmatrix = {{ {} }}\n",
+            axes.join(", ")
+        ));
+        assert!(
+            d.iter().any(|d| d.message
+                == "build `t`: its matrix makes 67108864 targets, more than 1024"
+                && d.line == 6),
+            "{d:?}"
+        );
+        let values: Vec<String> = (0..1000).map(|i| format!("\"{i}\"")).collect();
+        let v = values.join(", ");
+        let d = diags(&format!(
+            "[images.b]\nfrom = \"tar:x.tar\"\n[builds.t]\nimage = \"b\"\nrun = [\"true\"]\nmatrix = {{ a = [{v}], b = [{v}], c = [{v}], d = [{v}], e = [{v}], f = [{v}], g = [{v}] }}\n"
+        ));
+        assert!(
+            d.iter()
+                .any(|d| d.message.contains("makes too many targets")),
+            "{d:?}"
+        );
+        let v = (0..1024)
+            .map(|i| format!("\"{i}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let p = load_text(&format!(
+            "[images.b]\nfrom = \"tar:x.tar\"\n[builds.t]\nimage = \"b\"\nrun = [\"true\"]\nmatrix = {{ a = [{v}] }}\n"
+        ))
+        .unwrap();
+        assert_eq!(p.targets.len(), 1024);
     }
 
     #[test]
