@@ -101,6 +101,10 @@ probe slate "$slate" -C "$proj" run bench -- true \
     || die "slate run failed (see above): this is a bug in slate"
 probe bwrap bwrap --unshare-all --die-with-parent --ro-bind "$rootfs" / \
     --proc /proc --dev /dev --tmpfs /tmp /bin/true || true
+# As root, bwrap keeps its capabilities unless told: this row is bwrap with
+# what slate's sandbox does by default (no capabilities, a new session).
+probe bwrap-nocaps bwrap --unshare-all --die-with-parent --cap-drop ALL --new-session \
+    --ro-bind "$rootfs" / --proc /proc --dev /dev --tmpfs /tmp /bin/true || true
 probe systemd-nspawn systemd-nspawn --quiet --register=no --keep-unit --console=pipe \
     --volatile=overlay -D "$rootfs" /bin/true || true
 if command -v podman >/dev/null; then

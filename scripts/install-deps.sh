@@ -58,6 +58,7 @@ wanted=(
     "qemu-user-static|test|runs the arm64 image test's binaries (registered by slate)"
     "arch-test|test|lets mmdebstrap bootstrap a foreign architecture"
     "busybox-static|test|the tests' network-free root filesystem"
+    "bubblewrap|test|the isolation test runs the same probes in it"
     "skopeo|test|reads exported OCI images independently"
     "umoci|test|unpacks exported OCI images independently"
     "docker-registry|test|the OCI registry the tests push to and pull from"

@@ -45,6 +45,22 @@ pub struct EnvSpec {
     pub ephemeral: bool,
     /// What makes it: a sandbox (the default; also for baking) or a VM.
     pub kind: EnvKind,
+    /// What the commands may do as root inside a sandbox (a VM's guest is
+    /// its own kernel and keeps its root).
+    pub privileges: Privileges,
+}
+
+/// The capabilities a sandboxed command keeps. Neither level allows device
+/// nodes, mounts, new namespaces or kernel settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Privileges {
+    /// None at all: root by name only, as in bubblewrap. Builds, `slate run`
+    /// and `slate shell`.
+    #[default]
+    None,
+    /// What a package manager needs (change owners and modes, switch
+    /// users): bake steps.
+    Packages,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -215,14 +231,35 @@ pub struct LineSplitter {
 }
 
 impl LineSplitter {
+    /// The longest line passed on whole; a longer one (a build printing
+    /// megabytes without a newline) is passed on in pieces of this size, so
+    /// memory stays bounded whatever the command prints.
+    pub const MAX_LINE: usize = 64 * 1024;
+
     pub fn push(&mut self, data: &[u8], mut f: impl FnMut(&str)) {
         self.buf.extend_from_slice(data);
-        while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.buf.drain(..=pos).collect();
-            let line = String::from_utf8_lossy(&line[..line.len() - 1]);
-            f(line.strip_suffix('\r').unwrap_or(&line));
+        // One pass and one shift per chunk: a chunk of many short lines
+        // costs its length, not its length times its lines.
+        let mut start = 0;
+        loop {
+            let rest = &self.buf[start..];
+            let window = &rest[..rest.len().min(Self::MAX_LINE + 1)];
+            match window.iter().position(|&b| b == b'\n') {
+                Some(pos) => {
+                    let line = String::from_utf8_lossy(&rest[..pos]);
+                    f(line.strip_suffix('\r').unwrap_or(&line));
+                    start += pos + 1;
+                }
+                None if rest.len() > Self::MAX_LINE => {
+                    f(&String::from_utf8_lossy(&rest[..Self::MAX_LINE]));
+                    start += Self::MAX_LINE;
+                }
+                None => break,
+            }
         }
+        self.buf.drain(..start);
     }
+
     pub fn finish(&mut self, mut f: impl FnMut(&str)) {
         if !self.buf.is_empty() {
             let line = String::from_utf8_lossy(&self.buf).into_owned();
@@ -244,6 +281,21 @@ mod tests {
         s.push(b"c\r\nd\ne", |l| got.push(l.to_string()));
         s.finish(|l| got.push(l.to_string()));
         assert_eq!(got, ["abc", "d", "e"]);
+    }
+
+    #[test]
+    fn a_line_without_end_is_passed_on_in_bounded_pieces() {
+        let max = LineSplitter::MAX_LINE;
+        let mut s = LineSplitter::default();
+        let mut got: Vec<usize> = Vec::new();
+        for _ in 0..40 {
+            s.push(&vec![b'x'; 10_000], |l| got.push(l.len()));
+            assert!(s.buf.len() <= max, "held {} bytes", s.buf.len());
+        }
+        s.push(b"\nend\n", |l| got.push(l.len()));
+        assert_eq!(got.iter().sum::<usize>(), 400_000 + 3);
+        assert!(got.iter().all(|&n| n <= max), "{got:?}");
+        assert_eq!(got.last(), Some(&3));
     }
 
     #[test]

@@ -382,6 +382,7 @@ impl<P: Provider> Orchestrator<'_, P> {
                 ProviderKind::Vm => EnvKind::Vm,
                 _ => EnvKind::Sandbox,
             },
+            privileges: slate_provider::Privileges::None,
         };
         let mut attempt = 1;
         loop {

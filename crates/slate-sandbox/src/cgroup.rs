@@ -186,7 +186,9 @@ pub fn reap_env(id: &str) -> bool {
 }
 
 /// Removes slate's *empty* leftover cgroups. Never kills: a group with
-/// processes belongs to a live environment, possibly of another slate.
+/// processes belongs to a live environment, possibly of another slate. An
+/// empty group whose owner still runs is kept too: it is an environment
+/// between its creation and its first command, or between two commands.
 pub fn reap_leftovers() -> usize {
     let mut n = 0;
     for b in bases() {
@@ -194,6 +196,10 @@ pub fn reap_leftovers() -> usize {
             continue;
         };
         for e in rd.flatten() {
+            let name = e.file_name();
+            if owner_alive(&name.to_string_lossy()) {
+                continue;
+            }
             if e.path().is_dir() && std::fs::remove_dir(e.path()).is_ok() {
                 n += 1;
             }
@@ -202,9 +208,37 @@ pub fn reap_leftovers() -> usize {
     n
 }
 
+/// Whether the slate process named in an environment id (`NAME-PID-N`)
+/// still runs. An id that names no process counts as alive: never remove
+/// what cannot be told apart from a live environment.
+fn owner_alive(id: &str) -> bool {
+    let mut parts = id.rsplit('-');
+    let (Some(_n), Some(pid)) = (parts.next(), parts.next()) else {
+        return true;
+    };
+    let Ok(pid) = pid.parse::<libc::pid_t>() else {
+        return true;
+    };
+    if pid <= 0 {
+        return true;
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_environment_of_a_running_slate_is_alive() {
+        let me = std::process::id();
+        assert!(owner_alive(&format!("build-x-{me}-3")));
+        assert!(owner_alive("no-pid-here"));
+        // The largest pid the kernel hands out is below 2^22.
+        assert!(!owner_alive("build-x-99999999-0"));
+    }
 
     #[test]
     fn detects_versions_from_layout() {

@@ -32,8 +32,20 @@ pub enum Prep {
     Touch(CString),
     Symlink(CString, CString),
     Mount(Mount),
-    /// Remount a bind mount read-only.
-    RemountRo(CString),
+    /// The root overlay. Its folders are opened first and named to the
+    /// kernel as `/proc/self/fd/N`: the mount options, which anyone inside
+    /// can read in `/proc/self/mountinfo`, then show no host path.
+    Overlay {
+        target: CString,
+        /// Lowest first is the caller's order; the kernel wants top first,
+        /// which is how they are stored here.
+        lower: Vec<CString>,
+        upper: CString,
+        work: CString,
+        flags: libc::c_ulong,
+    },
+    /// Remount a bind mount read-only, with these flags besides.
+    RemountRo(CString, libc::c_ulong),
 }
 
 pub struct Plan {
@@ -51,6 +63,11 @@ pub struct Plan {
     pub argv: Vec<CString>,
     pub envp: Vec<CString>,
     pub new_session: bool,
+    /// Capabilities (a bit per capability) the command keeps; all others
+    /// leave the bounding, permitted, effective, inheritable and ambient sets.
+    pub caps_keep: u64,
+    /// The seccomp filter, installed after `no_new_privs`.
+    pub seccomp: Vec<libc::sock_filter>,
 }
 
 /// Reports a failed setup step to the parent and exits.
@@ -244,8 +261,18 @@ unsafe fn init(plan: &Plan) -> ! {
             }
             Prep::Mount(m) => {
                 let data = m.data.as_ref().map_or(ptr::null(), |d| d.as_ptr().cast());
-                let fd =
-                    in_root(plan, &m.target).map(|rel| walk(plan, &m.target, rel, Create::None));
+                let fd = in_root(plan, &m.target).map(|rel| {
+                    let create = if m.optional {
+                        Create::Maybe
+                    } else {
+                        Create::None
+                    };
+                    walk(plan, &m.target, rel, create)
+                });
+                if fd == Some(-1) {
+                    // An optional mount whose target is not there.
+                    continue;
+                }
                 let mut buf = [0u8; 40];
                 let target = fd.map_or(m.target.as_ptr(), |fd| fd_path(fd, &mut buf));
                 if libc::mount(m.source.as_ptr(), target, m.fstype.as_ptr(), m.flags, data) != 0
@@ -255,8 +282,19 @@ unsafe fn init(plan: &Plan) -> ! {
                 }
                 fd.map_or(0, |fd| libc::close(fd))
             }
-            Prep::RemountRo(target) => {
-                let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC;
+            Prep::Overlay {
+                target,
+                lower,
+                upper,
+                work,
+                flags,
+            } => {
+                mount_overlay(plan, target, lower, upper, work, *flags);
+                0
+            }
+            Prep::RemountRo(target, extra) => {
+                let flags =
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC | extra;
                 let fd = in_root(plan, target).map(|rel| walk(plan, target, rel, Create::None));
                 let mut buf = [0u8; 40];
                 let at = fd.map_or(target.as_ptr(), |fd| fd_path(fd, &mut buf));
@@ -307,6 +345,8 @@ const COMPONENT_MAX: usize = 255;
 enum Create {
     /// Every component must exist.
     None,
+    /// Like `None`, but a missing component gives -1 instead of failing.
+    Maybe,
     /// Missing folders are made, the last with this mode.
     Dir(libc::mode_t),
     /// Missing folders are made; the last component is an empty file.
@@ -392,10 +432,13 @@ unsafe fn walk(plan: &Plan, path: &CString, rel: &[u8], create: Create) -> libc:
                     fail2(plan, b"mkdir ", bytes(path));
                 }
             }
-            (Create::None, _) => {}
+            (Create::None | Create::Maybe, _) => {}
         }
         let next = libc::openat(fd, cname, libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC);
         libc::close(fd);
+        if next < 0 && matches!(create, Create::Maybe) {
+            return -1;
+        }
         if next < 0 {
             fail2(plan, b"open (not following symlinks) ", bytes(path));
         }
@@ -410,6 +453,156 @@ unsafe fn walk(plan: &Plan, path: &CString, rel: &[u8], create: Create) -> libc:
         fd = next;
     }
     fd
+}
+
+/// Mounts the root overlay with its folders named by descriptor.
+unsafe fn mount_overlay(
+    plan: &Plan,
+    target: &CString,
+    lower: &[CString],
+    upper: &CString,
+    work: &CString,
+    flags: libc::c_ulong,
+) {
+    let mut opts = [0u8; 4096];
+    let mut n = 0;
+    let mut put = |s: &[u8]| {
+        if n + s.len() >= opts.len() {
+            fail(plan, b"the image has too many layers for one overlay mount");
+        }
+        opts[n..n + s.len()].copy_from_slice(s);
+        n += s.len();
+    };
+    let mut opened = [0 as libc::c_int; 512];
+    let mut count = 0;
+    let dir = |p: &CString| {
+        let fd = libc::open(
+            p.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
+        if fd < 0 {
+            fail2(plan, b"open layer ", bytes(p));
+        }
+        fd
+    };
+    let fd_name = |fd: libc::c_int, put: &mut dyn FnMut(&[u8])| {
+        let mut buf = [0u8; 40];
+        fd_path(fd, &mut buf);
+        let len = buf.iter().position(|&b| b == 0).unwrap_or(0);
+        put(&buf[..len]);
+    };
+    put(b"lowerdir=");
+    for (i, l) in lower.iter().enumerate() {
+        if i > 0 {
+            put(b":");
+        }
+        if count == opened.len() {
+            fail(plan, b"the image has too many layers for one overlay mount");
+        }
+        let fd = dir(l);
+        opened[count] = fd;
+        count += 1;
+        fd_name(fd, &mut put);
+    }
+    for (key, p) in [(&b",upperdir="[..], upper), (&b",workdir="[..], work)] {
+        put(key);
+        let fd = dir(p);
+        if count < opened.len() {
+            opened[count] = fd;
+            count += 1;
+        }
+        fd_name(fd, &mut put);
+    }
+    put(b"\0");
+    if libc::mount(
+        c"overlay".as_ptr(),
+        target.as_ptr(),
+        c"overlay".as_ptr(),
+        flags,
+        opts.as_ptr().cast(),
+    ) != 0
+    {
+        fail2(plan, b"mount overlay on ", bytes(target));
+    }
+    for &fd in &opened[..count] {
+        libc::close(fd);
+    }
+}
+
+/// Drops every capability `plan.caps_keep` does not name, sets
+/// `no_new_privs` and installs the seccomp filter. After `execve` a root
+/// command gains nothing back: its permitted set is capped by the bounding
+/// set and, with `no_new_privs`, by what it held before.
+unsafe fn confine(plan: &Plan) {
+    let keep = plan.caps_keep;
+    for cap in 0..64u64 {
+        if keep & (1 << cap) == 0
+            && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) != 0
+            && *libc::__errno_location() != libc::EINVAL
+        {
+            fail(plan, b"drop capabilities from the bounding set");
+        }
+    }
+    if libc::prctl(
+        libc::PR_CAP_AMBIENT,
+        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+        0,
+        0,
+        0,
+    ) != 0
+        && *libc::__errno_location() != libc::EINVAL
+    {
+        fail(plan, b"clear ambient capabilities");
+    }
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let hdr = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let (lo, hi) = (keep as u32, (keep >> 32) as u32);
+    let data = [
+        Data {
+            effective: lo,
+            permitted: lo,
+            inheritable: 0,
+        },
+        Data {
+            effective: hi,
+            permitted: hi,
+            inheritable: 0,
+        },
+    ];
+    if libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) != 0 {
+        fail(plan, b"drop capabilities");
+    }
+    if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+        fail(plan, b"set no_new_privs");
+    }
+    if !plan.seccomp.is_empty() {
+        let prog = libc::sock_fprog {
+            len: plan.seccomp.len() as libc::c_ushort,
+            filter: plan.seccomp.as_ptr() as *mut libc::sock_filter,
+        };
+        if libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+            &prog as *const libc::sock_fprog as libc::c_ulong,
+        ) != 0
+        {
+            fail(plan, b"install the seccomp filter");
+        }
+    }
 }
 
 /// `/proc/self/fd/N` in `buf`: a mount on it lands on what `fd` opened.
@@ -450,7 +643,8 @@ unsafe fn loopback_up(plan: &Plan) {
 }
 
 unsafe fn command(plan: &Plan) -> ! {
-    libc::close(plan.status_fd);
+    // The status pipe stays open (close-on-exec) until `execve`, so that a
+    // failure to confine the command is reported like any setup failure.
     // Dispositions slate set for itself survive fork and execve when they
     // are "ignore": Rust ignores SIGPIPE, and `slate run`/`shell` ignore
     // SIGINT while the command owns the terminal. The command starts with
@@ -466,6 +660,7 @@ unsafe fn command(plan: &Plan) -> ! {
     if plan.new_session {
         libc::setsid();
     }
+    confine(plan);
     let argv = ptrs_of(&plan.argv);
     let envp = ptrs_of(&plan.envp);
     for exe in &plan.exe_candidates {

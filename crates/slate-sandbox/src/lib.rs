@@ -13,6 +13,7 @@
 mod cgroup;
 mod child;
 pub mod fsutil;
+mod seccomp;
 
 pub use cgroup::{detect as cgroup_version, CgroupVersion};
 
@@ -29,6 +30,80 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+/// Layers one overlay mount takes: each is named as `/proc/self/fd/N`.
+const MAX_LAYERS: usize = 160;
+
+/// What the OCI runtime spec's defaults hide (`maskedPaths`): kernel memory,
+/// keys, timers, firmware. Folders get an empty read-only tmpfs, files
+/// `/dev/null`.
+const MASKED: [&str; 11] = [
+    "proc/acpi",
+    "proc/asound",
+    "proc/kcore",
+    "proc/keys",
+    "proc/latency_stats",
+    "proc/timer_list",
+    "proc/timer_stats",
+    "proc/sched_debug",
+    "proc/scsi",
+    "sys/firmware",
+    "sys/devices/virtual/powercap",
+];
+
+/// What it makes read-only (`readonlyPaths`): kernel settings and triggers.
+const READ_ONLY: [&str; 5] = [
+    "proc/bus",
+    "proc/fs",
+    "proc/irq",
+    "proc/sys",
+    "proc/sysrq-trigger",
+];
+
+/// The mounts that mask and write-protect `/proc` and `/sys` paths, for the
+/// ones this kernel has (the environment runs on the host's kernel, so the
+/// host's `/proc` and `/sys` say which exist).
+fn proc_masks(r: &dyn Fn(&str) -> CString) -> Vec<Prep> {
+    let mut preps = Vec::new();
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    for p in MASKED {
+        let Ok(meta) = std::fs::symlink_metadata(Path::new("/").join(p)) else {
+            continue;
+        };
+        let (source, fstype, mflags, data) = if meta.is_dir() {
+            (
+                "tmpfs",
+                "tmpfs",
+                flags | libc::MS_RDONLY,
+                Some(cstr("size=0")),
+            )
+        } else {
+            ("/dev/null", "", libc::MS_BIND, None)
+        };
+        preps.push(Prep::Mount(Mount {
+            source: cstr(source),
+            target: r(p),
+            fstype: cstr(fstype),
+            flags: mflags,
+            data,
+            optional: true,
+        }));
+    }
+    for p in READ_ONLY {
+        if std::fs::symlink_metadata(Path::new("/").join(p)).is_err() {
+            continue;
+        }
+        preps.push(Prep::Mount(Mount {
+            source: r(p),
+            target: r(p),
+            fstype: cstr(""),
+            flags: libc::MS_BIND | libc::MS_REC,
+            data: None,
+            optional: false,
+        }));
+        preps.push(Prep::RemountRo(r(p), flags));
+    }
+    preps
+}
 
 pub struct SandboxProvider {
     state_dir: PathBuf,
@@ -229,24 +304,13 @@ impl SandboxEnv {
     fn plan(&self, spec: &ExecSpec, status_fd: libc::c_int) -> Result<Plan, ProviderError> {
         let root = self.dir.join("root");
         let r = |p: &str| cpath(&root.join(p.trim_start_matches('/')));
-        let lower: Vec<String> = self
-            .spec
-            .layers
-            .iter()
-            .rev()
-            .map(|l| l.display().to_string())
-            .collect();
-        let overlay_opts = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lower.join(":"),
-            self.upper.display(),
-            self.dir.join("work").display()
-        );
-        if overlay_opts.len() >= 4000 {
+        // Top first, as overlayfs wants them.
+        let lower: Vec<CString> = self.spec.layers.iter().rev().map(|l| cpath(l)).collect();
+        if lower.len() > MAX_LAYERS {
             return Err(ProviderError::Other {
                 env: self.id.clone(),
                 what: format!(
-                    "the image has too many layers ({}) for one overlay mount",
+                    "the image has too many layers ({}, at most {MAX_LAYERS}) for one overlay mount",
                     lower.len()
                 ),
             });
@@ -282,15 +346,24 @@ impl SandboxEnv {
             ]);
         }
         preps.extend([
-            mount("overlay", cpath(&root), "overlay", 0, Some(&overlay_opts)),
+            // Everything the command can write is nosuid and nodev.
+            Prep::Overlay {
+                target: cpath(&root),
+                lower,
+                upper: cpath(&self.upper),
+                work: cpath(&self.dir.join("work")),
+                flags: nosuid,
+            },
             Prep::Mkdir(r("proc"), 0o555),
             mount("proc", r("proc"), "proc", nosuid | libc::MS_NOEXEC, None),
             Prep::Mkdir(r("dev"), 0o755),
+            // The device nodes below are bind mounts of the host's, which
+            // keep working on a nodev tmpfs; nothing made here would.
             mount(
                 "tmpfs",
                 r("dev"),
                 "tmpfs",
-                libc::MS_NOSUID,
+                nosuid | libc::MS_NOEXEC,
                 Some("mode=0755,size=65536k"),
             ),
         ]);
@@ -338,6 +411,17 @@ impl SandboxEnv {
                 ..m
             }));
         }
+        // The environment's own cgroup (a cgroup namespace makes it the
+        // root), read-only: limits are visible, leaving is not possible.
+        preps.push(Prep::Mount(Mount {
+            source: cstr("cgroup2"),
+            target: r("sys/fs/cgroup"),
+            fstype: cstr("cgroup2"),
+            flags: nosuid | libc::MS_NOEXEC | libc::MS_RDONLY,
+            data: None,
+            optional: true,
+        }));
+        preps.extend(proc_masks(&r));
         let mut binds = self.spec.binds.clone();
         if self.spec.network && Path::new("/etc/resolv.conf").exists() {
             binds.push(Bind {
@@ -381,7 +465,7 @@ impl SandboxEnv {
                 None,
             ));
             if b.readonly {
-                preps.push(Prep::RemountRo(r(guest)));
+                preps.push(Prep::RemountRo(r(guest), nosuid));
             }
         }
 
@@ -436,8 +520,11 @@ impl SandboxEnv {
                 ),
             });
         }
-        let mut flags =
-            libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+        let mut flags = libc::CLONE_NEWNS
+            | libc::CLONE_NEWPID
+            | libc::CLONE_NEWUTS
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWCGROUP;
         if !self.spec.network {
             flags |= libc::CLONE_NEWNET;
         }
@@ -463,6 +550,11 @@ impl SandboxEnv {
             argv: spec.argv.iter().map(cstr).collect(),
             envp: env.iter().map(|(k, v)| cstr(format!("{k}={v}"))).collect(),
             new_session: !spec.interactive,
+            caps_keep: match self.spec.privileges {
+                Privileges::None => 0,
+                Privileges::Packages => seccomp::PACKAGE_CAPS,
+            },
+            seccomp: seccomp::program(),
         })
     }
 

@@ -155,3 +155,19 @@ fn root_sandbox_artifacts_cannot_escape_through_symlinks() {
     assert_eq!(e.fetch("/src/dist/a", &dest).unwrap(), 3);
     assert!(e.fetch("/src/dist/link/hostname", &dest).is_err());
 }
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_sandbox_gc_leaves_a_live_environments_empty_cgroup_alone() {
+    require_root();
+    let (t, p, mut spec) = setup();
+    spec.limits.pids = Some(64);
+    // Made, not yet entered: its cgroup is empty, as between two commands.
+    let mut e = p.create(&spec).unwrap();
+    let reaped = slate_sandbox::reap(&t.path().join("envs"));
+    assert!(reaped.failed.is_empty(), "{:?}", reaped.failed);
+    let (o, out) = run(&mut e, "echo still-here");
+    assert_eq!(o, ExecOutcome::Exited(0), "{out}");
+    assert_eq!(out, "still-here\n");
+    e.destroy().unwrap();
+}

@@ -1,0 +1,158 @@
+//! Hostile builds and bake steps: each test is a real build or bake that
+//! tries to reach the host and must fail. Named `root_*`: they need root,
+//! so a plain `cargo test` lists them as ignored; `scripts/test.sh` runs
+//! them as root.
+
+mod common;
+
+use common::{require_root, require_tool, text, Project};
+use std::path::Path;
+use std::process::Command;
+
+const IMAGE: &str = "[images.bb]\nfrom = \"tar:bb.tar.gz\"\n";
+
+/// Each probe prints `NAME: allowed` or `NAME: denied`. Writes to kernel
+/// files only open them (nothing is written), so a probe that is allowed
+/// changes nothing.
+const PROBES: &str = r#"
+grep CapEff /proc/self/status
+probe() { name=$1; shift; if "$@" 2>/dev/null; then echo "$name: allowed"; else echo "$name: denied"; fi; }
+probe mknod mknod /tmp/slate-probe-dev b 253 0
+probe mount mount -t tmpfs none /tmp
+probe remount-sys mount -o remount,rw /sys
+probe proc-sys sh -c 'exec 3>>/proc/sys/vm/overcommit_ratio'
+probe sysrq-trigger sh -c 'exec 3>>/proc/sysrq-trigger'
+probe chown-other sh -c 'touch /tmp/slate-probe-f && chown 1:1 /tmp/slate-probe-f'
+"#;
+
+const DENIED: &str = "CapEff:\t0000000000000000
+mknod: denied
+mount: denied
+remount-sys: denied
+proc-sys: denied
+sysrq-trigger: denied
+chown-other: denied
+";
+
+#[test]
+#[ignore = "needs root and bubblewrap: scripts/test.sh runs it"]
+fn root_a_build_has_no_privileges_and_bubblewrap_answers_the_same() {
+    require_root();
+    let bwrap = require_tool("bwrap", "bubblewrap");
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.probe]\nimage = \"bb\"\nscript = \"probe.sh\"\nartifacts = [\"out/answers\"]\n"
+    ));
+    p.write(
+        "probe.sh",
+        &format!("mkdir -p out\n{{\n{PROBES}\n}} > out/answers\n"),
+    );
+    let o = p.run(&["build"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let slate = p.read("artifacts/probe/answers");
+    assert_eq!(slate, DENIED, "inside a slate build");
+
+    // The same probes in bubblewrap, run the way it is meant to be run: by
+    // an unprivileged user (nobody), every namespace unshared, over the
+    // same busybox root.
+    let root = p.path().join("rootfs");
+    std::fs::create_dir_all(&root).unwrap();
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-xzf")
+        .arg(p.project().join("bb.tar.gz"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    use std::os::unix::fs::PermissionsExt;
+    for d in [p.path(), &root] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let o = Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(bwrap)
+        .arg("--ro-bind")
+        .arg(&root)
+        .arg("/")
+        .args([
+            "--ro-bind",
+            "/sys",
+            "/sys",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+        ])
+        .args(["--tmpfs", "/tmp", "--unshare-all", "--new-session"])
+        .args(["--die-with-parent", "/bin/sh", "-c", PROBES])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let bwrap_answers = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(bwrap_answers, slate, "bubblewrap and slate disagree");
+}
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_a_build_can_neither_make_namespaces_nor_see_host_paths() {
+    require_root();
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.look]\nimage = \"bb\"\nrun = [\"mkdir -p out\", \"cat /proc/self/mountinfo > out/mountinfo\", \"cat /proc/self/cgroup > out/cgroup\", \"if unshare -U true; then echo allowed; else echo denied; fi > out/unshare\", \"if unshare -m true; then echo allowed; else echo denied; fi >> out/unshare\"]\nartifacts = [\"out/*\"]\n"
+    ));
+    let o = p.run(&["build"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(p.read("artifacts/look/unshare"), "denied\ndenied\n");
+    // The overlay's folders live in slate's cache and state folders on
+    // the host; the mount table inside names none of them.
+    let mountinfo = p.read("artifacts/look/mountinfo");
+    for host in [p.path(), &p.cache] {
+        let host = host.to_string_lossy();
+        assert!(
+            !mountinfo.contains(host.as_ref()),
+            "`{host}` shows inside:\n{mountinfo}"
+        );
+    }
+    assert!(mountinfo.contains("lowerdir=/proc/self/fd/"), "{mountinfo}");
+    // Its own cgroup is the root of what it sees.
+    let cgroup = p.read("artifacts/look/cgroup");
+    assert!(cgroup.lines().any(|l| l == "0::/"), "{cgroup}");
+}
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_bake_steps_may_set_owners_but_not_make_devices() {
+    require_root();
+    // Owners and modes, as dpkg sets them, work in a bake step.
+    let p = Project::new(
+        "[images.bb]\nfrom = \"tar:bb.tar.gz\"\nsteps = [\"touch /etc/owned && chown 1:1 /etc/owned\"]\n\n[builds.see]\nimage = \"bb\"\nrun = [\"mkdir -p out\", \"stat -c %u:%g /etc/owned > out/owner\"]\nartifacts = [\"out/owner\"]\n",
+    );
+    let o = p.run(&["build"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(p.read("artifacts/see/owner"), "1:1\n");
+
+    // A device node for a host disk does not.
+    let p = Project::new(
+        "[images.bb]\nfrom = \"tar:bb.tar.gz\"\nsteps = [\"mknod /dev-disk b 253 0\"]\n",
+    );
+    let o = p.run(&["bake"]);
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(out.contains("Operation not permitted"), "{out}");
+    let layers = p.cache.join("v1");
+    assert!(
+        !has_device(&layers),
+        "a device node was written under {}",
+        layers.display()
+    );
+}
+
+fn has_device(dir: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    rd.flatten().any(|e| {
+        let Ok(t) = e.file_type() else { return false };
+        t.is_block_device() || t.is_char_device() || (t.is_dir() && has_device(&e.path()))
+    })
+}
