@@ -77,11 +77,15 @@ pub struct Limits {
     pub cpus: Option<f64>,
     pub memory: Option<u64>,
     pub pids: Option<u64>,
+    /// The limits are slate's defaults, not the user's: a host without a
+    /// usable cgroup hierarchy runs the environment without them (and says
+    /// so once) instead of failing it.
+    pub best_effort: bool,
 }
 
 impl Limits {
     pub fn is_empty(&self) -> bool {
-        *self == Limits::default()
+        self.cpus.is_none() && self.memory.is_none() && self.pids.is_none()
     }
 }
 

@@ -375,6 +375,7 @@ impl<P: Provider> Orchestrator<'_, P> {
                 cpus: t.cpus,
                 memory: t.memory,
                 pids: Some(t.pids.unwrap_or(DEFAULT_PIDS)),
+                best_effort: t.cpus.is_none() && t.memory.is_none() && t.pids.is_none(),
             },
             binds: vec![],
             ephemeral: false,

@@ -258,6 +258,7 @@ mod tests {
             cpus: Some(1.5),
             memory: Some(1 << 30),
             pids: Some(100),
+            ..Default::default()
         };
         let cg = Cgroup::create_v2(t.path(), "env1", &l).unwrap();
         let d = t.path().join("slate/env1");
@@ -280,6 +281,7 @@ mod tests {
             cpus: Some(2.0),
             memory: Some(4096),
             pids: None,
+            ..Default::default()
         };
         let cg = Cgroup::create_v1(t.path(), "env1", &l).unwrap();
         assert_eq!(cg.procs_files().len(), 3);

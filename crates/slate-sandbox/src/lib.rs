@@ -172,11 +172,8 @@ impl Provider for SandboxProvider {
                 destroyed: false,
                 _lease: None,
             };
-            if !spec.limits.is_empty() {
-                let cg = cgroup::Cgroup::create(&env.id, &spec.limits)
-                    .map_err(|e| cerr("set up cgroup limits".into(), e))?;
-                env.cgroup = Some(cg);
-            }
+            env.cgroup = limits_cgroup(&env.id, &spec.limits)
+                .map_err(|e| cerr("set up cgroup limits".into(), e))?;
             return Ok(env);
         }
         let dir = self.state_dir.join(&id);
@@ -198,12 +195,31 @@ impl Provider for SandboxProvider {
             .map_err(|e| cerr(format!("create `{}`", env.upper.display()), e))?;
         std::fs::create_dir_all(dir.join("work"))
             .map_err(|e| cerr("create overlay workdir".into(), e))?;
-        if !spec.limits.is_empty() {
-            let cg = cgroup::Cgroup::create(&id, &spec.limits)
-                .map_err(|e| cerr("set up cgroup limits".into(), e))?;
-            env.cgroup = Some(cg);
-        }
+        env.cgroup =
+            limits_cgroup(&id, &spec.limits).map_err(|e| cerr("set up cgroup limits".into(), e))?;
         Ok(env)
+    }
+}
+
+/// The cgroup that enforces `limits`, if any. Without a usable hierarchy,
+/// limits the user asked for fail the environment; slate's own defaults are
+/// dropped, with one warning per process.
+fn limits_cgroup(id: &str, limits: &Limits) -> std::io::Result<Option<cgroup::Cgroup>> {
+    if limits.is_empty() {
+        return Ok(None);
+    }
+    match cgroup::Cgroup::create(id, limits) {
+        Ok(cg) => Ok(Some(cg)),
+        Err(e) if limits.best_effort => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                eprintln!(
+                    "warning: no usable cgroup hierarchy ({e}); environments run without slate's default pids limit (delegate cgroup v2 at /sys/fs/cgroup to enforce limits)"
+                )
+            });
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
 }
 

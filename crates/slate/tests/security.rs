@@ -156,3 +156,43 @@ fn has_device(dir: &Path) -> bool {
         t.is_block_device() || t.is_char_device() || (t.is_dir() && has_device(&e.path()))
     })
 }
+
+/// `slate ARGS` in a mount namespace of its own where `/sys/fs/cgroup` is an
+/// empty tmpfs: a host without a usable cgroup hierarchy.
+fn without_cgroups(p: &Project, args: &[&str]) -> std::process::Output {
+    Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg("mount -t tmpfs none /sys/fs/cgroup && exec \"$@\"")
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_slate"))
+        .arg("-C")
+        .arg(p.project())
+        .args(args)
+        .env("SLATE_CACHE", &p.cache)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_a_host_without_cgroups_builds_unless_limits_were_asked_for() {
+    require_root();
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.plain]\nimage = \"bb\"\nrun = [\"mkdir -p out\", \"echo ok > out/ok\"]\nartifacts = [\"out/ok\"]\n\n[builds.limited]\nimage = \"bb\"\npids = 100\nrun = [\"true\"]\n"
+    ));
+    let o = without_cgroups(&p, &["build", "plain"]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert_eq!(p.read("artifacts/plain/ok"), "ok\n");
+    assert_eq!(
+        out.matches("warning: no usable cgroup hierarchy").count(),
+        1,
+        "{out}"
+    );
+    // A limit the user set is not dropped in silence.
+    let o = without_cgroups(&p, &["build", "limited"]);
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(out.contains("set up cgroup limits"), "{out}");
+}
