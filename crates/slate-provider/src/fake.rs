@@ -16,6 +16,8 @@ pub enum FakeAction {
     Write { path: String, content: Vec<u8> },
     /// Run until cancelled or timed out.
     Hang,
+    /// The provider fails with this text (as an agent's error would).
+    Error(String),
 }
 
 #[derive(Default)]
@@ -138,6 +140,10 @@ impl Environment for FakeEnv {
                 self.files.insert(join(&spec.cwd, &path), content);
                 Ok(ExecOutcome::Exited(0))
             }
+            FakeAction::Error(what) => Err(ProviderError::Other {
+                env: self.id.clone(),
+                what,
+            }),
             FakeAction::Hang => loop {
                 if cancel.is_cancelled() {
                     return Ok(ExecOutcome::Cancelled);

@@ -51,6 +51,14 @@ pub struct Orchestrator<'a, P: Provider> {
     pub cancel: Cancel,
 }
 
+/// The values of a target's secrets, as this process sees them.
+fn secret_values(t: &TargetSpec) -> Vec<String> {
+    t.secrets
+        .iter()
+        .map(|k| std::env::var(k).unwrap_or_default())
+        .collect()
+}
+
 /// Replaces secret values in a line with `***`.
 pub fn mask(line: &str, secrets: &[String]) -> String {
     // What a secret can look like within one line: the whole value, and
@@ -310,6 +318,9 @@ impl<P: Provider> Orchestrator<'_, P> {
         error: Option<String>,
         artifacts: Vec<ArtifactRecord>,
     ) -> TargetResult {
+        // Error text comes from providers too (an agent's message, a VM's
+        // console): it is masked like output before it is shown or kept.
+        let error = error.map(|e| mask(&e, &secret_values(t)));
         self.sink.event(&Event::new(
             Some(&t.name),
             EventKind::TargetFinished {
@@ -363,7 +374,7 @@ impl<P: Provider> Orchestrator<'_, P> {
             .iter()
             .map(|k| (k.clone(), std::env::var(k).unwrap_or_default()))
             .collect();
-        let secret_values: Vec<String> = secrets.iter().map(|(_, v)| v.clone()).collect();
+        let secret_values = secret_values(t);
         let started = events::now();
         let spec = EnvSpec {
             name: t.name.clone(),
@@ -388,6 +399,7 @@ impl<P: Provider> Orchestrator<'_, P> {
         let mut attempt = 1;
         loop {
             let retry = |attempt: u32, error: String| {
+                let error = mask(&error, &secret_values);
                 self.sink.event(&Event::new(
                     Some(&t.name),
                     EventKind::Retry { attempt, error },

@@ -156,6 +156,23 @@ fn secrets_are_passed_but_masked_in_output() {
 }
 
 #[test]
+fn secrets_are_masked_in_a_providers_error_text() {
+    std::env::set_var("SLATE_TEST_AGENT_TOKEN", "agent-s3cr3t");
+    let f = fixture("run = [\"call\"]\nsecrets = [\"SLATE_TEST_AGENT_TOKEN\"]\n");
+    let p = FakeProvider::new().on(
+        "call",
+        FakeAction::Error("the agent said: bad token agent-s3cr3t".into()),
+    );
+    let sink = events::Collect::default();
+    let r = run(&f, &p, &sink);
+    assert_eq!(r.status, TargetStatus::InfraFailed);
+    let err = r.error.unwrap_or_default();
+    assert!(err.contains("bad token ***"), "{err}");
+    let shown = format!("{:?}", sink.0.lock().unwrap());
+    assert!(!shown.contains("agent-s3cr3t"), "{shown}");
+}
+
+#[test]
 fn timeout_fails_the_target() {
     let f = fixture("run = [\"hang\"]\ntimeout = \"1s\"\n");
     let p = FakeProvider::new().on("hang", FakeAction::Hang);
