@@ -436,7 +436,9 @@ pub fn write_disk(layers: &[PathBuf], dest: &Path, clamp: u64, free_mib: u64) ->
     let res = (|| {
         let flat = work.join("rootfs.tar");
         write_flat(layers, io::BufWriter::new(File::create(&flat)?), clamp)?.flush()?;
-        crate::registry::unpack_layer(io::BufReader::new(File::open(&flat)?), &root)?;
+        let rootfs = io::BufReader::new(File::open(&flat)?);
+        crate::unpack::unpack(rootfs, &root, crate::unpack::Source::Slate)
+            .map_err(io::Error::other)?;
         fs::remove_file(&flat)?;
         let used = crate::store::slate_size(&root);
         let mib = (used + used / 4) / (1 << 20) + free_mib;

@@ -5,6 +5,7 @@ pub mod export;
 pub mod plan;
 pub mod registry;
 pub mod store;
+pub mod unpack;
 
 pub use plan::{plan, ImagePlan, LayerKind, LayerPlan};
 pub use store::{LayerMeta, LayerStore};
@@ -58,6 +59,13 @@ pub enum ImageError {
         reference: String,
         #[source]
         source: registry::RegistryError,
+    },
+    #[error("image `{image}`: cannot unpack `{}`", path.display())]
+    Unpack {
+        image: String,
+        path: PathBuf,
+        #[source]
+        source: unpack::UnpackError,
     },
     #[error(transparent)]
     Provider(#[from] ProviderError),
@@ -212,17 +220,20 @@ impl<P: Provider> Baker<'_, P> {
                 arch,
             } => self.bootstrap(plan, suite, mirror.as_deref(), variant, arch.as_deref(), fs),
             LayerKind::Tar { path } => {
-                let mut cmd = Command::new("tar");
-                cmd.args(["-x", "-p", "--numeric-owner", "-f"])
-                    .arg(path)
-                    .arg("-C")
-                    .arg(fs);
-                self.host_command(plan, cmd, "unpack")
-                    .map_err(|outcome| ImageError::Bootstrap {
+                let dropped =
+                    unpack::unpack_tar_base(path, fs).map_err(|source| ImageError::Unpack {
                         image: plan.name.clone(),
-                        suite: path.display().to_string(),
-                        outcome,
-                    })
+                        path: path.clone(),
+                        source,
+                    })?;
+                if let Some(what) = dropped.describe() {
+                    let line = format!(
+                        "warning: `{}`: {what}: `tar:` bases keep no device nodes, fifos, setuid or setgid bits",
+                        path.display()
+                    );
+                    self.reporter.output(&plan.name, Stream::Stderr, &line);
+                }
+                Ok(())
             }
             LayerKind::Oci {
                 reference,
@@ -242,13 +253,19 @@ impl<P: Provider> Baker<'_, P> {
                     source,
                 })?;
                 let arch = export::oci_arch(None).0;
-                let digest = client.pull_into(arch, fs, &tmp).map_err(perr)?;
+                let pulled = client.pull_into(arch, fs, &tmp).map_err(perr)?;
                 let _ = std::fs::remove_dir_all(&tmp);
                 self.reporter.output(
                     &plan.name,
                     Stream::Stdout,
-                    &format!("pulled {r} ({digest})"),
+                    &format!("pulled {r} ({})", pulled.digest),
                 );
+                if let Some(what) = pulled.dropped.describe() {
+                    let line = format!(
+                        "warning: `{r}`: {what}: image layers keep no device nodes or fifos"
+                    );
+                    self.reporter.output(&plan.name, Stream::Stderr, &line);
+                }
                 Ok(())
             }
             LayerKind::Files(files) => {

@@ -9,7 +9,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -24,6 +24,12 @@ pub enum RegistryError {
     },
     #[error("blob `{digest}` does not match its digest (got `{got}`)")]
     Digest { digest: String, got: String },
+    #[error("cannot unpack layer `{digest}`")]
+    Unpack {
+        digest: String,
+        #[source]
+        source: Box<crate::unpack::UnpackError>,
+    },
     #[error("{what}")]
     Io {
         what: String,
@@ -152,6 +158,15 @@ fn credentials(registry: &str) -> Option<(String, String)> {
     let decoded = String::from_utf8(b64_decode(auth)?).ok()?;
     let (u, p) = decoded.split_once(':')?;
     Some((u.to_string(), p.to_string()))
+}
+
+/// What a pull brought in.
+#[derive(Debug)]
+pub struct Pulled {
+    /// The digest of the image's manifest.
+    pub digest: String,
+    /// What the layers had that was left out of the image.
+    pub dropped: crate::unpack::Dropped,
 }
 
 pub struct Client {
@@ -314,13 +329,13 @@ impl Client {
     }
 
     /// Pulls the image for `os/arch` and unpacks its layers, in order, into
-    /// `dest` (whiteouts applied). Returns the manifest digest.
+    /// `dest` (whiteouts applied, see [`crate::unpack`]).
     pub fn pull_into(
         &mut self,
         arch: &str,
         dest: &Path,
         tmp: &Path,
-    ) -> Result<String, RegistryError> {
+    ) -> Result<Pulled, RegistryError> {
         const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
         let reference = self.r.reference.clone();
         let (mut manifest, mut digest) =
@@ -337,6 +352,7 @@ impl Client {
         if layers.is_empty() {
             return Err(self.http_err(format!("`{}` has no layers", self.r)));
         }
+        let mut dropped = crate::unpack::Dropped::default();
         for layer in layers {
             let d = layer["digest"].as_str().unwrap_or_default().to_string();
             let media = layer["mediaType"].as_str().unwrap_or_default().to_string();
@@ -352,10 +368,18 @@ impl Client {
             } else {
                 Box::new(f)
             };
-            unpack_layer(reader, dest).map_err(ioe(format!("unpack layer `{d}`")))?;
+            let source = crate::unpack::Source::OciLayer;
+            dropped.extend(
+                crate::unpack::unpack(reader, dest, source).map_err(|source| {
+                    RegistryError::Unpack {
+                        digest: d.clone(),
+                        source: Box::new(source),
+                    }
+                })?,
+            );
             let _ = fs::remove_file(&blob);
         }
-        Ok(digest)
+        Ok(Pulled { digest, dropped })
     }
 
     fn download(&mut self, digest: &str, to: &Path) -> Result<(), RegistryError> {
@@ -453,64 +477,6 @@ impl Client {
         )?;
         Ok((mdigest, sent, skipped))
     }
-}
-
-/// Unpacks one layer tar into `dest`, applying OCI whiteouts.
-pub fn unpack_layer(reader: impl Read, dest: &Path) -> io::Result<()> {
-    let mut ar = tar::Archive::new(reader);
-    ar.set_preserve_permissions(true);
-    ar.set_preserve_ownerships(true);
-    ar.set_preserve_mtime(true);
-    ar.set_overwrite(true);
-    for entry in ar.entries()? {
-        let mut entry = entry?;
-        let path: PathBuf = entry.path()?.into_owned();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if path
-            .components()
-            .any(|c| matches!(c, std::path::Component::ParentDir))
-        {
-            continue;
-        }
-        if name == ".wh..wh..opq" {
-            let dir = dest.join(path.parent().unwrap_or(Path::new("")));
-            if let Ok(rd) = fs::read_dir(&dir) {
-                for e in rd.flatten() {
-                    let p = e.path();
-                    if p.is_dir() && !p.is_symlink() {
-                        fs::remove_dir_all(&p)?;
-                    } else {
-                        fs::remove_file(&p)?;
-                    }
-                }
-            }
-            continue;
-        }
-        if let Some(hidden) = name.strip_prefix(".wh.") {
-            let target = dest.join(path.with_file_name(hidden));
-            match fs::symlink_metadata(&target) {
-                Ok(m) if m.is_dir() => fs::remove_dir_all(&target)?,
-                Ok(_) => fs::remove_file(&target)?,
-                Err(_) => {}
-            }
-            continue;
-        }
-        // Replacing a folder by a file (or the reverse) needs the old one gone.
-        let target = dest.join(&path);
-        if let Ok(m) = fs::symlink_metadata(&target) {
-            let is_dir_entry = entry.header().entry_type().is_dir();
-            if m.is_dir() && !is_dir_entry {
-                fs::remove_dir_all(&target)?;
-            } else if !m.is_dir() && is_dir_entry {
-                fs::remove_file(&target)?;
-            }
-        }
-        entry.unpack_in(dest)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

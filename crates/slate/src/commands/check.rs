@@ -46,7 +46,9 @@ pub fn check(ctx: &Ctx) -> CmdResult {
     for (tool, what) in [
         ("mmdebstrap", "bootstraps debian: images"),
         ("debootstrap", "bootstraps debian: images (slower fallback)"),
-        ("tar", "unpacks tar: images"),
+        ("xz", "unpacks tar: images in .xz"),
+        ("zstd", "unpacks tar: images in .zst"),
+        ("bzip2", "unpacks tar: images in .bz2"),
     ] {
         let found = slate_image::which(tool);
         println!(
