@@ -3,7 +3,24 @@
 //! for loopback registries or with `insecure`.
 //!
 //! Credentials come from `SLATE_REGISTRY_USER`/`SLATE_REGISTRY_PASSWORD` or
-//! from `~/.docker/config.json` (`auths.<host>.auth`); they are never printed.
+//! from `~/.docker/config.json` (`auths.<host>.auth`); they are never printed,
+//! and go to the registry's own host only: not to an upload URL that a
+//! `Location` header names elsewhere, nor through a redirect.
+//!
+//! The registry is not trusted. Every digest it names is checked to be
+//! `sha256:` and 64 hex digits before it becomes a URL or a file name; a
+//! manifest fetched by digest (a pinned reference, or the platform's entry in
+//! an index) must hash to that digest; a manifest may weigh 4 MiB at most and
+//! a blob no more than its manifest says. Layers are unpacked by
+//! [`crate::unpack`], which keeps every path inside the root.
+//!
+//! Why not a maintained client (`oci-client` with `oci-spec`): reqwest and
+//! tokio are in the binary already (for publishing), but it would still add
+//! some 26 crates — `oci-spec`'s proc-macro stacks (darling, derive_builder,
+//! strum, getset, const_format), a second `sha2` — and an async runtime to
+//! drive from this blocking code, for the few requests a pull and a push
+//! make. It would also leave unpacking layers, where the real danger is, to
+//! slate all the same. The checks above are a few dozen lines here.
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -24,6 +41,14 @@ pub enum RegistryError {
     },
     #[error("blob `{digest}` does not match its digest (got `{got}`)")]
     Digest { digest: String, got: String },
+    #[error("the registry sent `{got}` for the manifest `{want}`")]
+    ManifestDigest { want: String, got: String },
+    #[error("`{digest}` is {why}")]
+    BadDigest { digest: String, why: String },
+    #[error("the manifest `{reference}` is larger than 4 MiB")]
+    ManifestTooLarge { reference: String },
+    #[error("blob `{digest}` is larger than the {size} bytes its manifest says")]
+    BlobTooLarge { digest: String, size: u64 },
     #[error("cannot unpack layer `{digest}`")]
     Unpack {
         digest: String,
@@ -37,6 +62,39 @@ pub enum RegistryError {
         source: io::Error,
     },
 }
+
+/// Checks that `d` is `sha256:` and 64 lowercase hex digits, before it
+/// becomes part of a URL or a file name.
+pub fn check_digest(d: &str) -> Result<&str, RegistryError> {
+    let bad = |why: String| RegistryError::BadDigest {
+        digest: d.chars().take(140).collect(),
+        why,
+    };
+    match d.split_once(':') {
+        Some(("sha256", hex))
+            if hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) =>
+        {
+            Ok(d)
+        }
+        Some((alg, _))
+            if alg != "sha256"
+                && !alg.is_empty()
+                && alg
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) =>
+        {
+            Err(bad(format!(
+                "a `{alg}` digest: slate checks only sha256 digests"
+            )))
+        }
+        _ => Err(bad(
+            "not a digest: expected `sha256:` and 64 lowercase hex digits".into(),
+        )),
+    }
+}
+
+/// The most a manifest or an index may weigh.
+const MANIFEST_LIMIT: u64 = 4 << 20;
 
 fn ioe(what: impl Into<String>) -> impl FnOnce(io::Error) -> RegistryError {
     let what = what.into();
@@ -66,6 +124,7 @@ impl Reference {
             ));
         }
         let (repository, reference) = if let Some((r, d)) = rest.split_once('@') {
+            check_digest(d).map_err(|e| bad(&e.to_string()))?;
             (r, d.to_string())
         } else {
             match rest.rsplit_once(':') {
@@ -216,12 +275,15 @@ impl Client {
         body: Body,
         push: bool,
     ) -> Result<ureq::Response, RegistryError> {
+        // Credentials go to the registry only, never to a host that a
+        // `Location` header names (redirects drop them in ureq already).
+        let ours = url.starts_with(&format!("{}/", self.base));
         for attempt in 0..2 {
             let mut req = self.agent.request(method, url);
             for (k, v) in headers {
                 req = req.set(k, v);
             }
-            if let Some(a) = &self.auth {
+            if let (Some(a), true) = (&self.auth, ours) {
                 req = req.set("Authorization", a);
             }
             let res = match &body {
@@ -235,6 +297,13 @@ impl Client {
             };
             match res {
                 Ok(r) => return Ok(r),
+                Err(ureq::Error::Status(401, _)) if !ours => {
+                    return Err(self.http_err(format!(
+                        "{method} {} asks for credentials; slate sends them to `{}` only",
+                        url.split('?').next().unwrap_or(url),
+                        self.r.registry
+                    )))
+                }
                 Err(ureq::Error::Status(401, r)) if attempt == 0 => {
                     let challenge = r.header("WWW-Authenticate").unwrap_or("").to_string();
                     self.authenticate(&challenge, push)?;
@@ -315,14 +384,33 @@ impl Client {
         format!("{}/v2/{}/{tail}", self.base, self.r.repository)
     }
 
-    fn get_json(&mut self, tail: &str, accept: &str) -> Result<(Value, String), RegistryError> {
-        let url = self.url(tail);
+    /// Fetches the manifest or index `reference` (a tag or a checked
+    /// digest), at most [`MANIFEST_LIMIT`] bytes of it. One fetched by digest
+    /// must hash to that digest.
+    fn get_manifest(
+        &mut self,
+        reference: &str,
+        accept: &str,
+    ) -> Result<(Value, String), RegistryError> {
+        let url = self.url(&format!("manifests/{reference}"));
         let r = self.send("GET", &url, &[("Accept", accept)], Body::None, false)?;
         let mut bytes = Vec::new();
         r.into_reader()
+            .take(MANIFEST_LIMIT + 1)
             .read_to_end(&mut bytes)
             .map_err(ioe("read manifest"))?;
+        if bytes.len() as u64 > MANIFEST_LIMIT {
+            return Err(RegistryError::ManifestTooLarge {
+                reference: reference.into(),
+            });
+        }
         let digest = format!("sha256:{}", crate::plan::hex(&Sha256::digest(&bytes)));
+        if reference.starts_with("sha256:") && digest != reference {
+            return Err(RegistryError::ManifestDigest {
+                want: reference.into(),
+                got: digest,
+            });
+        }
         let v = serde_json::from_slice(&bytes)
             .map_err(|e| self.http_err(format!("manifest is not JSON: {e}")))?;
         Ok((v, digest))
@@ -338,26 +426,35 @@ impl Client {
     ) -> Result<Pulled, RegistryError> {
         const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
         let reference = self.r.reference.clone();
-        let (mut manifest, mut digest) =
-            self.get_json(&format!("manifests/{reference}"), ACCEPT)?;
+        let (mut manifest, mut digest) = self.get_manifest(&reference, ACCEPT)?;
         if let Some(list) = manifest["manifests"].as_array() {
+            for m in list {
+                check_digest(m["digest"].as_str().unwrap_or_default())?;
+            }
             let pick = list
                 .iter()
                 .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == arch)
                 .ok_or_else(|| self.http_err(format!("`{}` has no linux/{arch} image", self.r)))?;
             let d = pick["digest"].as_str().unwrap_or_default().to_string();
-            (manifest, digest) = self.get_json(&format!("manifests/{d}"), ACCEPT)?;
+            (manifest, digest) = self.get_manifest(&d, ACCEPT)?;
         }
         let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
         if layers.is_empty() {
             return Err(self.http_err(format!("`{}` has no layers", self.r)));
         }
+        check_digest(manifest["config"]["digest"].as_str().unwrap_or_default())?;
+        for layer in &layers {
+            check_digest(layer["digest"].as_str().unwrap_or_default())?;
+        }
         let mut dropped = crate::unpack::Dropped::default();
         for layer in layers {
             let d = layer["digest"].as_str().unwrap_or_default().to_string();
             let media = layer["mediaType"].as_str().unwrap_or_default().to_string();
+            let size = layer["size"]
+                .as_u64()
+                .ok_or_else(|| self.http_err(format!("layer `{d}` has no size")))?;
             let blob = tmp.join(d.replace(':', "-"));
-            self.download(&d, &blob)?;
+            self.download(&d, size, &blob)?;
             let f = File::open(&blob).map_err(ioe("open layer"))?;
             let reader: Box<dyn Read> = if media.ends_with("gzip") {
                 Box::new(flate2::read::GzDecoder::new(f))
@@ -382,17 +479,26 @@ impl Client {
         Ok(Pulled { digest, dropped })
     }
 
-    fn download(&mut self, digest: &str, to: &Path) -> Result<(), RegistryError> {
+    /// Downloads the blob `digest` (checked) of `size` bytes to `to`.
+    fn download(&mut self, digest: &str, size: u64, to: &Path) -> Result<(), RegistryError> {
         let url = self.url(&format!("blobs/{digest}"));
         let r = self.send("GET", &url, &[], Body::None, false)?;
         let mut f = File::create(to).map_err(ioe(format!("create `{}`", to.display())))?;
         let mut h = Sha256::new();
-        let mut reader = r.into_reader();
+        let mut reader = r.into_reader().take(size.saturating_add(1));
         let mut buf = vec![0u8; 1 << 16];
+        let mut got = 0u64;
         loop {
             let n = reader.read(&mut buf).map_err(ioe("download blob"))?;
             if n == 0 {
                 break;
+            }
+            got += n as u64;
+            if got > size {
+                return Err(RegistryError::BlobTooLarge {
+                    digest: digest.into(),
+                    size,
+                });
             }
             h.update(&buf[..n]);
             f.write_all(&buf[..n]).map_err(ioe("write blob"))?;
@@ -413,10 +519,8 @@ impl Client {
             &fs::read(layout.join("index.json")).map_err(ioe("read index.json"))?,
         )
         .map_err(|e| self.http_err(e.to_string()))?;
-        let mdigest = index["manifests"][0]["digest"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let mdigest =
+            check_digest(index["manifests"][0]["digest"].as_str().unwrap_or_default())?.to_string();
         let blob_path = |d: &str| {
             layout
                 .join("blobs/sha256")
@@ -436,6 +540,9 @@ impl Client {
                 .flatten()
                 .filter_map(|l| l["digest"].as_str().map(str::to_string)),
         );
+        for d in &blobs {
+            check_digest(d)?;
+        }
         let (mut sent, mut skipped) = (0u64, 0u64);
         for d in blobs {
             let path = blob_path(&d);
@@ -495,14 +602,357 @@ mod tests {
             ("127.0.0.1:5000", "slate/bb", "v1")
         );
         assert!(r.is_loopback());
-        let r = Reference::parse("registry.example/a/b@sha256:abc").unwrap();
-        assert_eq!(r.reference, "sha256:abc");
-        assert_eq!(r.to_string(), "registry.example/a/b@sha256:abc");
+        let pinned = format!("sha256:{}", "0a".repeat(32));
+        let r = Reference::parse(&format!("registry.example/a/b@{pinned}")).unwrap();
+        assert_eq!(r.reference, pinned);
+        assert_eq!(r.to_string(), format!("registry.example/a/b@{pinned}"));
+        for bad in ["sha256:abc", "sha256:../../x", "md5:00"] {
+            let e = Reference::parse(&format!("registry.example/a/b@{bad}")).unwrap_err();
+            assert!(e.to_string().contains("digest"), "{e}");
+        }
         assert_eq!(
             Reference::parse("localhost:5000/x").unwrap().reference,
             "latest"
         );
         assert!(Reference::parse("debian:bookworm").is_err());
+    }
+
+    /// A registry on loopback that answers every request with `route` and
+    /// records what it was asked, with the `Authorization` header sent.
+    struct Fake {
+        addr: std::net::SocketAddr,
+        seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    /// Method, path and the `Authorization` header of a request.
+    type Seen = (String, String, Option<String>);
+
+    /// Status, extra headers, body.
+    type Reply = (u16, Vec<(String, String)>, Vec<u8>);
+
+    impl Fake {
+        fn start(route: impl Fn(&str, &str) -> Reply + Send + 'static) -> Fake {
+            use std::io::BufRead;
+            use std::sync::atomic::Ordering;
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (seen2, stop2) = (seen.clone(), stop.clone());
+            let thread = std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if stop2.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(mut conn) = conn else { continue };
+                    let mut r = io::BufReader::new(conn.try_clone().unwrap());
+                    let mut line = String::new();
+                    if r.read_line(&mut line).is_err() {
+                        continue;
+                    }
+                    let mut parts = line.split_whitespace();
+                    let method = parts.next().unwrap_or("").to_string();
+                    let path = parts.next().unwrap_or("").to_string();
+                    let (mut len, mut auth) = (0u64, None);
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                            break;
+                        }
+                        let (k, v) = h.split_once(':').unwrap_or((&h, ""));
+                        match k.to_ascii_lowercase().as_str() {
+                            "content-length" => len = v.trim().parse().unwrap_or(0),
+                            "authorization" => auth = Some(v.trim().to_string()),
+                            _ => {}
+                        }
+                    }
+                    let _ = io::copy(&mut r.take(len), &mut io::sink());
+                    seen2
+                        .lock()
+                        .unwrap()
+                        .push((method.clone(), path.clone(), auth));
+                    let (code, headers, body) = route(&method, &path);
+                    let mut head = format!(
+                        "HTTP/1.1 {code} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+                        body.len()
+                    );
+                    for (k, v) in headers {
+                        head.push_str(&format!("{k}: {v}\r\n"));
+                    }
+                    head.push_str("\r\n");
+                    let _ = conn.write_all(head.as_bytes());
+                    if method != "HEAD" {
+                        let _ = conn.write_all(&body);
+                    }
+                }
+            });
+            Fake {
+                addr,
+                seen,
+                stop,
+                thread: Some(thread),
+            }
+        }
+
+        fn reference(&self, tail: &str) -> Reference {
+            Reference::parse(&format!("{}/slate/victim{tail}", self.addr)).unwrap()
+        }
+
+        fn seen(&self) -> Vec<Seen> {
+            self.seen.lock().unwrap().clone()
+        }
+    }
+
+    impl Drop for Fake {
+        fn drop(&mut self) {
+            self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = std::net::TcpStream::connect(self.addr);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    fn ok(body: impl Into<Vec<u8>>) -> Reply {
+        (200, vec![], body.into())
+    }
+
+    fn sha(bytes: &[u8]) -> String {
+        format!("sha256:{}", crate::plan::hex(&Sha256::digest(bytes)))
+    }
+
+    /// A one-file layer, uncompressed, and its manifest.
+    fn image() -> (Vec<u8>, Vec<u8>) {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(2);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        b.append_data(&mut h, "hello", &b"hi"[..]).unwrap();
+        let layer = b.into_inner().unwrap();
+        let manifest = manifest_with(&sha(&layer), layer.len());
+        (layer, manifest)
+    }
+
+    fn manifest_with(layer_digest: &str, size: usize) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(b"{}"), "size": 2},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": size}],
+        }))
+        .unwrap()
+    }
+
+    /// Pulls `r` into a fresh root; the folders live as long as the result.
+    fn pull(r: &Reference) -> (tempfile::TempDir, Result<Pulled, RegistryError>) {
+        let t = tempfile::tempdir().unwrap();
+        let (dest, tmp) = (t.path().join("fs"), t.path().join("blobs"));
+        fs::create_dir_all(&dest).unwrap();
+        fs::create_dir_all(&tmp).unwrap();
+        let res = Client::new(r, false).pull_into("amd64", &dest, &tmp);
+        (t, res)
+    }
+
+    #[test]
+    fn digests_that_are_not_sha256_hex_are_refused_before_any_use() {
+        let outer = tempfile::tempdir().unwrap();
+        let victim = outer.path().join("written-by-the-registry");
+        let (layer, _) = image();
+        let hex64 = "a".repeat(64);
+        for (digest, why) in [
+            (victim.to_str().unwrap().to_string(), "not a digest"),
+            ("sha256:../../x".to_string(), "not a digest"),
+            (format!("sha256:{}", hex64.to_uppercase()), "not a digest"),
+            (format!("sha256:{hex64}/../x"), "not a digest"),
+            (format!("sha512:{}", "a".repeat(128)), "only sha256"),
+        ] {
+            let manifest = manifest_with(&digest, layer.len());
+            let layer = layer.clone();
+            let reg = Fake::start(move |_, path| {
+                if path.contains("/manifests/") {
+                    ok(manifest.clone())
+                } else {
+                    ok(layer.clone())
+                }
+            });
+            let (_t, res) = pull(&reg.reference(":v1"));
+            assert!(
+                !victim.exists(),
+                "{digest}: a file named by the manifest was created"
+            );
+            let e = res.unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains(&digest), "{digest}: {e}");
+            assert!(
+                reg.seen().iter().all(|(_, p, _)| !p.contains("/blobs/")),
+                "{digest}: {:?}",
+                reg.seen()
+            );
+        }
+    }
+
+    #[test]
+    fn a_manifest_pulled_by_digest_must_hash_to_that_digest() {
+        let (layer, manifest) = image();
+        let pinned = sha(b"another manifest");
+        let reg = Fake::start(move |_, path| {
+            if path.contains("/manifests/") {
+                ok(manifest.clone())
+            } else {
+                ok(layer.clone())
+            }
+        });
+        let (_t, res) = pull(&reg.reference(&format!("@{pinned}")));
+        let e = res.unwrap_err().to_string();
+        assert!(e.contains(&pinned), "{e}");
+        assert!(e.contains(&sha(&image().1)), "{e}");
+    }
+
+    #[test]
+    fn a_platform_manifest_must_hash_to_the_digest_its_index_names() {
+        let (layer, manifest) = image();
+        let named = sha(b"what the index promised");
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": named, "size": 10,
+                           "platform": {"os": "linux", "architecture": "amd64"}}],
+        }))
+        .unwrap();
+        let reg = Fake::start(move |_, path| {
+            if path.ends_with("/manifests/v1") {
+                ok(index.clone())
+            } else if path.contains("/manifests/") {
+                ok(manifest.clone())
+            } else {
+                ok(layer.clone())
+            }
+        });
+        let (_t, res) = pull(&reg.reference(":v1"));
+        let e = res.unwrap_err().to_string();
+        assert!(e.contains(&named) && e.contains(&sha(&image().1)), "{e}");
+        // The good path: the index names the manifest it serves.
+        let (layer, manifest) = image();
+        let index = serde_json::to_vec(&serde_json::json!({
+            "manifests": [{"digest": sha(&manifest), "platform": {"os": "linux", "architecture": "amd64"}}],
+        }))
+        .unwrap();
+        let reg = Fake::start(move |_, path| {
+            if path.ends_with("/manifests/v1") {
+                ok(index.clone())
+            } else if path.contains("/manifests/") {
+                ok(manifest.clone())
+            } else {
+                ok(layer.clone())
+            }
+        });
+        let (t, res) = pull(&reg.reference(":v1"));
+        assert_eq!(res.unwrap().digest, sha(&image().1));
+        assert_eq!(fs::read_to_string(t.path().join("fs/hello")).unwrap(), "hi");
+    }
+
+    #[test]
+    fn a_manifest_over_the_limit_is_refused() {
+        let (layer, _) = image();
+        let mut big: serde_json::Value = serde_json::from_slice(&image().1).unwrap();
+        big["annotations"] = serde_json::json!({ "pad": "x".repeat(5 << 20) });
+        let big = serde_json::to_vec(&big).unwrap();
+        let reg = Fake::start(move |_, path| {
+            if path.contains("/manifests/") {
+                ok(big.clone())
+            } else {
+                ok(layer.clone())
+            }
+        });
+        let (_t, res) = pull(&reg.reference(":v1"));
+        let e = res.unwrap_err().to_string();
+        assert!(e.contains("larger than 4 MiB"), "{e}");
+    }
+
+    #[test]
+    fn credentials_go_to_the_registry_only() {
+        // Another origin: a blob store the registry redirects to, and an
+        // upload URL it names in `Location`.
+        let elsewhere = Fake::start(|method, path| match (method, path) {
+            ("GET", _) => ok(image().0),
+            (_, p) if p.starts_with("/token") => ok(r#"{"token":"t"}"#),
+            _ => (
+                401,
+                vec![("WWW-Authenticate".into(), "Basic realm=\"x\"".into())],
+                vec![],
+            ),
+        });
+        let other = elsewhere.addr;
+        let (_, manifest) = image();
+        let reg = Fake::start(move |method, path| match method {
+            "GET" if path.contains("/manifests/") => ok(manifest.clone()),
+            "GET" => (
+                307,
+                vec![("Location".into(), format!("http://{other}/blob"))],
+                vec![],
+            ),
+            "HEAD" => (404, vec![], vec![]),
+            "POST" => (
+                202,
+                vec![("Location".into(), format!("http://{other}/upload/1"))],
+                vec![],
+            ),
+            _ => (201, vec![], vec![]),
+        });
+        let t = tempfile::tempdir().unwrap();
+        let (dest, tmp) = (t.path().join("fs"), t.path().join("blobs"));
+        fs::create_dir_all(&dest).unwrap();
+        fs::create_dir_all(&tmp).unwrap();
+        let mut c = Client::new(&reg.reference(":v1"), false);
+        c.creds = Some(("user".into(), "secret".into()));
+        c.auth = Some("Basic dXNlcjpzZWNyZXQ=".into());
+        c.pull_into("amd64", &dest, &tmp).unwrap();
+        let layout = t.path().join("layout");
+        let (layer, manifest) = image();
+        let blobs = layout.join("blobs/sha256");
+        fs::create_dir_all(&blobs).unwrap();
+        for b in [&layer, &manifest, &b"{}".to_vec()] {
+            fs::write(blobs.join(&sha(b)[7..]), b).unwrap();
+        }
+        let index = serde_json::json!({"manifests": [{"digest": sha(&manifest)}]});
+        fs::write(layout.join("index.json"), index.to_string()).unwrap();
+        let pushed = c.push_layout(&layout);
+        let seen = elsewhere.seen();
+        assert!(seen.iter().any(|(m, _, _)| m == "PUT"), "{seen:?}");
+        assert!(
+            seen.iter().all(|(_, _, a)| a.is_none()),
+            "credentials went to another host: {seen:?}"
+        );
+        assert!(pushed.is_err());
+    }
+
+    #[test]
+    fn a_layout_to_push_names_its_blobs_by_checked_digests() {
+        let reg = Fake::start(|_, _| (404, vec![], vec![]));
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("secret"), "private").unwrap();
+        let layout = t.path().join("layout");
+        let blobs = layout.join("blobs/sha256");
+        fs::create_dir_all(&blobs).unwrap();
+        let manifest = manifest_with("sha256:../../../secret", 7);
+        fs::write(blobs.join(&sha(&manifest)[7..]), &manifest).unwrap();
+        fs::write(blobs.join(&sha(b"{}")[7..]), "{}").unwrap();
+        let index = serde_json::json!({"manifests": [{"digest": sha(&manifest)}]});
+        fs::write(layout.join("index.json"), index.to_string()).unwrap();
+        let e = Client::new(&reg.reference(":v1"), false)
+            .push_layout(&layout)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`sha256:../../../secret` is not a digest"),
+            "{e}"
+        );
+        assert!(reg.seen().is_empty(), "{:?}", reg.seen());
     }
 
     #[test]
