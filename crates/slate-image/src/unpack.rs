@@ -258,11 +258,19 @@ impl Unpacker {
             return Ok(());
         }
         let raw = entry.path_bytes().into_owned();
+        // Old archives mark folders by a trailing slash only.
+        let kind = match kind {
+            T::Regular if raw.ends_with(b"/") && entry.header().as_ustar().is_none() => {
+                T::Directory
+            }
+            k => k,
+        };
         let name = String::from_utf8_lossy(&raw).into_owned();
         let parts = components(&raw, &name)?;
         let Some((last, parents)) = parts.split_last() else {
             return Ok(()); // the root itself
         };
+        let rel: PathBuf = parts.iter().collect();
         if self.source == Source::OciLayer {
             let l = last.as_bytes();
             if l == b".wh..wh..opq" {
@@ -322,7 +330,7 @@ impl Unpacker {
             T::Regular | T::Continuous | T::GNUSparse => {
                 if self.source == Source::TarBase && mode & 0o6000 != 0 {
                     mode &= !0o6000;
-                    self.dropped.setid.push(name.clone());
+                    self.dropped.setid.push(rel.to_string_lossy().into_owned());
                 }
                 remove_at(d, &last).map_err(io("replace"))?;
                 let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
@@ -432,11 +440,12 @@ impl Unpacker {
                     .map_err(io("set the mode of"))?;
             }
             _ => {
-                self.dropped.special.push(name.clone());
+                self.dropped
+                    .special
+                    .push(rel.to_string_lossy().into_owned());
                 return Ok(());
             }
         }
-        let rel: PathBuf = parts.iter().collect();
         self.written.extend(rel.ancestors().map(Path::to_path_buf));
         Ok(())
     }
@@ -1062,8 +1071,8 @@ mod tests {
         fs::write(
             &path,
             gzip(&archive(&[
-                E::Char("dev/null", 1, 3),
-                E::File("bin/su", "su", 0o4755),
+                E::Char("./dev/null", 1, 3),
+                E::File("/bin/su", "su", 0o4755),
                 E::File("bin/wall", "wall", 0o2755),
                 E::File("bin/sh", "sh", 0o1755),
                 E::Dir("var", 0o755),
@@ -1167,5 +1176,25 @@ mod tests {
         fs::write(&bad, bytes).unwrap();
         let e = tar_base(&bad, &s.dest).unwrap_err();
         assert!(e.contains("`zstd` could not decompress"), "{e}");
+    }
+
+    #[test]
+    fn an_old_style_folder_entry_is_a_folder() {
+        let s = scene();
+        let mut h = tar::Header::new_old();
+        h.as_old_mut().name[..4].copy_from_slice(b"etc/");
+        h.set_mode(0o750);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(0);
+        h.set_cksum();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append(&h, &b""[..]).unwrap();
+        let bytes = b.into_inner().unwrap();
+        unpack(&bytes[..], &s.dest, Source::OciLayer).unwrap();
+        let m = fs::symlink_metadata(s.dest.join("etc")).unwrap();
+        assert!(m.is_dir());
+        assert_eq!(m.permissions().mode() & 0o7777, 0o750);
     }
 }
