@@ -341,6 +341,9 @@ impl<P: Provider> Baker<'_, P> {
             binds,
             ephemeral: false,
             kind: slate_provider::EnvKind::Sandbox,
+            // apt and dpkg set owners and switch users; devices, mounts and
+            // kernel settings stay out of reach as in builds.
+            privileges: slate_provider::Privileges::Packages,
         };
         let mut envir = self.provider.create(&spec)?;
         let mut sink = |s: Stream, l: &str| self.reporter.output(&plan.name, s, l);
