@@ -120,6 +120,7 @@ impl ArtifactStore {
             let _ = std::fs::remove_dir_all(&old);
         }
         if staged.exists() {
+            give_to_invoking_user(&staged)?;
             std::fs::rename(&staged, &dest).map_err(|e| ioerr(e, "move into place", &dest))?;
         } else {
             std::fs::create_dir_all(&dest).map_err(|e| ioerr(e, "create", &dest))?;
@@ -162,6 +163,16 @@ impl ArtifactStore {
         std::fs::create_dir_all(&self.staging).map_err(|e| ioerr(e, "create", &self.staging))?;
         let tmp = self.staging.join(name);
         std::fs::write(&tmp, data).map_err(|e| ioerr(e, "write", &tmp))?;
+        give_to_invoking_user(&tmp)?;
+        if let Some((uid, gid)) = invoking_user() {
+            // The folder too, when slate made it: its owner must be able
+            // to remove what is in it.
+            let meta = std::fs::metadata(&self.dir).map_err(|e| ioerr(e, "read", &self.dir))?;
+            if std::os::unix::fs::MetadataExt::uid(&meta) == 0 {
+                std::os::unix::fs::lchown(&self.dir, Some(uid), Some(gid))
+                    .map_err(|e| ioerr(e, "give to the invoking user", &self.dir))?;
+            }
+        }
         std::fs::rename(&tmp, self.dir.join(name))
             .map_err(|e| ioerr(e, "move into place", &self.dir.join(name)))
     }
@@ -170,6 +181,39 @@ impl ArtifactStore {
     pub fn finish(&self) {
         let _ = std::fs::remove_dir_all(&self.staging);
     }
+}
+
+/// The user who ran `sudo slate …`: artifacts are theirs, not root's.
+/// `None` when slate runs as root by itself (or not as root at all).
+pub fn invoking_user() -> Option<(u32, u32)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let id = |k: &str| std::env::var(k).ok()?.parse::<u32>().ok();
+    match (id("SUDO_UID")?, id("SUDO_GID")?) {
+        (0, _) => None,
+        (uid, gid) => Some((uid, gid)),
+    }
+}
+
+/// Gives `path` and everything under it (links themselves, never what
+/// they point at) to the invoking user, if there is one.
+fn give_to_invoking_user(path: &Path) -> io::Result<()> {
+    let Some((uid, gid)) = invoking_user() else {
+        return Ok(());
+    };
+    let mut todo = vec![path.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        std::os::unix::fs::lchown(&p, Some(uid), Some(gid))
+            .map_err(|e| ioerr(e, "give to the invoking user", &p))?;
+        if std::fs::symlink_metadata(&p)?.is_dir() {
+            for e in std::fs::read_dir(&p)? {
+                todo.push(e?.path());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Makes a fetched artifact an ordinary file: no setuid, setgid or sticky

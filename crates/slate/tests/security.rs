@@ -196,3 +196,32 @@ fn root_a_host_without_cgroups_builds_unless_limits_were_asked_for() {
     assert!(!o.status.success(), "{out}");
     assert!(out.contains("set up cgroup limits"), "{out}");
 }
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_artifacts_of_sudo_slate_belong_to_the_user_who_ran_sudo() {
+    require_root();
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.mine]\nimage = \"bb\"\nrun = [\"mkdir -p out/sub\", \"echo a > out/sub/a\"]\nartifacts = [\"out/**\"]\n"
+    ));
+    let o = p
+        .cmd(&["build"])
+        .env("SUDO_UID", "4321")
+        .env("SUDO_GID", "4322")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    use std::os::unix::fs::MetadataExt;
+    let art = p.project().join("artifacts");
+    for rel in [
+        "",
+        "mine",
+        "mine/a",
+        "mine/provenance.json",
+        "SHA256SUMS",
+        "manifest.json",
+    ] {
+        let m = std::fs::symlink_metadata(art.join(rel)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (4321, 4322), "artifacts/{rel}");
+    }
+}
