@@ -282,10 +282,14 @@ impl VmProvider {
 /// 0.2 s faster, but its firmware lays the ACPI tables where the initramfs
 /// may land: depending on the initramfs's size the guest loses its tables,
 /// hence its devices, or hangs.)
-fn machine_args() -> [&'static str; 11] {
+fn machine_args() -> [&'static str; 13] {
     [
         "-M",
         "pc",
+        // QEMU's own seccomp filter: no obsolete system calls, no setuid,
+        // no spawning processes, no scheduler or affinity changes.
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-nodefaults",
         "-no-user-config",
         "-display",
@@ -468,12 +472,30 @@ pub struct VmEnv {
 
 struct HostFrames<'a>(&'a Receiver<Frame>);
 
+/// Frames read ahead from the agent.
+const FRAMES_IN_FLIGHT: usize = 64;
+/// How long the agent may take to answer a request (or send the next
+/// frame of an answer) before the VM counts as stuck.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// The largest file listing the agent may send.
+const MAX_LISTING: u64 = 64 << 20;
+
 impl proto::FrameSource for HostFrames<'_> {
     fn next_frame(&mut self) -> io::Result<Option<Frame>> {
-        self.0
-            .recv()
-            .map(Some)
-            .map_err(|_| io::Error::new(io::ErrorKind::UnexpectedEof, "the VM went away"))
+        match self.0.recv_timeout(REQUEST_TIMEOUT) {
+            Ok(f) => Ok(Some(f)),
+            Err(RecvTimeoutError::Timeout) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the guest's agent did not answer within {} s",
+                    REQUEST_TIMEOUT.as_secs()
+                ),
+            )),
+            Err(RecvTimeoutError::Disconnected) => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the VM went away",
+            )),
+        }
     }
 }
 
@@ -579,7 +601,9 @@ impl VmEnv {
         };
         stream.set_nonblocking(false)?;
         let mut reader = stream.try_clone()?;
-        let (tx, rx) = mpsc::channel();
+        // Bounded: a guest that floods output waits for slate (TCP
+        // back-pressure) instead of filling slate's memory.
+        let (tx, rx) = mpsc::sync_channel(FRAMES_IN_FLIGHT);
         std::thread::spawn(move || {
             while let Ok(Some(f)) = proto::read_frame(&mut reader) {
                 if tx.send(f).is_err() {
@@ -587,6 +611,8 @@ impl VmEnv {
                 }
             }
         });
+        // A guest that stops reading cannot hold slate forever.
+        stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
         self.to_guest = Some(stream);
         self.from_guest = Some(rx);
         loop {
@@ -720,25 +746,49 @@ impl Environment for VmEnv {
     }
 
     fn put(&mut self, base: &Path, entries: &[PathBuf], dest: &str) -> Result<u64, ProviderError> {
-        let mut b = tar::Builder::new(Vec::new());
-        b.follow_symlinks(false);
+        // Streamed as it is packed: the inputs are never held in memory.
+        // Each entry is archived alone (a folder without its contents):
+        // the list is what `exclude` and .gitignore left.
         let mut bytes = 0u64;
-        for e in entries {
-            let src = base.join(e);
-            let meta = std::fs::symlink_metadata(&src)
-                .map_err(|er| self.err(format!("read `{}`", src.display()), er))?;
-            if meta.is_dir() {
-                b.append_dir_all(e, &src)
-            } else {
-                bytes += meta.len();
-                b.append_path_with_name(&src, e)
+        let mut failed: Option<ProviderError> = None;
+        let res = (|| {
+            self.ask(proto::PUT_TAR, dest, 0)?;
+            let s = self
+                .to_guest
+                .as_mut()
+                .ok_or_else(|| io::Error::other("not booted"))?;
+            let mut b = tar::Builder::new(proto::DataWriter::new(&mut *s));
+            b.follow_symlinks(false);
+            for e in entries {
+                let src = base.join(e);
+                let packed = std::fs::symlink_metadata(&src).and_then(|meta| {
+                    if meta.is_file() {
+                        bytes += meta.len();
+                    }
+                    b.append_path_with_name(&src, e)
+                });
+                if let Err(er) = packed {
+                    // The guest is mid-stream: it cannot be told apart from
+                    // a short archive, so the environment is not used again.
+                    failed = Some(ProviderError::op(
+                        &self.id,
+                        format!("pack `{}`", src.display()),
+                        er,
+                    ));
+                    return Err(io::Error::other("packing failed"));
+                }
             }
-            .map_err(|er| self.err(format!("pack `{}`", src.display()), er))?;
+            b.into_inner()?.finish()?;
+            self.expect_ok()
+        })();
+        match (res, failed) {
+            (_, Some(e)) => {
+                self.stop();
+                Err(e)
+            }
+            (Err(e), None) => Err(self.err(format!("copy into `{dest}`"), e)),
+            (Ok(()), None) => Ok(bytes),
         }
-        let data = b.into_inner().map_err(|e| self.err("pack the inputs", e))?;
-        self.send_with_data(proto::PUT_TAR, dest, 0, &data)
-            .map_err(|e| self.err(format!("copy into `{dest}`"), e))?;
-        Ok(bytes)
     }
 
     fn put_bytes(&mut self, data: &[u8], dest: &str, mode: u32) -> Result<(), ProviderError> {
@@ -770,6 +820,34 @@ impl Environment for VmEnv {
         let mut stopped: Option<ExecOutcome> = None;
         let mut killed_at: Option<Instant> = None;
         loop {
+            // Checked on every frame, not only when the guest is quiet: a
+            // command that floods output still times out and is cancelled.
+            match (stopped, killed_at) {
+                // The guest did not answer a kill in time: the machine
+                // goes, and the command with it.
+                (Some(s), Some(at)) if at.elapsed() > Duration::from_secs(10) => {
+                    self.stop();
+                    return Ok(s);
+                }
+                (Some(_), _) => {}
+                (None, _) => {
+                    let s = if cancel.is_cancelled() {
+                        Some(ExecOutcome::Cancelled)
+                    } else if cancel.timed_out() {
+                        Some(ExecOutcome::TimedOut)
+                    } else {
+                        None
+                    };
+                    if let Some(s) = s {
+                        stopped = Some(s);
+                        killed_at = Some(Instant::now());
+                        if self.send(proto::KILL, b"").is_err() {
+                            self.stop();
+                            return Ok(s);
+                        }
+                    }
+                }
+            }
             let frame = match self.recv(Duration::from_millis(50)) {
                 Ok(f) => f,
                 Err(e) => {
@@ -778,6 +856,8 @@ impl Environment for VmEnv {
                 }
             };
             match frame {
+                // After a kill, output still in flight is dropped.
+                Some((proto::STDOUT | proto::STDERR, _)) if stopped.is_some() => {}
                 Some((proto::STDOUT, d)) => outs[0].push(&d, |l| out.line(Stream::Stdout, l)),
                 Some((proto::STDERR, d)) => outs[1].push(&d, |l| out.line(Stream::Stderr, l)),
                 Some((proto::EXIT, d)) => {
@@ -806,32 +886,7 @@ impl Environment for VmEnv {
                         io::Error::other(format!("unexpected frame {k}")),
                     ))
                 }
-                None => match (stopped, killed_at) {
-                    // The guest did not answer a kill in time: the machine
-                    // goes, and the command with it.
-                    (Some(s), Some(at)) if at.elapsed() > Duration::from_secs(10) => {
-                        self.stop();
-                        return Ok(s);
-                    }
-                    (Some(_), _) => {}
-                    (None, _) => {
-                        let s = if cancel.is_cancelled() {
-                            Some(ExecOutcome::Cancelled)
-                        } else if cancel.timed_out() {
-                            Some(ExecOutcome::TimedOut)
-                        } else {
-                            None
-                        };
-                        if let Some(s) = s {
-                            stopped = Some(s);
-                            killed_at = Some(Instant::now());
-                            if self.send(proto::KILL, b"").is_err() {
-                                self.stop();
-                                return Ok(s);
-                            }
-                        }
-                    }
-                },
+                None => {}
             }
         }
     }
@@ -840,7 +895,16 @@ impl Environment for VmEnv {
         let res = (|| {
             self.ask(proto::LIST, dir, 0)?;
             let mut json = Vec::new();
-            proto::DataReader::new(&mut self.answers()?).read_to_end(&mut json)?;
+            let mut frames = self.answers()?;
+            let mut data = proto::DataReader::new(&mut frames);
+            (&mut data).take(MAX_LISTING).read_to_end(&mut json)?;
+            if json.len() as u64 == MAX_LISTING {
+                let _ = data.drain();
+                return Err(io::Error::other(format!(
+                    "the listing is larger than {} MiB",
+                    MAX_LISTING >> 20
+                )));
+            }
             proto::parse::<Vec<String>>(&json)
         })();
         res.map_err(|e| self.err(format!("list `{dir}`"), e))

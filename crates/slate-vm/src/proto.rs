@@ -116,6 +116,54 @@ pub fn send_data(w: &mut impl Write, r: &mut impl Read) -> io::Result<u64> {
     }
 }
 
+/// A writer that sends what it is given as `DATA` frames of up to `CHUNK`
+/// bytes; [`DataWriter::finish`] sends the rest and the empty frame. For
+/// streaming a tar into the guest without holding it in memory.
+pub struct DataWriter<W: Write> {
+    w: W,
+    buf: Vec<u8>,
+}
+
+impl<W: Write> DataWriter<W> {
+    pub fn new(w: W) -> Self {
+        DataWriter {
+            w,
+            buf: Vec::with_capacity(CHUNK),
+        }
+    }
+
+    /// Sends what is buffered and the end of the data.
+    pub fn finish(mut self) -> io::Result<W> {
+        self.send()?;
+        write_frame(&mut self.w, DATA, &[])?;
+        Ok(self.w)
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            write_frame(&mut self.w, DATA, &self.buf)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write> Write for DataWriter<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()?;
+        self.w.flush()
+    }
+}
+
 /// Where frames come from: a byte stream, or the agent's reader thread.
 pub trait FrameSource {
     fn next_frame(&mut self) -> io::Result<Option<(u8, Vec<u8>)>>;
@@ -188,6 +236,21 @@ impl<R: FrameSource> Read for DataReader<'_, R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_writer_sends_what_send_data_sends() {
+        let data: Vec<u8> = (0..CHUNK * 2 + 17).map(|i| i as u8).collect();
+        let mut w = DataWriter::new(Vec::new());
+        for piece in data.chunks(1000) {
+            w.write_all(piece).unwrap();
+        }
+        let wire = w.finish().unwrap();
+        let mut got = Vec::new();
+        DataReader::new(&mut &wire[..])
+            .read_to_end(&mut got)
+            .unwrap();
+        assert_eq!(got, data);
+    }
 
     #[test]
     fn frames_and_data_round_trip() {

@@ -225,3 +225,36 @@ fn root_artifacts_of_sudo_slate_belong_to_the_user_who_ran_sudo() {
         assert_eq!((m.uid(), m.gid()), (4321, 4322), "artifacts/{rel}");
     }
 }
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_a_build_printing_hundreds_of_megabytes_leaves_slates_memory_bounded() {
+    require_root();
+    // 300 MB without a newline, then 100 MB of 1000-byte lines.
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.flood]\nimage = \"bb\"\nrun = [\"head -c 300000000 /dev/zero | tr '\\\\0' x\", \"yes $(head -c 999 /dev/zero | tr '\\\\0' y) | head -c 100000000\"]\n"
+    ));
+    // Reaped by wait4 below, which also gives its peak RSS.
+    #[allow(clippy::zombie_processes)]
+    let child = p
+        .cmd(&["build"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 fills it for our child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: waiting for our own child with valid pointers.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "slate build failed: {status:#x}"
+    );
+    // Kilobytes: slate itself needs about 20 MB; before lines were capped,
+    // the 300 MB line was held whole (and copied).
+    let max_rss_mb = usage.ru_maxrss / 1024;
+    assert!(max_rss_mb < 100, "slate's peak RSS was {max_rss_mb} MB");
+}

@@ -219,3 +219,51 @@ fn root_vm_detached_children_do_not_hang_a_target_and_a_timeout_ends_the_vm() {
     assert!(text(&o).contains("timed out"), "{}", text(&o));
     assert!(qemus_with("vm-detached-").is_empty() && qemus_with("vm-slow-").is_empty());
 }
+
+#[test]
+#[ignore = "needs root, QEMU and the Debian archive: scripts/test.sh runs it"]
+fn root_vm_a_command_flooding_output_still_times_out() {
+    require_vm_host();
+    // The guest is never quiet: the timeout must be checked between frames,
+    // not only in silences.
+    let p = vm_project(
+        "[builds.flood]\nimage = \"vm\"\nprovider = \"vm\"\ntimeout = \"8s\"\nrun = [\"yes flood-line\"]\n",
+    );
+    let o = p.run(&["build", "flood"]);
+    let out = text(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        &out[out.len().saturating_sub(2000)..]
+    );
+    assert!(
+        out.contains("[flood] flood-line"),
+        "the flood never started"
+    );
+    assert!(
+        out.contains("timed out"),
+        "{}",
+        &out[out.len().saturating_sub(2000)..]
+    );
+    assert!(qemus_with("vm-flood-").is_empty());
+}
+
+#[test]
+#[ignore = "needs root, QEMU and the Debian archive: scripts/test.sh runs it"]
+fn root_vm_inputs_leave_out_what_exclude_and_gitignore_leave_out() {
+    require_vm_host();
+    let p = vm_project(
+        "[builds.inputs]\nimage = \"vm\"\nprovider = \"vm\"\nexclude = [\"private/\"]\nrun = [\"mkdir -p out\", \"find . -path ./out -prune -o -type f -print | sort > out/files\"]\nartifacts = [\"out/files\"]\n",
+    );
+    p.write("src/main.c", "int main(void) { return 0; }\n");
+    p.write("private/key.pem", "not for the guest\n");
+    p.write("build.log", "ignored\n");
+    p.write(".gitignore", "*.log\n");
+    let o = p.run(&["build", "inputs"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        p.read("artifacts/inputs/files"),
+        "./.gitignore\n./slate.toml\n./src/main.c\n"
+    );
+}
