@@ -12,11 +12,12 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 /// A project folder with the files the seeds name (`build.sh`, `ci/config`),
-/// so that resolution goes past its "does not exist" checks.
+/// so that resolution goes past its "does not exist" checks. One name for
+/// every run: what it holds never changes, and no run leaves another behind.
 fn project_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("slate-fuzz-config-{}", std::process::id()));
+        let dir = std::env::temp_dir().join("slate-fuzz-config");
         std::fs::create_dir_all(dir.join("ci")).unwrap();
         std::fs::write(dir.join("build.sh"), "#!/bin/sh\ntrue\n").unwrap();
         std::fs::write(dir.join("ci/config"), "x\n").unwrap();
