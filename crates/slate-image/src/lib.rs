@@ -381,7 +381,7 @@ impl<P: Provider> Baker<'_, P> {
     ) -> Result<(), ImageError> {
         let opts = host_apt_options();
         let mut cmd = if which("mmdebstrap") {
-            let mut c = Command::new("mmdebstrap");
+            let mut c = tree_command("mmdebstrap");
             c.arg(format!("--variant={variant}"));
             if let Some(a) = arch {
                 c.arg(format!("--architectures={a}"));
@@ -392,7 +392,7 @@ impl<P: Provider> Baker<'_, P> {
             c.arg(suite).arg(fs);
             c
         } else if which("debootstrap") {
-            let mut c = Command::new("debootstrap");
+            let mut c = tree_command("debootstrap");
             let v = if variant == "minbase" || variant == "buildd" {
                 variant
             } else {
@@ -413,10 +413,18 @@ impl<P: Provider> Baker<'_, P> {
             cmd.arg(m);
         }
         self.host_command(plan, cmd, "bootstrap")
-            .map_err(|outcome| ImageError::Bootstrap {
-                image: plan.name.clone(),
-                suite: suite.to_string(),
-                outcome,
+            .map_err(|outcome| {
+                if self.cancel.is_cancelled() {
+                    ImageError::Cancelled {
+                        image: plan.name.clone(),
+                    }
+                } else {
+                    ImageError::Bootstrap {
+                        image: plan.name.clone(),
+                        suite: suite.to_string(),
+                        outcome,
+                    }
+                }
             })?;
         // Carry the host's apt settings that bootstrapping needed into the
         // image, and drop host-specific files the bootstrapper copied in.
@@ -435,7 +443,9 @@ impl<P: Provider> Baker<'_, P> {
         Ok(())
     }
 
-    /// Runs a host tool, streaming its output as bake output.
+    /// Runs a host tool, streaming its output as bake output, until it ends
+    /// or the bake is cancelled (then the tool is killed, with its whole
+    /// tree when it came from [`tree_command`]).
     fn host_command(&self, plan: &ImagePlan, mut cmd: Command, what: &str) -> Result<(), String> {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -445,23 +455,63 @@ impl<P: Provider> Baker<'_, P> {
             .map_err(|e| format!("cannot start {what}: {e}"))?;
         let stderr = child.stderr.take().unwrap();
         let stdout = child.stdout.take().unwrap();
-        std::thread::scope(|s| {
+        let st = std::thread::scope(|s| {
             s.spawn(|| {
                 for l in BufReader::new(stderr).lines().map_while(Result::ok) {
                     self.reporter.output(&plan.name, Stream::Stderr, &l);
                 }
             });
-            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-                self.reporter.output(&plan.name, Stream::Stdout, &l);
+            s.spawn(|| {
+                for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    self.reporter.output(&plan.name, Stream::Stdout, &l);
+                }
+            });
+            loop {
+                match child.try_wait() {
+                    Ok(Some(st)) => return Ok(st),
+                    Ok(None) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+                if self.cancel.is_cancelled() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!("{what} cancelled"));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
             }
-        });
-        let st = child.wait().map_err(|e| e.to_string())?;
+        })?;
         if st.success() {
             Ok(())
         } else {
             Err(format!("{what} {st}"))
         }
     }
+}
+
+/// `tool` run as PID 1 of a PID namespace of its own (util-linux's
+/// `unshare --pid --fork --kill-child`), which is tied to slate by a
+/// parent-death signal: killing it, or slate dying however it dies, ends
+/// the tool and every process it started (apt, dpkg, maintainer scripts).
+fn tree_command(tool: &str) -> Command {
+    let mut c = Command::new("unshare");
+    c.args(["--pid", "--fork", "--kill-child=SIGKILL", "--", tool]);
+    // SAFETY: prctl is async-signal-safe and touches no shared state.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut c, || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c
 }
 
 /// Which shared apt lists an image uses: one set per Debian suite, mirror and

@@ -258,3 +258,64 @@ fn root_a_build_printing_hundreds_of_megabytes_leaves_slates_memory_bounded() {
     let max_rss_mb = usage.ru_maxrss / 1024;
     assert!(max_rss_mb < 100, "slate's peak RSS was {max_rss_mb} MB");
 }
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_ctrl_c_or_kill_9_during_a_bootstrap_leaves_none_of_its_processes() {
+    require_root();
+    for (signal, tag) in [(libc::SIGINT, "6171"), (libc::SIGKILL, "6172")] {
+        let p = Project::config_only("[images.boot]\nfrom = \"debian:bookworm\"\n");
+        // A bootstrapper that says it started, then waits quietly on a
+        // child of its own: a real mmdebstrap is quiet like this while
+        // dpkg unpacks, and its children are apt and dpkg.
+        let bin = p.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let tool = bin.join("mmdebstrap");
+        std::fs::write(
+            &tool,
+            format!("#!/bin/sh\necho \"I: bootstrapping $*\"\nsleep {tag}00 &\nwait\n"),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut cmd = p.cmd(&["bake"]);
+        cmd.env("PATH", path);
+        let mut child = common::spawn_until_printed(cmd, "[boot] I: bootstrapping");
+        let marker = format!("sleep {tag}00");
+        // Its child may still be between fork and exec: wait (bounded).
+        let mut running = common::processes_with(&marker);
+        for _ in 0..200 {
+            if !running.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            running = common::processes_with(&marker);
+        }
+        assert_eq!(running.len(), 1, "{running:?}");
+        // SAFETY: signalling the slate process we started.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        assert!(!child.wait().unwrap().success());
+        // Bounded wait: parent-death signals are delivered asynchronously.
+        let mut left = common::processes_with(&marker);
+        for _ in 0..200 {
+            if left.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            left = common::processes_with(&marker);
+        }
+        for l in &left {
+            // Do not leave it behind for the next run either.
+            if let Some(pid) = l.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
+                // SAFETY: killing the stray test process found above.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        assert!(left.is_empty(), "left after signal {signal}: {left:?}");
+    }
+}
