@@ -30,6 +30,10 @@ pub struct SettingsConfig {
     /// Network builds and bake steps trust the host's CA bundle.
     #[serde(default)]
     pub host_ca: bool,
+    /// `script`, `inputs`, `files` and `tar:` sources may lie outside the
+    /// project folder.
+    #[serde(default)]
+    pub outside_sources: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -50,6 +50,7 @@ pub fn load_str(path: &Path, src: &str) -> Result<Project, ConfigError> {
         src,
         dir: &dir,
         diags: Vec::new(),
+        outside_ok: file.settings.outside_sources,
     };
     let project = r.project(&file);
     if r.diags.is_empty() {
@@ -82,9 +83,56 @@ struct Resolver<'a> {
     src: &'a str,
     dir: &'a Path,
     diags: Vec<Diagnostic>,
+    /// `[settings] outside_sources = true`.
+    outside_ok: bool,
+}
+
+/// `path` with `.` and `..` applied to its text, without the file system.
+fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Whether `path` is `dir` or below it, by its text and, when both exist,
+/// by where symlinks really lead.
+fn inside(dir: &Path, path: &Path) -> bool {
+    if !lexical(path).starts_with(lexical(dir)) {
+        return false;
+    }
+    match (dir.canonicalize(), path.canonicalize()) {
+        (Ok(d), Ok(p)) => p.starts_with(d),
+        _ => true,
+    }
 }
 
 impl Resolver<'_> {
+    /// `rel` under the project folder. A source that leads outside it (an
+    /// absolute path, `..`, a symlink out) is an error unless the config
+    /// allows it: a config taken from elsewhere must not make slate read,
+    /// and copy into a build, any file of the host.
+    fn source<T>(&mut self, at: &Spanned<T>, rel: &str, what: &str) -> PathBuf {
+        let p = self.dir.join(rel);
+        if !self.outside_ok && !inside(self.dir, &p) {
+            self.err(
+                at,
+                format!("{what} `{rel}` is outside the project folder"),
+                Some("move it into the project, or set `outside_sources = true` under [settings] to allow sources outside it".into()),
+            );
+        }
+        p
+    }
+
     fn err<T>(&mut self, at: &Spanned<T>, message: String, hint: Option<String>) {
         let mut d = Diagnostic::at(self.path, self.src, at.span().start, message);
         d.hint = hint;
@@ -236,7 +284,7 @@ impl Resolver<'_> {
                 arch: img.arch.as_ref().map(|a| a.get_ref().clone()),
             },
             Some(("tar", p)) if !p.is_empty() => BaseSpec::Tar {
-                path: self.dir.join(p),
+                path: self.source(&img.from, p, "tar base"),
             },
             Some(("oci", r)) if !r.is_empty() => BaseSpec::Oci {
                 reference: r.to_string(),
@@ -318,7 +366,7 @@ impl Resolver<'_> {
                     Some(format!("write it as `/{}`", dest.get_ref())),
                 );
             }
-            let hp = self.dir.join(host);
+            let hp = self.source(dest, host, "file");
             if !hp.exists() {
                 self.err(
                     dest,
@@ -474,7 +522,7 @@ impl Resolver<'_> {
                 return;
             }
             (Some(s), None) => {
-                let p = self.dir.join(s.get_ref());
+                let p = self.source(s, s.get_ref(), "script");
                 if !p.is_file() {
                     self.err(
                         s,
@@ -568,7 +616,7 @@ impl Resolver<'_> {
             Some(list) => list
                 .iter()
                 .map(|i| {
-                    let p = self.dir.join(i.get_ref());
+                    let p = self.source(i, i.get_ref(), "input");
                     if !p.exists() {
                         self.err(
                             i,
@@ -781,6 +829,53 @@ memory = "2GiB"
         assert_eq!(t.memory, Some(2 << 30));
         assert_eq!(t.timeout.unwrap().as_secs(), 1800);
         assert_eq!(t.workdir, "/src");
+    }
+
+    #[test]
+    fn sources_outside_the_project_are_refused_unless_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let project = dir.path().join("p");
+        std::fs::create_dir_all(&project).unwrap();
+        std::fs::write(dir.path().join("outside.sh"), "true").unwrap();
+        std::os::unix::fs::symlink("/etc", project.join("etc-link")).unwrap();
+        let cfg = |settings: &str, build: &str| {
+            format!("{settings}[images.b]\nfrom = \"debian:bookworm\"\nfiles = {{ \"etc-link/hostname\" = \"/etc/x\" }}\n[builds.t]\nimage = \"b\"\n{build}")
+        };
+        let load = |src: String| load_str(&project.join("slate.toml"), &src);
+        for (build, what) in [
+            ("script = \"../outside.sh\"\n", "script `../outside.sh`"),
+            ("run = [\"true\"]\ninputs = [\"/etc\"]\n", "input `/etc`"),
+            (
+                "run = [\"true\"]\ninputs = [\"etc-link\"]\n",
+                "input `etc-link`",
+            ),
+        ] {
+            let Err(ConfigError::Invalid(d)) = load(cfg("", build)) else {
+                panic!("{build} was accepted");
+            };
+            let all: Vec<String> = d.iter().map(|d| d.message.clone()).collect();
+            assert!(
+                all.iter()
+                    .any(|m| m.contains(what) && m.contains("outside the project")),
+                "{all:?}"
+            );
+            // The symlinked `files` source is refused too, at its line.
+            assert!(
+                d.iter()
+                    .any(|d| d.message.contains("file `etc-link/hostname`") && d.line == 3),
+                "{all:?}"
+            );
+            assert!(d[0]
+                .hint
+                .as_deref()
+                .unwrap_or("")
+                .contains("outside_sources = true"));
+        }
+        let ok = load(cfg(
+            "[settings]\noutside_sources = true\n",
+            "script = \"../outside.sh\"\ninputs = [\"/etc\"]\n",
+        ));
+        assert!(ok.is_ok(), "{ok:?}");
     }
 
     #[test]
