@@ -64,13 +64,27 @@ impl<'de> Deserialize<'de> for TargetStatus {
 
 struct Inner {
     record: RunRecord,
-    logs: HashMap<String, File>,
+    logs: HashMap<String, Log>,
+}
+
+/// How much command output one log file keeps. Past it, output lines are
+/// counted instead of written (slate's own `==>` lines still are), so a
+/// build printing without end cannot fill the disk through its log.
+pub const MAX_LOG_OUTPUT: u64 = 256 << 20;
+
+struct Log {
+    file: File,
+    output: u64,
+    /// Output lines and bytes left out since the last note about them.
+    dropped: (u64, u64),
 }
 
 /// Writes the run folder from the event stream.
 pub struct RunRecorder {
     dir: PathBuf,
     inner: Mutex<Inner>,
+    /// Output bytes kept per log ([`MAX_LOG_OUTPUT`]).
+    log_cap: u64,
 }
 
 impl RunRecorder {
@@ -84,6 +98,7 @@ impl RunRecorder {
             std::io::Error::new(e.kind(), format!("create `{}`: {e}", dir.display()))
         })?;
         let rec = RunRecorder {
+            log_cap: MAX_LOG_OUTPUT,
             dir,
             inner: Mutex::new(Inner {
                 record: RunRecord {
@@ -112,15 +127,54 @@ impl RunRecorder {
         }
     }
 
-    fn log_line(&self, inner: &mut Inner, file: &str, line: &str) {
-        let f = inner.logs.entry(file.to_string()).or_insert_with(|| {
-            File::options()
+    fn log<'a>(&self, inner: &'a mut Inner, file: &str) -> &'a mut Log {
+        inner.logs.entry(file.to_string()).or_insert_with(|| Log {
+            file: File::options()
                 .create(true)
                 .append(true)
                 .open(self.dir.join(file))
-                .unwrap_or_else(|_| File::open("/dev/null").unwrap())
-        });
-        let _ = writeln!(f, "{line}");
+                .unwrap_or_else(|_| File::open("/dev/null").unwrap()),
+            output: 0,
+            dropped: (0, 0),
+        })
+    }
+
+    /// A line of slate's own (a phase, an artifact, a failure): always kept,
+    /// after a note of any output left out before it.
+    fn log_line(&self, inner: &mut Inner, file: &str, line: &str) {
+        let cap = self.log_cap;
+        let log = self.log(inner, file);
+        if log.dropped.0 > 0 {
+            let (lines, bytes) = std::mem::take(&mut log.dropped);
+            let _ = writeln!(
+                log.file,
+                "==> {lines} output line(s), {bytes} bytes, left out of this log (it keeps {} MiB of output)",
+                cap >> 20
+            );
+        }
+        let _ = writeln!(log.file, "{line}");
+    }
+
+    /// A line of the command's output, kept while the log is under its cap.
+    fn log_output(&self, inner: &mut Inner, file: &str, line: &str) {
+        let size = line.len() as u64 + 1;
+        let cap = self.log_cap;
+        let log = self.log(inner, file);
+        if log.output + size > cap {
+            if log.output <= cap {
+                log.output = cap + 1;
+                let _ = writeln!(
+                    log.file,
+                    "==> this log keeps {} MiB of output: what follows is left out (the terminal still shows it)",
+                    cap >> 20
+                );
+            }
+            log.dropped.0 += 1;
+            log.dropped.1 += size;
+            return;
+        }
+        log.output += size;
+        let _ = writeln!(log.file, "{line}");
     }
 }
 
@@ -188,7 +242,7 @@ impl EventSink for RunRecorder {
                     }),
                 }
             }
-            EventKind::BakeOutput { line, .. } => self.log_line(&mut inner, &bake_log, line),
+            EventKind::BakeOutput { line, .. } => self.log_output(&mut inner, &bake_log, line),
             EventKind::BakeFailed { error } => {
                 self.log_line(&mut inner, &bake_log, &format!("==> bake failed: {error}"))
             }
@@ -218,7 +272,7 @@ impl EventSink for RunRecorder {
                 let r = inner.record.clone();
                 self.save(&r);
             }
-            EventKind::Output { line, .. } => self.log_line(&mut inner, &log, line),
+            EventKind::Output { line, .. } => self.log_output(&mut inner, &log, line),
             EventKind::Retry { attempt, error } => self.log_line(
                 &mut inner,
                 &log,
@@ -273,4 +327,47 @@ pub fn list_runs(runs_dir: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output(target: &str, line: &str) -> Event {
+        Event::new(
+            Some(target),
+            EventKind::Output {
+                stream: "stdout",
+                line: line.to_string(),
+            },
+        )
+    }
+
+    #[test]
+    fn a_log_keeps_its_cap_of_output_and_says_what_it_left_out() {
+        let t = tempfile::tempdir().unwrap();
+        let mut rec = RunRecorder::create(t.path(), "r1", vec![]).unwrap();
+        rec.log_cap = 3 << 20;
+        let line = "x".repeat(1 << 20);
+        for _ in 0..10 {
+            rec.event(&output("t", &line));
+        }
+        rec.event(&Event::new(
+            Some("t"),
+            EventKind::PhaseStarted {
+                phase: "artifacts".into(),
+            },
+        ));
+        let log = std::fs::read_to_string(t.path().join("r1/t.log")).unwrap();
+        assert!(log.len() < (3 << 20) + 1000, "{} bytes", log.len());
+        let notes: Vec<&str> = log.lines().filter(|l| l.starts_with("==>")).collect();
+        assert_eq!(
+            notes,
+            [
+                "==> this log keeps 3 MiB of output: what follows is left out (the terminal still shows it)",
+                "==> 8 output line(s), 8388616 bytes, left out of this log (it keeps 3 MiB of output)",
+                "==> artifacts",
+            ]
+        );
+    }
 }
