@@ -254,11 +254,12 @@ fn root_vm_a_command_flooding_output_still_times_out() {
 fn root_vm_inputs_leave_out_what_exclude_and_gitignore_leave_out() {
     require_vm_host();
     let p = vm_project(
-        "[builds.inputs]\nimage = \"vm\"\nprovider = \"vm\"\nexclude = [\"private/\"]\nrun = [\"mkdir -p out\", \"find . -path ./out -prune -o -type f -print | sort > out/files\"]\nartifacts = [\"out/files\"]\n",
+        "[builds.inputs]\nimage = \"vm\"\nprovider = \"vm\"\nexclude = [\"src/private/\"]\nrun = [\"mkdir -p out\", \"find . -path ./out -prune -o -type f -print | sort > out/files\"]\nartifacts = [\"out/files\"]\n",
     );
     p.write("src/main.c", "int main(void) { return 0; }\n");
-    p.write("private/key.pem", "not for the guest\n");
-    p.write("build.log", "ignored\n");
+    // Inside a folder that is an input: the folder is sent, these are not.
+    p.write("src/private/key.pem", "not for the guest\n");
+    p.write("src/build.log", "ignored\n");
     p.write(".gitignore", "*.log\n");
     let o = p.run(&["build", "inputs"]);
     assert!(o.status.success(), "{}", text(&o));
