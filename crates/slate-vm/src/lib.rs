@@ -412,6 +412,8 @@ impl Provider for VmProvider {
             from_guest: None,
             destroyed: false,
             _lease: lease,
+            // Nothing the guest holds is larger than its disk.
+            max_fetch: qcow2_size(&boot.disk).unwrap_or(MAX_FETCH_FALLBACK),
             network_env: if spec.network {
                 net::guest_env(slate_provider::hostnet::env(spec.host_ca))
             } else {
@@ -468,6 +470,31 @@ pub struct VmEnv {
     _lease: std::fs::File,
     /// The host's proxy (and CA) variables, for every command.
     network_env: Vec<(String, String)>,
+    /// The most one `fetch` may copy: the guest's disk size.
+    max_fetch: u64,
+}
+
+/// The cap on a fetch when the disk's size cannot be read.
+const MAX_FETCH_FALLBACK: u64 = 64 << 30;
+
+/// The virtual size of a qcow2 disk, from its header.
+fn qcow2_size(path: &Path) -> Option<u64> {
+    let mut head = [0u8; 32];
+    std::fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
+    (head[..4] == *b"QFI\xfb").then(|| u64::from_be_bytes(head[24..32].try_into().unwrap()))
+}
+
+/// Copies at most `cap` bytes; a source with more is an error (a guest
+/// cannot send more than its disk holds, whatever it claims).
+fn copy_capped(from: &mut impl Read, to: &mut impl Write, cap: u64) -> io::Result<u64> {
+    let n = io::copy(&mut from.take(cap), to)?;
+    if n == cap && from.read(&mut [0u8; 1])? > 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::FileTooLarge,
+            format!("the guest sent more than its disk holds ({cap} bytes); the copy was stopped"),
+        ));
+    }
+    Ok(n)
 }
 
 struct HostFrames<'a>(&'a Receiver<Frame>);
@@ -911,6 +938,7 @@ impl Environment for VmEnv {
     }
 
     fn fetch(&mut self, src: &str, dest: &Path) -> Result<u64, ProviderError> {
+        let mut overflow = false;
         let res = (|| {
             // The file first: a host-side failure must not leave the guest's
             // data unread in the stream.
@@ -921,13 +949,22 @@ impl Environment for VmEnv {
             self.ask(proto::FETCH, src, 0)?;
             let mut frames = self.answers()?;
             let mut data = proto::DataReader::new(&mut frames);
-            let copied = io::copy(&mut data, &mut f).and_then(|n| f.flush().map(|()| n));
-            if copied.is_err() {
-                let _ = data.drain();
+            let copied =
+                copy_capped(&mut data, &mut f, self.max_fetch).and_then(|n| f.flush().map(|()| n));
+            if let Err(e) = &copied {
                 let _ = std::fs::remove_file(dest);
+                // A guest sending more than its disk holds may never stop:
+                // no draining, the machine goes instead.
+                overflow = e.kind() == io::ErrorKind::FileTooLarge;
+                if !overflow {
+                    let _ = data.drain();
+                }
             }
             copied
         })();
+        if overflow {
+            self.stop();
+        }
         res.map_err(|e| self.err(format!("copy `{src}` out"), e))
     }
 
@@ -945,5 +982,35 @@ impl Drop for VmEnv {
         if !self.destroyed {
             self.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod fetch_tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_stops_at_the_cap_and_says_so() {
+        let mut out = Vec::new();
+        let n = copy_capped(&mut &[7u8; 100][..], &mut out, 100).unwrap();
+        assert_eq!((n, out.len()), (100, 100));
+        let mut out = Vec::new();
+        let e = copy_capped(&mut io::repeat(1), &mut out, 1000).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::FileTooLarge);
+        assert!(e.to_string().contains("more than its disk holds"), "{e}");
+        assert_eq!(out.len(), 1000);
+    }
+
+    #[test]
+    fn the_size_of_a_qcow2_disk_is_read_from_its_header() {
+        let t = tempfile::tempdir().unwrap();
+        let disk = t.path().join("d.qcow2");
+        let mut head = b"QFI\xfb".to_vec();
+        head.extend([0u8; 20]);
+        head.extend((5u64 << 30).to_be_bytes());
+        std::fs::write(&disk, &head).unwrap();
+        assert_eq!(qcow2_size(&disk), Some(5 << 30));
+        std::fs::write(&disk, b"not a disk at all, not qcow2 in any way").unwrap();
+        assert_eq!(qcow2_size(&disk), None);
     }
 }
