@@ -17,6 +17,12 @@ mod seccomp;
 
 pub use cgroup::{detect as cgroup_version, CgroupVersion};
 
+/// Whether sandboxed commands run under slate's seccomp filter (it has a
+/// table for x86_64 and aarch64).
+pub fn has_seccomp_filter() -> bool {
+    !seccomp::program().is_empty()
+}
+
 use child::{Mount, Plan, Prep};
 use slate_provider::lease::{lease_held, take_lease};
 use slate_provider::*;

@@ -27,7 +27,12 @@ pub fn check(ctx: &Ctx) -> CmdResult {
     println!("providers:");
     match slate_sandbox::SandboxProvider::probe() {
         Ok(()) => println!(
-            "  sandbox: works (namespaces, overlayfs; cgroups {:?})",
+            "  sandbox: works (namespaces, overlayfs, {}; builds without capabilities; cgroups {:?})",
+            if slate_sandbox::has_seccomp_filter() {
+                "seccomp filter"
+            } else {
+                "no seccomp filter on this architecture"
+            },
             slate_sandbox::cgroup_version()
         ),
         Err(why) => println!("  sandbox: unavailable: {why}"),
