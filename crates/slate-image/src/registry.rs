@@ -824,15 +824,7 @@ mod tests {
                            "platform": {"os": "linux", "architecture": "amd64"}}],
         }))
         .unwrap();
-        let reg = Fake::start(move |_, path| {
-            if path.ends_with("/manifests/v1") {
-                ok(index.clone())
-            } else if path.contains("/manifests/") {
-                ok(manifest.clone())
-            } else {
-                ok(layer.clone())
-            }
-        });
+        let reg = serve_index(index, manifest, layer);
         let (_t, res) = pull(&reg.reference(":v1"));
         let e = res.unwrap_err().to_string();
         assert!(e.contains(&named) && e.contains(&sha(&image().1)), "{e}");
@@ -842,7 +834,16 @@ mod tests {
             "manifests": [{"digest": sha(&manifest), "platform": {"os": "linux", "architecture": "amd64"}}],
         }))
         .unwrap();
-        let reg = Fake::start(move |_, path| {
+        let reg = serve_index(index, manifest, layer);
+        let (t, res) = pull(&reg.reference(":v1"));
+        assert_eq!(res.unwrap().digest, sha(&image().1));
+        assert_eq!(fs::read_to_string(t.path().join("fs/hello")).unwrap(), "hi");
+    }
+
+    /// A registry that answers `:v1` with `index`, any other manifest with
+    /// `manifest` and every blob with `layer`.
+    fn serve_index(index: Vec<u8>, manifest: Vec<u8>, layer: Vec<u8>) -> Fake {
+        Fake::start(move |_, path| {
             if path.ends_with("/manifests/v1") {
                 ok(index.clone())
             } else if path.contains("/manifests/") {
@@ -850,10 +851,7 @@ mod tests {
             } else {
                 ok(layer.clone())
             }
-        });
-        let (t, res) = pull(&reg.reference(":v1"));
-        assert_eq!(res.unwrap().digest, sha(&image().1));
-        assert_eq!(fs::read_to_string(t.path().join("fs/hello")).unwrap(), "hi");
+        })
     }
 
     #[test]

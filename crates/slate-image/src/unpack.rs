@@ -354,17 +354,7 @@ impl Unpacker {
                 cvt(unsafe { libc::symlinkat(target.as_ptr(), d.as_raw_fd(), last.as_ptr()) })
                     .map_err(io("create the symlink"))?;
                 if self.as_root {
-                    // SAFETY: as above; the link itself, not its target.
-                    cvt(unsafe {
-                        libc::fchownat(
-                            d.as_raw_fd(),
-                            last.as_ptr(),
-                            owner.0,
-                            owner.1,
-                            libc::AT_SYMLINK_NOFOLLOW,
-                        )
-                    })
-                    .map_err(io("set the owner of"))?;
+                    chown_at(d, &last, owner).map_err(io("set the owner of"))?;
                 }
                 let t = times(mtime);
                 // SAFETY: as above; the link itself, not its target.
@@ -421,17 +411,7 @@ impl Unpacker {
                 cvt(unsafe { libc::mknodat(d.as_raw_fd(), last.as_ptr(), ft | mode, dev) })
                     .map_err(io("create the node"))?;
                 if self.as_root {
-                    // SAFETY: as above.
-                    cvt(unsafe {
-                        libc::fchownat(
-                            d.as_raw_fd(),
-                            last.as_ptr(),
-                            owner.0,
-                            owner.1,
-                            libc::AT_SYMLINK_NOFOLLOW,
-                        )
-                    })
-                    .map_err(io("set the owner of"))?;
+                    chown_at(d, &last, owner).map_err(io("set the owner of"))?;
                 }
                 // mknod applied the umask; the node was made just now, so
                 // this follows no symlink.
@@ -658,6 +638,21 @@ fn is_dir(st: &libc::stat) -> bool {
 
 /// Removes `name` in `dir`, a folder with all it holds; nothing there is fine.
 /// No symlink is followed.
+/// Sets the owner of `name` in `dir` itself (a symlink, not its target).
+fn chown_at(dir: BorrowedFd, name: &CStr, owner: (u32, u32)) -> io::Result<()> {
+    // SAFETY: a valid fd and C string.
+    cvt(unsafe {
+        libc::fchownat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            owner.0,
+            owner.1,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(|_| ())
+}
+
 fn remove_at(dir: BorrowedFd, name: &CStr) -> io::Result<()> {
     // SAFETY: a valid fd and C string.
     match cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) }) {
