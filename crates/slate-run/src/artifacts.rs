@@ -152,6 +152,15 @@ impl ArtifactStore {
             slate_version: env!("CARGO_PKG_VERSION"),
             targets: &targets,
         };
+        if let Some((uid, gid)) = invoking_user() {
+            // The folder too, when slate made it: its owner must be able
+            // to remove what is in it.
+            let meta = std::fs::metadata(&self.dir).map_err(|e| ioerr(e, "read", &self.dir))?;
+            if std::os::unix::fs::MetadataExt::uid(&meta) == 0 {
+                std::os::unix::fs::lchown(&self.dir, Some(uid), Some(gid))
+                    .map_err(|e| ioerr(e, "give to the invoking user", &self.dir))?;
+            }
+        }
         self.write_atomic("SHA256SUMS", sums.as_bytes())?;
         self.write_atomic(
             "manifest.json",
@@ -164,15 +173,6 @@ impl ArtifactStore {
         let tmp = self.staging.join(name);
         std::fs::write(&tmp, data).map_err(|e| ioerr(e, "write", &tmp))?;
         give_to_invoking_user(&tmp)?;
-        if let Some((uid, gid)) = invoking_user() {
-            // The folder too, when slate made it: its owner must be able
-            // to remove what is in it.
-            let meta = std::fs::metadata(&self.dir).map_err(|e| ioerr(e, "read", &self.dir))?;
-            if std::os::unix::fs::MetadataExt::uid(&meta) == 0 {
-                std::os::unix::fs::lchown(&self.dir, Some(uid), Some(gid))
-                    .map_err(|e| ioerr(e, "give to the invoking user", &self.dir))?;
-            }
-        }
         std::fs::rename(&tmp, self.dir.join(name))
             .map_err(|e| ioerr(e, "move into place", &self.dir.join(name)))
     }

@@ -287,16 +287,8 @@ fn root_failing_script_exits_1_and_timeout_leaves_nothing() {
 fn start_sleeper(p: &Project, marker: &str) -> std::process::Child {
     let child = common::spawn_until_printed(p.cmd(&["build"]), "started-sleeping");
     // The marker is printed just before the command starts: wait for it (bounded).
-    for _ in 0..500 {
-        if !processes_with(marker).is_empty() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    assert!(
-        !processes_with(marker).is_empty(),
-        "the build's process is running"
-    );
+    let running = common::settle(|| processes_with(marker), |l| !l.is_empty());
+    assert!(!running.is_empty(), "the build's process is running");
     child
 }
 
@@ -336,14 +328,7 @@ fn root_sigkill_of_slate_kills_the_build_and_gc_reaps_the_rest() {
     child.wait().unwrap();
     // The parent-death signal is delivered as slate dies; wait for the
     // namespace's processes to be gone (bounded).
-    let mut left = processes_with("sleep 4646");
-    for _ in 0..200 {
-        if left.is_empty() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-        left = processes_with("sleep 4646");
-    }
+    let left = common::settle(|| processes_with("sleep 4646"), |l| l.is_empty());
     assert!(left.is_empty(), "{left:?}");
     assert!(p.mounts_left().is_empty());
     assert_eq!(

@@ -288,27 +288,13 @@ fn root_ctrl_c_or_kill_9_during_a_bootstrap_leaves_none_of_its_processes() {
         let mut child = common::spawn_until_printed(cmd, "[boot] I: bootstrapping");
         let marker = format!("sleep {tag}00");
         // Its child may still be between fork and exec: wait (bounded).
-        let mut running = common::processes_with(&marker);
-        for _ in 0..200 {
-            if !running.is_empty() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-            running = common::processes_with(&marker);
-        }
+        let running = common::settle(|| common::processes_with(&marker), |l| !l.is_empty());
         assert_eq!(running.len(), 1, "{running:?}");
         // SAFETY: signalling the slate process we started.
         unsafe { libc::kill(child.id() as i32, signal) };
         assert!(!child.wait().unwrap().success());
         // Bounded wait: parent-death signals are delivered asynchronously.
-        let mut left = common::processes_with(&marker);
-        for _ in 0..200 {
-            if left.is_empty() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            left = common::processes_with(&marker);
-        }
+        let left = common::settle(|| common::processes_with(&marker), |l| l.is_empty());
         for l in &left {
             // Do not leave it behind for the next run either.
             if let Some(pid) = l.split(':').next().and_then(|p| p.parse::<i32>().ok()) {

@@ -93,15 +93,9 @@ fn start_sleeper(p: &Project) -> std::process::Child {
     common::spawn_until_printed(p.cmd(&["build"]), "guest-is-sleeping")
 }
 
-/// Waits (bounded: 20 s) for the VMs named by `marker` to be gone.
+/// Waits (bounded) for the VMs named by `marker` to be gone.
 fn gone(marker: &str) -> bool {
-    for _ in 0..400 {
-        if qemus_with(marker).is_empty() {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    false
+    common::settle(|| qemus_with(marker), |l| l.is_empty()).is_empty()
 }
 
 #[test]

@@ -244,6 +244,22 @@ pub fn processes_where(keep: impl Fn(&str) -> bool) -> Vec<String> {
     out
 }
 
+/// Calls `probe` until `done` holds for what it returns, or 20 s pass;
+/// returns the last answer. For what the kernel does asynchronously — a
+/// parent-death signal delivered as slate dies, a fork about to exec —
+/// never as a stand-in for synchronisation slate owes its caller.
+pub fn settle(probe: impl Fn() -> Vec<String>, done: impl Fn(&[String]) -> bool) -> Vec<String> {
+    let mut last = probe();
+    for _ in 0..1000 {
+        if done(&last) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        last = probe();
+    }
+    last
+}
+
 /// Running processes whose command line contains `marker`.
 pub fn processes_with(marker: &str) -> Vec<String> {
     processes_where(|cmd| cmd.contains(marker))
