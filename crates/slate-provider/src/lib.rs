@@ -186,6 +186,10 @@ pub enum ProviderError {
     Other { env: String, what: String },
     #[error("the {provider} provider is not available: {why}")]
     Unavailable { provider: String, why: String },
+    /// What the build left cannot be taken (an artifact too large to
+    /// copy, say): the build's fault, not the environment's.
+    #[error("environment `{env}`: {what}")]
+    Refused { env: String, what: String },
 }
 
 impl ProviderError {

@@ -650,7 +650,10 @@ impl<P: Provider> Orchestrator<'_, P> {
                 if dest.exists() {
                     return Err(TargetError::Script { exit_code: None, message: format!("two artifacts are both named `{base}`; artifacts are stored by file name") });
                 }
-                let size = env.fetch(&format!("{}/{rel}", t.workdir.trim_end_matches('/')), &dest).map_err(infra)?;
+                let size = env.fetch(&format!("{}/{rel}", t.workdir.trim_end_matches('/')), &dest).map_err(|e| match e {
+                    ProviderError::Refused { .. } => TargetError::Script { exit_code: None, message: error_chain(&e) },
+                    e => infra(e),
+                })?;
                 artifacts::make_plain(&dest).map_err(|e| TargetError::Infra(format!("artifact `{rel}`: {e}")))?;
                 let sha256 = ArtifactStore::sha256(&dest).map_err(|e| TargetError::Infra(e.to_string()))?;
                 let path = format!("{}/{base}", t.name);

@@ -38,7 +38,7 @@ pub fn copy_entries(base: &Path, entries: &[PathBuf], to: &Path) -> io::Result<u
             let _ = fs::remove_file(&dst);
             std::os::unix::fs::symlink(target, &dst).map_err(|e| with_path(e, &dst))?;
         } else if ft.is_file() {
-            bytes += fs::copy(&src, &dst).map_err(|e| with_path(e, &src))?;
+            bytes += copy_file(&src, &dst).map_err(|e| with_path(e, &src))?;
         }
     }
     Ok(bytes)
@@ -120,7 +120,110 @@ pub fn copy_no_follow(root: &Path, from: &Path, dest: &Path) -> io::Result<u64> 
     if let Some(p) = dest.parent() {
         fs::create_dir_all(p)?;
     }
-    fs::copy(from, dest)
+    copy_file(from, dest)
+}
+
+/// Copies a regular file with its permission bits, keeping its holes:
+/// `truncate -s 1T big` in a build (or an input tree) is a terabyte by
+/// size and nothing on disk, and must stay that way on the host's disk.
+/// Returns the file's size.
+pub fn copy_file(from: &Path, dest: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let src = fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(from)?;
+    let meta = src.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::other(format!(
+            "`{}` is not a regular file",
+            from.display()
+        )));
+    }
+    let dst = fs::File::create(dest)?;
+    let len = meta.len();
+    let mut pos = 0u64;
+    while pos < len {
+        let Some((data, hole)) = next_extent(&src, pos, len)? else {
+            break;
+        };
+        copy_range(&src, &dst, data, hole - data)?;
+        pos = hole;
+    }
+    dst.set_len(len)?;
+    dst.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+    Ok(len)
+}
+
+/// The next stretch of data at or after `pos`, as (start, end); `None`
+/// when only a hole is left. A filesystem that cannot tell holes has one
+/// stretch: the rest of the file.
+fn next_extent(f: &fs::File, pos: u64, len: u64) -> io::Result<Option<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on an open descriptor.
+    let data = unsafe { libc::lseek(f.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
+    if data < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(Some((pos, len))),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: as above.
+    let hole = unsafe { libc::lseek(f.as_raw_fd(), data, libc::SEEK_HOLE) };
+    if hole < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Some((data as u64, (hole as u64).min(len))))
+}
+
+/// Copies `n` bytes at `at` from `src` to the same offset in `dst`: in the
+/// kernel where it can, else through a buffer.
+fn copy_range(src: &fs::File, dst: &fs::File, at: u64, n: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let (mut off_in, mut off_out) = (at as libc::loff_t, at as libc::loff_t);
+    let end = at + n;
+    while (off_in as u64) < end {
+        let want = (end - off_in as u64).min(1 << 30) as usize;
+        // SAFETY: both descriptors are open; the offsets are ours.
+        let r = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                want,
+                0,
+            )
+        };
+        match r {
+            0 => return Ok(()), // the file shrank under us
+            r if r > 0 => {}
+            _ => {
+                let e = io::Error::last_os_error();
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP)
+                ) {
+                    return Err(e);
+                }
+                let mut buf = vec![0u8; 1 << 20];
+                while (off_in as u64) < end {
+                    let k = (end - off_in as u64).min(buf.len() as u64) as usize;
+                    let got = src.read_at(&mut buf[..k], off_in as u64)?;
+                    if got == 0 {
+                        return Ok(());
+                    }
+                    dst.write_all_at(&buf[..got], off_in as u64)?;
+                    off_in += got as libc::loff_t;
+                }
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Removes a tree, making read-only folders writable on the way.
@@ -170,6 +273,42 @@ pub fn disk_usage(p: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_keeps_holes_and_content() {
+        use std::os::unix::fs::FileExt;
+        let t = tempfile::tempdir().unwrap();
+        let (from, to) = (t.path().join("sparse"), t.path().join("copy"));
+        let f = fs::File::create(&from).unwrap();
+        f.write_all_at(b"head", 0).unwrap();
+        f.write_all_at(b"tail", 1 << 30).unwrap();
+        fs::set_permissions(&from, fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(copy_file(&from, &to).unwrap(), (1 << 30) + 4);
+        let m = fs::metadata(&to).unwrap();
+        assert_eq!(m.len(), (1 << 30) + 4);
+        assert_eq!(m.mode() & 0o777, 0o640);
+        // A gibibyte by size, a few blocks on disk.
+        assert!(
+            m.blocks() * 512 < 1 << 20,
+            "{} bytes on disk",
+            m.blocks() * 512
+        );
+        let c = fs::File::open(&to).unwrap();
+        let mut buf = [0u8; 4];
+        for (at, want) in [(0, b"head"), (1 << 30, b"tail"), (1 << 29, b"\0\0\0\0")] {
+            c.read_exact_at(&mut buf, at).unwrap();
+            assert_eq!(&buf, want, "at {at}");
+        }
+        // Dense files copy whole, and a file that ends in a hole keeps it.
+        fs::write(&from, vec![7u8; 300_000]).unwrap();
+        assert_eq!(copy_file(&from, &to).unwrap(), 300_000);
+        assert_eq!(fs::read(&to).unwrap(), vec![7u8; 300_000]);
+        let f = fs::File::create(&from).unwrap();
+        f.write_all_at(b"x", 0).unwrap();
+        f.set_len(1 << 20).unwrap();
+        copy_file(&from, &to).unwrap();
+        assert_eq!(fs::metadata(&to).unwrap().len(), 1 << 20);
+    }
 
     #[test]
     fn copies_and_lists_without_following_links() {

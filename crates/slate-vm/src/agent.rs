@@ -528,7 +528,7 @@ fn list(out: &Out, payload: &[u8]) -> io::Result<()> {
 
 fn fetch(out: &Out, payload: &[u8]) -> io::Result<()> {
     let arg: proto::PathArg = proto::parse(payload)?;
-    let mut f = match File::open(&arg.path) {
+    let f = match File::open(&arg.path) {
         Ok(f) => f,
         Err(e) => {
             return send(
@@ -538,6 +538,25 @@ fn fetch(out: &Out, payload: &[u8]) -> io::Result<()> {
             )
         }
     };
+    let size = match f.metadata() {
+        Ok(m) if m.is_file() => m.len(),
+        Ok(_) => {
+            return send(
+                out,
+                proto::ERR,
+                format!("`{}` is not a regular file", arg.path).as_bytes(),
+            )
+        }
+        Err(e) => {
+            return send(
+                out,
+                proto::ERR,
+                format!("stat `{}`: {e}", arg.path).as_bytes(),
+            )
+        }
+    };
     let mut w = out.lock().unwrap();
-    proto::send_data(&mut *w, &mut f).map(|_| ())
+    proto::write_json(&mut *w, proto::RESULT, &proto::FileSize { size })?;
+    // Never more than was announced, should the file grow meanwhile.
+    proto::send_data(&mut *w, &mut f.take(size)).map(|_| ())
 }

@@ -79,17 +79,26 @@ pub fn prepare(cache: &Path, layers: &[PathBuf], agent: &Path) -> io::Result<Boo
         kdir.join("source"),
         kernel.path.as_os_str().as_encoded_bytes(),
     )?;
+    // Copies in slate's cache, never the image's own files: QEMU's group
+    // is given read access to them.
     let vmlinux = kdir.join("vmlinux");
+    let vmlinuz = kdir.join("vmlinuz");
     let kernel_file = if vmlinux.exists() {
         vmlinux
+    } else if vmlinuz.exists() {
+        vmlinuz
     } else {
-        match extract_vmlinux(&fs::read(&kernel.path)?) {
+        let bz = fs::read(&kernel.path)?;
+        match extract_vmlinux(&bz) {
             Some(elf) => {
                 write_atomic(&vmlinux, &elf)?;
                 vmlinux
             }
             // Not a bzImage we can unpack: QEMU boots it the slow way.
-            None => kernel.path.clone(),
+            None => {
+                write_atomic(&vmlinuz, &bz)?;
+                vmlinuz
+            }
         }
     };
     let initramfs = kdir.join(format!(
@@ -117,6 +126,9 @@ pub fn prepare(cache: &Path, layers: &[PathBuf], agent: &Path) -> io::Result<Boo
             // 4 GiB free for builds: the file is sparse, so it costs nothing.
             slate_image::export::write_disk(layers, &disk, 0, 4096)?;
         }
+    }
+    for f in [&kernel_file, &initramfs, &disk] {
+        crate::jail::grant_read(f)?;
     }
     Ok(BootFiles {
         kernel: kernel_file,

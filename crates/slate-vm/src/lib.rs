@@ -15,14 +15,15 @@
 
 pub mod agent;
 pub mod boot;
+pub mod jail;
 mod net;
 pub mod proto;
 
 use slate_provider::lease::take_lease;
 use slate_provider::*;
 use std::io::{self, Read, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -158,23 +159,35 @@ impl VmProvider {
     /// `kvm` or `tcg`, probing KVM once when `auto`.
     fn accel(&self, boot: &boot::BootFiles) -> Result<&'static str, String> {
         self.accel
-            .get_or_init(|| match self.settings.accel {
-                Accel::Tcg => Ok("tcg"),
-                Accel::Kvm => match self.kvm_works(boot) {
-                    Ok(()) => Ok("kvm"),
-                    Err(why) => Err(format!(
-                        "`accel = \"kvm\"` but KVM does not work on this host: {why}; use `accel = \"auto\"` or `\"tcg\"` under [providers.vm]"
-                    )),
-                },
-                Accel::Auto => match self.kvm_works(boot) {
-                    Ok(()) => Ok("kvm"),
-                    Err(why) => {
-                        self.note(&format!("vm: KVM does not work here ({why}); using TCG (software emulation, slower)"));
-                        Ok("tcg")
+            .get_or_init(|| {
+                let chosen = self.choose_accel(boot);
+                if chosen == Ok("kvm") {
+                    if let Some(why) = jail::kvm_is_roots() {
+                        self.note(&format!("vm: {why}"));
                     }
-                },
+                }
+                chosen
             })
             .clone()
+    }
+
+    fn choose_accel(&self, boot: &boot::BootFiles) -> Result<&'static str, String> {
+        match self.settings.accel {
+            Accel::Tcg => Ok("tcg"),
+            Accel::Kvm => match self.kvm_works(boot) {
+                Ok(()) => Ok("kvm"),
+                Err(why) => Err(format!(
+                    "`accel = \"kvm\"` but KVM does not work on this host: {why}; use `accel = \"auto\"` or `\"tcg\"` under [providers.vm]"
+                )),
+            },
+            Accel::Auto => match self.kvm_works(boot) {
+                Ok(()) => Ok("kvm"),
+                Err(why) => {
+                    self.note(&format!("vm: KVM does not work here ({why}); using TCG (software emulation, slower)"));
+                    Ok("tcg")
+                }
+            },
+        }
     }
 
     /// Whether KVM works, probed once per host boot and QEMU binary (the
@@ -188,7 +201,12 @@ impl VmProvider {
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let key = format!("{} {} {qemu_time}\n", boot_id.trim(), self.qemu.display());
+        // "v2": answers from before QEMU ran as its own user do not count.
+        let key = format!(
+            "v2 {} {} {qemu_time}\n",
+            boot_id.trim(),
+            self.qemu.display()
+        );
         let memo = self.cache.join("kvm-probe");
         if let Some(answer) = std::fs::read_to_string(&memo)
             .ok()
@@ -223,20 +241,26 @@ impl VmProvider {
         {
             return Err(format!("/dev/kvm: {e}"));
         }
+        // As the machines will run: the same user, the same groups.
+        let who = jail::Identity::take(&self.cache.join("ids"), true).map_err(|e| e.to_string())?;
+        let kernel = jail::Handed::open(&boot.kernel).map_err(|e| e.to_string())?;
+        let initramfs = jail::Handed::open(&boot.initramfs).map_err(|e| e.to_string())?;
         let mut cmd = Command::new(&self.qemu);
         cmd.args(["-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "256"])
             .args(machine_args())
+            .args(["-name", "slate-kvm-probe"])
             .arg("-kernel")
-            .arg(&boot.kernel)
+            .arg(kernel.path())
             .arg("-initrd")
-            .arg(&boot.initramfs)
+            .arg(initramfs.path())
             .arg("-append")
             .arg(format!("{} slate.probe=1", kernel_cmdline()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        die_with_parent(&mut cmd);
+        who.apply(&mut cmd, vec![kernel.fd(), initramfs.fd()]);
         let child = cmd.spawn().map_err(|e| format!("cannot start QEMU: {e}"))?;
+        drop((kernel, initramfs));
         let deadline = Instant::now() + Duration::from_secs(5);
         let pid = child.id();
         let (tx, rx) = mpsc::channel();
@@ -328,16 +352,33 @@ fn kernel_cmdline() -> String {
     c
 }
 
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: prctl is async-signal-safe; it ties QEMU to the slate thread
-    // that starts (and later stops) it.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
+/// The folder in an environment's folder that belongs to QEMU's user.
+const QEMU_DIR: &str = "q";
+
+/// What QEMU opens, held open by slate and reached through
+/// `/proc/self/fd`: QEMU's user needs no way through the cache's folders.
+struct Handed {
+    kernel: jail::Handed,
+    initramfs: jail::Handed,
+    disk: jail::Handed,
+    dir: jail::Handed,
+}
+
+impl Handed {
+    fn boot(boot: &boot::BootFiles, dir: &Path) -> io::Result<Handed> {
+        Ok(Handed {
+            kernel: jail::Handed::open(&boot.kernel)?,
+            initramfs: jail::Handed::open(&boot.initramfs)?,
+            disk: jail::Handed::open(&boot.disk)?,
+            dir: jail::Handed::open(dir)?,
+        })
+    }
+
+    fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        [&self.kernel, &self.initramfs, &self.disk, &self.dir]
+            .iter()
+            .map(|h| h.fd())
+            .collect()
     }
 }
 
@@ -380,7 +421,7 @@ impl Provider for VmProvider {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
         let dir = self.envs.join(&id);
-        if dir.join("agent.sock").as_os_str().len() > 100 {
+        if dir.join(QEMU_DIR).join("agent.sock").as_os_str().len() > 100 {
             return Err(cerr(format!(
                 "the path `{}` is too long for the agent's socket; set SLATE_CACHE to a shorter folder",
                 dir.display()
@@ -408,6 +449,7 @@ impl Provider for VmProvider {
             id: id.clone(),
             dir: dir.clone(),
             qemu: None,
+            identity: None,
             to_guest: None,
             from_guest: None,
             destroyed: false,
@@ -464,6 +506,8 @@ pub struct VmEnv {
     id: String,
     dir: PathBuf,
     qemu: Option<Child>,
+    /// The ids QEMU runs as, held while it runs.
+    identity: Option<jail::Identity>,
     to_guest: Option<UnixStream>,
     from_guest: Option<Receiver<Frame>>,
     destroyed: bool,
@@ -484,14 +528,14 @@ fn qcow2_size(path: &Path) -> Option<u64> {
     (head[..4] == *b"QFI\xfb").then(|| u64::from_be_bytes(head[24..32].try_into().unwrap()))
 }
 
-/// Copies at most `cap` bytes; a source with more is an error (a guest
-/// cannot send more than its disk holds, whatever it claims).
+/// Copies at most `cap` bytes (what the guest announced, never more than
+/// its disk holds); a source with more is an error, whatever it claims.
 fn copy_capped(from: &mut impl Read, to: &mut impl Write, cap: u64) -> io::Result<u64> {
     let n = io::copy(&mut from.take(cap), to)?;
     if n == cap && from.read(&mut [0u8; 1])? > 0 {
         return Err(io::Error::new(
             io::ErrorKind::FileTooLarge,
-            format!("the guest sent more than its disk holds ({cap} bytes); the copy was stopped"),
+            format!("the guest sent more than the {cap} bytes it announced; the copy was stopped"),
         ));
     }
     Ok(n)
@@ -534,9 +578,17 @@ impl VmEnv {
         boot: &boot::BootFiles,
         accel: &str,
     ) -> io::Result<()> {
-        let sock = self.dir.join("agent.sock");
+        let who = jail::Identity::take(&p.cache.join("ids"), accel == "kvm")?;
+        // QEMU's own folder: its socket, and the temporary overlay of
+        // `snapshot=on` (TMPDIR).
+        let qdir = self.dir.join(QEMU_DIR);
+        std::fs::DirBuilder::new().mode(0o700).create(&qdir)?;
+        jail::give(&qdir, &who)?;
+        let sock = qdir.join("agent.sock");
         let listener = UnixListener::bind(&sock)?;
+        jail::give(&sock, &who)?;
         listener.set_nonblocking(true)?;
+        let files = Handed::boot(boot, &qdir)?;
         let cpus = spec
             .limits
             .cpus
@@ -570,25 +622,26 @@ impl VmEnv {
         ])
         .args(["-smp", &cpus.to_string(), "-m", &format!("{mem_mib}M")])
         .args(machine_args())
+        .args(["-name", &self.id])
         .arg("-kernel")
-        .arg(&boot.kernel)
+        .arg(files.kernel.path())
         .arg("-initrd")
-        .arg(&boot.initramfs)
+        .arg(files.initramfs.path())
         .arg("-append")
         .arg(&append)
         .arg("-drive")
         // snapshot=on: QEMU keeps the guest's writes in a temporary overlay
         // of its own, unlinked at once, so not even a kill -9 leaves it
-        // behind; the base disk is never written.
+        // behind; the base disk is opened read-only and never written.
         .arg(format!(
             "id=root,file={},if=none,format=qcow2,snapshot=on,cache=unsafe",
-            boot.disk.display()
+            files.disk.path().display()
         ))
         .args(["-device", "virtio-blk-pci,drive=root"])
         .arg("-chardev")
         .arg(format!(
-            "socket,id=agent,path={},server=off",
-            sock.display()
+            "socket,id=agent,path={}/agent.sock,server=off",
+            files.dir.path().display()
         ))
         .args(["-device", "virtserialport,chardev=agent,name=slate.agent"]);
         if spec.network {
@@ -602,15 +655,17 @@ impl VmEnv {
         // QEMU gets nothing of slate's environment (credentials included).
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("TMPDIR", &self.dir)
+            .env("TMPDIR", files.dir.path())
             .stdin(Stdio::null())
             .stdout(console.try_clone()?)
             .stderr(console);
-        die_with_parent(&mut cmd);
+        who.apply(&mut cmd, files.fds());
         let child = cmd
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("cannot start QEMU: {e}")))?;
+        drop(files);
         self.qemu = Some(child);
+        self.identity = Some(who);
 
         let deadline = Instant::now() + p.settings.boot_timeout;
         let stream = loop {
@@ -763,6 +818,7 @@ impl VmEnv {
             let _ = c.kill();
             let _ = c.wait();
         }
+        self.identity = None;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -948,9 +1004,36 @@ impl Environment for VmEnv {
             let mut f = std::fs::File::create(dest)?;
             self.ask(proto::FETCH, src, 0)?;
             let mut frames = self.answers()?;
+            let size = match proto::FrameSource::next_frame(&mut frames)? {
+                Some((proto::RESULT, p)) => proto::parse::<proto::FileSize>(&p)?.size,
+                Some((proto::ERR, m)) => {
+                    drop(f);
+                    let _ = std::fs::remove_file(dest);
+                    return Err(io::Error::other(String::from_utf8_lossy(&m).into_owned()));
+                }
+                Some((k, _)) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("expected the file's size, got a frame of kind {k}"),
+                    ))
+                }
+                None => return Err(io::ErrorKind::UnexpectedEof.into()),
+            };
+            if size > self.max_fetch {
+                drop(f);
+                let _ = std::fs::remove_file(dest);
+                // The data is on its way: the machine goes instead.
+                overflow = true;
+                return Err(io::Error::new(
+                    io::ErrorKind::FileTooLarge,
+                    format!(
+                        "it is {size} bytes, more than the guest's disk holds ({} bytes), so it is mostly holes (a sparse file); shrink it in the build (compress it, or `qemu-img convert` a disk image) or use the sandbox provider",
+                        self.max_fetch
+                    ),
+                ));
+            }
             let mut data = proto::DataReader::new(&mut frames);
-            let copied =
-                copy_capped(&mut data, &mut f, self.max_fetch).and_then(|n| f.flush().map(|()| n));
+            let copied = copy_capped(&mut data, &mut f, size).and_then(|n| f.flush().map(|()| n));
             if let Err(e) = &copied {
                 let _ = std::fs::remove_file(dest);
                 // A guest sending more than its disk holds may never stop:
@@ -964,6 +1047,12 @@ impl Environment for VmEnv {
         })();
         if overflow {
             self.stop();
+            if let Err(e) = res {
+                return Err(ProviderError::Refused {
+                    env: self.id.clone(),
+                    what: format!("artifact `{src}`: {e}"),
+                });
+            }
         }
         res.map_err(|e| self.err(format!("copy `{src}` out"), e))
     }
@@ -997,7 +1086,7 @@ mod fetch_tests {
         let mut out = Vec::new();
         let e = copy_capped(&mut io::repeat(1), &mut out, 1000).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::FileTooLarge);
-        assert!(e.to_string().contains("more than its disk holds"), "{e}");
+        assert!(e.to_string().contains("more than the 1000 bytes"), "{e}");
         assert_eq!(out.len(), 1000);
     }
 

@@ -22,6 +22,7 @@ pub const STDERR: u8 = 22;
 pub const EXIT: u8 = 23;
 pub const OK: u8 = 24;
 pub const ERR: u8 = 25;
+/// Before a fetch's data: the file's size (`FileSize`).
 pub const RESULT: u8 = 26;
 
 /// Frames larger than this are refused (a corrupt stream, not a big file:
@@ -47,6 +48,11 @@ pub struct Exit {
 pub struct Hello {
     pub kernel: String,
     pub cpus: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileSize {
+    pub size: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

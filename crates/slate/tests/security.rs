@@ -226,6 +226,42 @@ fn root_artifacts_of_sudo_slate_belong_to_the_user_who_ran_sudo() {
     }
 }
 
+/// `truncate -s` makes a file of any size that takes no disk: copied
+/// byte by byte (as `copy_file_range` does on ext4), a build's 1 TB file
+/// fills the host's disk. Holes stay holes, for artifacts and inputs alike.
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_sparse_artifacts_and_inputs_take_no_more_host_disk_than_their_data() {
+    require_root();
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.holes]\nimage = \"bb\"\n\
+         run = [\"mkdir -p out\", \"stat -c %b in.sparse > out/input-blocks\", \"truncate -s 64M out/hole.img\", \"echo end >> out/hole.img\"]\n\
+         artifacts = [\"out/*\"]\n"
+    ));
+    let input = std::fs::File::create(p.project().join("in.sparse")).unwrap();
+    input.set_len(64 << 20).unwrap();
+    let o = p.run(&["build"]);
+    assert!(o.status.success(), "{}", text(&o));
+    use std::os::unix::fs::MetadataExt;
+    let art = p.project().join("artifacts/holes");
+    let m = std::fs::metadata(art.join("hole.img")).unwrap();
+    assert_eq!(m.len(), (64 << 20) + 4);
+    assert!(
+        m.blocks() * 512 < 1 << 20,
+        "the artifact takes {} bytes of the host's disk",
+        m.blocks() * 512
+    );
+    // 512-byte blocks the input's copy took inside the environment.
+    let blocks: u64 = p.read("artifacts/holes/input-blocks").trim().parse().unwrap();
+    assert!(blocks < 2048, "the input's copy took {blocks} blocks");
+    let check = Command::new("sha256sum")
+        .args(["-c", "SHA256SUMS"])
+        .current_dir(p.project().join("artifacts"))
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", text(&check));
+}
+
 #[test]
 #[ignore = "needs root: scripts/test.sh runs it"]
 fn root_a_build_printing_hundreds_of_megabytes_leaves_slates_memory_bounded() {

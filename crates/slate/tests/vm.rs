@@ -137,6 +137,82 @@ fn root_vm_ctrl_c_and_kill_9_leave_no_qemu_and_gc_reaps_the_overlay() {
     }
 }
 
+/// A sparse file is as large as a build says, whatever its disk holds:
+/// `truncate -s 1T` in the guest must not become a terabyte on the host.
+/// The agent announces the size; one larger than the guest's disk is
+/// refused before a byte is copied, as the build's failure.
+#[test]
+#[ignore = "needs root, QEMU and the Debian archive: scripts/test.sh runs it"]
+fn root_vm_an_artifact_larger_than_the_guests_disk_is_refused_before_copying() {
+    require_vm_host();
+    let p = vm_project(
+        "[builds.sparse]\nimage = \"vm\"\nprovider = \"vm\"\nworkdir = \"/src\"\n\
+         run = [\"mkdir -p out; echo small > out/a.txt; truncate -s 1T out/z.img\"]\n\
+         artifacts = [\"out/*\"]\n",
+    );
+    let o = p.run(&["build"]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "the build's failure: {out}");
+    assert!(
+        out.contains("artifact `/src/out/z.img`: it is 1099511627776 bytes, more than the guest's disk holds"),
+        "{out}"
+    );
+    assert!(out.contains("sparse file"), "{out}");
+    assert!(out.contains("1 failed, 0 infrastructure failures"), "{out}");
+    assert!(
+        !p.project().join("artifacts/sparse/z.img").exists(),
+        "nothing of it is left on the host"
+    );
+    assert!(qemus_with("vm-sparse-").is_empty(), "a VM was left running");
+}
+
+/// QEMU parses what a hostile guest sends to its devices: it runs as a user
+/// of its own from slate's range, with no capability, under its seccomp
+/// filter, and still dies with slate.
+#[test]
+#[ignore = "needs root, QEMU and the Debian archive: scripts/test.sh runs it"]
+fn root_vm_qemu_runs_as_a_user_of_its_own_without_capabilities() {
+    require_vm_host();
+    let marker = "unprivileged-qemu";
+    let p = vm_project(&format!(
+        "[builds.{marker}]\nimage = \"vm\"\nprovider = \"vm\"\nrun = [\"echo guest-is-sleeping; sleep 600\"]\n"
+    ));
+    let mut child = start_sleeper(&p);
+    let running = qemus_with(&format!("vm-{marker}-"));
+    assert_eq!(running.len(), 1, "one VM runs: {running:?}");
+    let pid = running[0].split(':').next().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> Vec<String> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    const ID_BASE: u32 = 0x7a00_0000;
+    for ids in [field("Uid"), field("Gid")] {
+        let ids: Vec<u32> = ids.iter().map(|i| i.parse().unwrap()).collect();
+        assert!(
+            ids.iter().all(|&i| i == ids[0] && i > ID_BASE),
+            "QEMU runs as {ids:?}: {status}"
+        );
+    }
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(field(caps), ["0000000000000000"], "{caps}: {status}");
+    }
+    assert_eq!(field("NoNewPrivs"), ["1"], "{status}");
+    assert_eq!(field("Seccomp"), ["2"], "QEMU's own filter: {status}");
+    // SAFETY: signalling the slate process we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+    assert!(
+        gone(&format!("vm-{marker}-")),
+        "QEMU outlived a killed slate once it had changed user"
+    );
+}
+
 #[test]
 #[ignore = "needs root, QEMU and the Debian archive: scripts/test.sh runs it"]
 fn root_vm_docker_image_example_saves_a_tagged_image() {
