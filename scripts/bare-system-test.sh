@@ -5,7 +5,8 @@
 # Rust installed, nothing else), copies this working tree in and runs
 # `./scripts/quickstart.sh` inside it as root. Then checks the artifacts, that
 # no test-only tool was installed and that apt is healthy; then runs
-# `./scripts/install-deps.sh vm` and checks QEMU and `slate check`.
+# `./scripts/install-deps.sh vm` and checks QEMU and `slate check`; then
+# `./scripts/install-deps.sh test` and calls each test tool once.
 #
 #   sudo ./scripts/bare-system-test.sh               # the whole test (minutes: a release build)
 #   sudo ./scripts/bare-system-test.sh --setup-only  # bootstrap, enter, smoke-test Rust and cargo; stop
@@ -487,5 +488,24 @@ else
     note "WARNING: slate check printed no line about the vm provider"
 fi
 
-OK_MSG="bare-system: OK (quickstart on a bare Debian 12 with qemu-utils from backports: ${#debs[@]} .deb, sha256sum -c OK; no test-only packages installed; install-deps vm: qemu-system-x86_64 OK, $vm_state)"
+# --------------------------------------------------- step three: the test tools
+
+phase "install-deps.sh test (in the chroot)"
+show in_chroot_sh './scripts/install-deps.sh test' || die "./scripts/install-deps.sh test failed in the chroot"
+
+phase "checks after install-deps test"
+check_apt_health "install-deps test"
+pkg_installed qemu-utils || die "install-deps test removed qemu-utils"
+pkg_installed qemu-system-x86 ||
+    die "install-deps test removed qemu-system-x86"
+# Each tool the tests call, called once.
+for probe in 'bwrap --version' 'skopeo --version' 'umoci --version' 'aws --version' \
+    'openssl version' 'curl --version' 'pgrep -V' 'busybox true' 'arch-test amd64' \
+    'qemu-aarch64-static --version' 'test -x /usr/bin/docker-registry'; do
+    out=$(in_chroot_sh "$probe" 2>&1) || { echo "$out" | prefix; die "\`$probe\` fails after install-deps test"; }
+    note "$probe: $(head -n 1 <<<"$out")"
+done
+[ "$(sources_digest)" = "$sources_before" ] || note "WARNING: install-deps test changed the chroot's apt sources"
+
+OK_MSG="bare-system: OK (quickstart on a bare Debian 12 with qemu-utils from backports: ${#debs[@]} .deb, sha256sum -c OK; no test-only packages installed; install-deps vm: qemu-system-x86_64 OK, $vm_state; install-deps test: every test tool runs)"
 exit 0
