@@ -72,6 +72,15 @@ pub enum EnvKind {
     Vm,
 }
 
+impl EnvKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            EnvKind::Sandbox => "sandbox",
+            EnvKind::Vm => "vm",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Limits {
     pub cpus: Option<f64>,

@@ -10,10 +10,11 @@ pub mod events;
 pub mod inputs;
 pub mod provenance;
 pub mod record;
+pub mod targets;
 
 use artifacts::{ArtifactRecord, ArtifactStore, ManifestTarget};
 use events::{Event, EventKind, EventSink, TargetStatus};
-use slate_config::{BuildCommand, Project, ProviderKind, TargetSpec};
+use slate_config::{BuildCommand, Project, TargetSpec};
 use slate_image::{BakeReporter, BakedImage, Baker, ImageError, LayerPlan, LayerState, LayerStore};
 use slate_provider::*;
 use std::collections::{BTreeMap, VecDeque};
@@ -376,6 +377,15 @@ impl<P: Provider> Orchestrator<'_, P> {
             .collect();
         let secret_values = secret_values(t);
         let started = events::now();
+        let Some(kind) = targets::env_kind(t.provider) else {
+            return self.fail(
+                t,
+                TargetError::Setup(format!(
+                    "the `{}` provider is not available in this version of slate",
+                    t.provider.name()
+                )),
+            );
+        };
         let spec = EnvSpec {
             name: t.name.clone(),
             layers: img.layers.clone(),
@@ -390,10 +400,7 @@ impl<P: Provider> Orchestrator<'_, P> {
             },
             binds: vec![],
             ephemeral: false,
-            kind: match t.provider {
-                ProviderKind::Vm => EnvKind::Vm,
-                _ => EnvKind::Sandbox,
-            },
+            kind,
             privileges: slate_provider::Privileges::None,
         };
         let mut attempt = 1;

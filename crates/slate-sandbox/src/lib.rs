@@ -150,6 +150,16 @@ impl Provider for SandboxProvider {
             what,
             source: Some(source),
         };
+        if spec.kind != EnvKind::Sandbox {
+            return Err(ProviderError::Create {
+                env: spec.name.clone(),
+                what: format!(
+                    "the sandbox provider cannot make a {} environment",
+                    spec.kind.name()
+                ),
+                source: None,
+            });
+        }
         if spec.layers.is_empty() {
             return Err(ProviderError::Create {
                 env: spec.name.clone(),
@@ -792,4 +802,30 @@ fn hostname(name: &str) -> &str {
         end -= 1;
     }
     &name[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A provider never makes another provider's kind of environment: a vm
+    /// target handed to the sandbox is an error, not a sandbox.
+    #[test]
+    fn the_sandbox_refuses_to_stand_in_for_a_vm() {
+        let t = tempfile::tempdir().unwrap();
+        let spec = EnvSpec {
+            name: "t".into(),
+            layers: vec![t.path().to_path_buf()],
+            kind: EnvKind::Vm,
+            ..Default::default()
+        };
+        let e = SandboxProvider::new(t.path().join("envs"))
+            .create(&spec)
+            .err()
+            .expect("refused");
+        assert!(
+            e.to_string().contains("cannot make a vm environment"),
+            "{e}"
+        );
+    }
 }

@@ -410,6 +410,12 @@ impl Provider for VmProvider {
         if spec.upper.is_some() {
             return Err(cerr("images are baked in the sandbox, not in a VM".into()));
         }
+        if spec.kind != EnvKind::Vm {
+            return Err(cerr(format!(
+                "the vm provider cannot make a {} environment",
+                spec.kind.name()
+            )));
+        }
         let boot = boot::prepare(&self.cache, &spec.layers, &self.agent)
             .map_err(|e| cerr(format!("cannot prepare the VM's boot files: {e}")))?;
         let accel = self.accel(&boot).map_err(cerr)?;

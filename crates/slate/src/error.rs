@@ -146,3 +146,24 @@ pub type Result<T> = std::result::Result<T, CliError>;
 
 /// What a command returns: its exit code, or an error to print.
 pub type CmdResult = Result<ExitCode>;
+
+impl From<slate_run::targets::SelectError> for CliError {
+    fn from(e: slate_run::targets::SelectError) -> CliError {
+        use slate_run::targets::SelectError as S;
+        match e {
+            S::UnknownTarget { name, known } => crate::commands::unknown(
+                "target",
+                &name,
+                known.iter().map(String::as_str).collect(),
+            ),
+            S::UnknownProvider(_) => {
+                CliError::usage(e.to_string()).hint("use `sandbox`, `vm`, `ssh` or `ec2`")
+            }
+            S::Unavailable { .. } => CliError::usage(e.to_string()).hint(
+                "use `provider = \"sandbox\"` (the default), `\"vm\"`, or `--provider sandbox`",
+            ),
+            S::NoTargets => CliError::usage(e.to_string())
+                .hint("add a `[builds.NAME]` table (see `slate init`)"),
+        }
+    }
+}

@@ -45,6 +45,38 @@ fn hostile_build_name_is_refused_and_the_folder_beside_is_untouched() {
     assert_eq!(p.read("victim/keep.txt"), "mine\n");
 }
 
+/// The provider is chosen once, before anything runs: one this slate does
+/// not have is a usage error for `build` and `verify` alike, never a
+/// sandbox in its place.
+#[test]
+fn a_provider_this_slate_lacks_is_refused_before_anything_runs() {
+    let p = Project::config_only(
+        "[images.bb]\nfrom = \"tar:bb.tar.gz\"\n[builds.far]\nimage = \"bb\"\nprovider = \"ssh\"\nrun = [\"true\"]\n",
+    );
+    for args in [
+        &["build"][..],
+        &["build", "far"],
+        &["verify", "far"],
+        &["up", "far"],
+    ] {
+        let o = p.run(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(
+                "target `far`: the `ssh` provider is not available in this version of slate"
+            ),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains("--provider sandbox"), "{err}");
+    }
+    let o = p.run(&["build", "--provider", "docker"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("unknown provider `docker`"), "{err}");
+    assert!(!p.project().join(".slate").exists(), "nothing ran");
+}
+
 #[test]
 fn dangling_image_reference_exits_2() {
     let p = Project::config_only(

@@ -252,7 +252,11 @@ fn root_sparse_artifacts_and_inputs_take_no_more_host_disk_than_their_data() {
         m.blocks() * 512
     );
     // 512-byte blocks the input's copy took inside the environment.
-    let blocks: u64 = p.read("artifacts/holes/input-blocks").trim().parse().unwrap();
+    let blocks: u64 = p
+        .read("artifacts/holes/input-blocks")
+        .trim()
+        .parse()
+        .unwrap();
     assert!(blocks < 2048, "the input's copy took {blocks} blocks");
     let check = Command::new("sha256sum")
         .args(["-c", "SHA256SUMS"])

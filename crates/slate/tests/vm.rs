@@ -137,6 +137,43 @@ fn root_vm_ctrl_c_and_kill_9_leave_no_qemu_and_gc_reaps_the_overlay() {
     }
 }
 
+/// `slate verify` builds a vm target twice in VMs, as `build` would (it
+/// used to build it in sandboxes and still record `vm`).
+#[test]
+#[ignore = "needs root, QEMU and the Debian archive: scripts/test.sh runs it"]
+fn root_vm_verify_of_a_vm_target_builds_it_in_vms() {
+    require_vm_host();
+    let p = vm_project(
+        "[builds.same]\nimage = \"vm\"\nprovider = \"vm\"\nworkdir = \"/src\"\n\
+         run = [\"mkdir -p out; uname -r > out/kernel.txt\"]\nartifacts = [\"out/*\"]\n",
+    );
+    let o = p.run(&["verify", "same"]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("same: reproducible: 1 artifact(s) identical"),
+        "{out}"
+    );
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let runs = p.project().join(".slate/runs");
+    let run = std::fs::read_dir(&runs)
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    for build in ["same-a", "same-b"] {
+        let kernel =
+            std::fs::read_to_string(run.join("verify").join(build).join("kernel.txt")).unwrap();
+        assert!(
+            kernel.starts_with("6.1.0-"),
+            "{build} ran on kernel {kernel}"
+        );
+        assert_ne!(kernel, host, "{build} ran on the host's kernel");
+    }
+    assert!(qemus_with("vm-same-").is_empty(), "a VM was left running");
+}
+
 /// A sparse file is as large as a build says, whatever its disk holds:
 /// `truncate -s 1T` in the guest must not become a terabyte on the host.
 /// The agent announces the size; one larger than the guest's disk is

@@ -3,7 +3,7 @@
 use crate::cli::BuildArgs;
 use crate::error::{CliError, CmdResult, Exit};
 use crate::{signals, Ctx};
-use slate_config::{ProviderKind, TargetSpec};
+use slate_config::TargetSpec;
 use slate_provider::Cancel;
 use slate_run::events::{EventSink, TargetStatus, Tee};
 use slate_run::record::RunRecorder;
@@ -23,66 +23,8 @@ pub fn up(ctx: &Ctx, target: &str, provider: Option<String>) -> CmdResult {
 
 pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
     let project = ctx.project()?;
-    let mut selected: Vec<&TargetSpec> = Vec::new();
-    for name in &args.targets {
-        let matched: Vec<&TargetSpec> = project
-            .targets
-            .iter()
-            .filter(|t| &t.name == name || &t.build == name)
-            .collect();
-        if matched.is_empty() {
-            return Err(super::unknown(
-                "target",
-                name,
-                project.targets.iter().map(|t| t.name.as_str()).collect(),
-            ));
-        }
-        for t in matched {
-            if !selected.iter().any(|s| s.name == t.name) {
-                selected.push(t);
-            }
-        }
-    }
-    if args.targets.is_empty() {
-        selected = project.targets.iter().collect();
-    }
-    if selected.is_empty() {
-        return Err(CliError::usage("the config defines no builds")
-            .hint("add a `[builds.NAME]` table (see `slate init`)"));
-    }
-    let forced = match &args.provider {
-        Some(p) => Some(ProviderKind::parse(p).ok_or_else(|| {
-            CliError::usage(format!("unknown provider `{p}`"))
-                .hint("use `sandbox`, `vm`, `ssh` or `ec2`")
-        })?),
-        None => None,
-    };
-    let mut needs_vm = false;
-    for t in &selected {
-        let p = forced.unwrap_or(t.provider);
-        match p {
-            ProviderKind::Sandbox => {}
-            ProviderKind::Vm => needs_vm = true,
-            _ => {
-                return Err(CliError::usage(format!(
-                    "target `{}`: the `{}` provider is not available in this version of slate",
-                    t.name,
-                    p.name()
-                ))
-                .hint(
-                    "use `provider = \"sandbox\"` (the default), `\"vm\"`, or `--provider sandbox`",
-                ))
-            }
-        }
-    }
-    let selected: Vec<TargetSpec> = selected
-        .into_iter()
-        .map(|t| {
-            let mut t = t.clone();
-            t.provider = forced.unwrap_or(t.provider);
-            t
-        })
-        .collect();
+    let selected = slate_run::targets::select(&project, &args.targets, args.provider.as_deref())?;
+    let needs_vm = slate_run::targets::need_vm(&selected);
     let selected: Vec<&TargetSpec> = selected.iter().collect();
     let signer = super::provenance::signer(&project)?;
     let artifacts_dir = project.dir.join(&project.settings.artifacts);

@@ -81,15 +81,17 @@ pub fn run(
 ) -> CmdResult {
     let project = ctx.project()?;
     let store = ctx.store()?;
-    match provider {
-        None | Some("sandbox") => {}
-        Some("vm") => return run_in_vm(ctx, &project, &store, name, network, command),
-        Some(p) => {
-            return Err(
+    let kind = match provider {
+        None => slate_provider::EnvKind::Sandbox,
+        Some(p) => slate_config::ProviderKind::parse(p)
+            .and_then(slate_run::targets::env_kind)
+            .ok_or_else(|| {
                 CliError::usage(format!("`slate run` cannot use the `{p}` provider"))
-                    .hint("use `--provider sandbox` (the default) or `--provider vm`"),
-            )
-        }
+                    .hint("use `--provider sandbox` (the default) or `--provider vm`")
+            })?,
+    };
+    if kind == slate_provider::EnvKind::Vm {
+        return run_in_vm(ctx, &project, &store, name, network, command);
     }
     let provider = ctx.sandbox(&store)?;
     let img = image(ctx, &project, &store, &provider, name)?;

@@ -48,8 +48,11 @@ pub fn verify(ctx: &Ctx, name: &str) -> CmdResult {
             project.targets.iter().map(|t| t.name.as_str()).collect(),
         ));
     };
+    // Through the same choice as `build`: a vm target is verified in VMs.
+    let chosen = slate_run::targets::select(&project, std::slice::from_ref(&target.name), None)?;
+    let target = &chosen[0];
     let store = ctx.store()?;
-    let provider = ctx.sandbox(&store)?;
+    let provider = ctx.providers(&store, &project, slate_run::targets::need_vm(&chosen))?;
     let run_id = super::new_run_id();
     let runs_dir = super::runs_dir(&project);
     let recorder = RunRecorder::create(&runs_dir, &run_id, std::env::args().collect())
