@@ -36,6 +36,16 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 const MAX_DURATION_SECS: u64 = 365 * 86400;
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    match parse_span(s)? {
+        d if d.is_zero() => Err(format!(
+            "`{s}` is not a duration; write e.g. `90s`, `30m` or `1h30m`"
+        )),
+        d => Ok(d),
+    }
+}
+
+/// Like [`parse_duration`], zero included (`0s`: "now", for `gc --older-than`).
+pub fn parse_span(s: &str) -> Result<Duration, String> {
     let bad = || format!("`{s}` is not a duration; write e.g. `90s`, `30m` or `1h30m`");
     let too_long =
         || format!("`{s}` is longer than a year (365d), the longest duration slate takes");
@@ -69,7 +79,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         total = num.parse().map_err(|_| bad())?;
         any = true;
     }
-    if !any || total == 0 {
+    if !any {
         return Err(bad());
     }
     if total > MAX_DURATION_SECS {

@@ -2,6 +2,7 @@
 
 pub mod binfmt;
 pub mod export;
+pub mod gc;
 pub mod plan;
 pub mod registry;
 pub mod store;

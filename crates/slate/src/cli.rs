@@ -69,17 +69,25 @@ pub enum Command {
     },
     /// List baked images and layers with sizes
     Images,
-    /// Remove unused layers, old runs and leftovers of killed runs
+    /// Remove layers no project uses, old runs and leftovers of killed runs
+    ///
+    /// The layer cache is shared by every project on this machine: a layer
+    /// that any project which baked, built or ran here still uses is kept,
+    /// unless `--older-than` or `--all` says otherwise.
     Gc {
-        /// Remove every layer, also those the project uses
+        /// Remove every layer, also those this project uses
         #[arg(long)]
         all: bool,
-        /// Only remove layers not used for this long (e.g. `7d`, `12h`)
+        /// Remove layers not used for this long (e.g. `7d`, `12h`), other
+        /// projects' included; this project's are kept
         #[arg(long, value_name = "DURATION")]
         older_than: Option<String>,
         /// Keep this many most recent runs
         #[arg(long, default_value_t = 20)]
         keep_runs: usize,
+        /// List what would be removed; remove nothing
+        #[arg(long)]
+        dry_run: bool,
     },
     /// An interactive shell in a fresh environment, thrown away on exit
     Shell { name: String },

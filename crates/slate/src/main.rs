@@ -40,6 +40,14 @@ impl Ctx {
         Ok(store)
     }
 
+    /// The cache, with `project` registered in it as a root: `slate gc`
+    /// run in another project keeps what this one uses.
+    pub fn store_for(&self, project: &Project) -> Result<LayerStore> {
+        let store = self.store()?;
+        slate_image::gc::register(&store, project);
+        Ok(store)
+    }
+
     pub fn sandbox(&self, store: &LayerStore) -> Result<SandboxProvider> {
         SandboxProvider::probe().map_err(|why| {
             CliError::new(
@@ -144,7 +152,16 @@ fn main() -> ExitCode {
             all,
             older_than,
             keep_runs,
-        } => commands::images::gc(&ctx, *all, older_than.as_deref(), *keep_runs),
+            dry_run,
+        } => commands::images::gc(
+            &ctx,
+            commands::images::GcArgs {
+                all: *all,
+                older_than: older_than.as_deref(),
+                keep_runs: *keep_runs,
+                dry_run: *dry_run,
+            },
+        ),
         Command::Shell { name } => commands::run::shell(&ctx, name),
         Command::Run {
             image,

@@ -1100,6 +1100,59 @@ fn root_signed_provenance_verifies_against_its_artifact_and_openssl_agrees() {
     );
 }
 
+/// The layer cache is shared: `slate gc` in one project keeps what another
+/// project uses, for as long as that project's config exists (when it
+/// cannot be read, the layers it used when it last ran count).
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_gc_keeps_another_projects_layers_until_that_project_is_gone() {
+    require_root();
+    let config = |name: &str| {
+        format!("[images.bb]\nfrom = \"tar:bb.tar.gz\"\nsteps = [\"echo {name} > /etc/{name}\"]\n")
+    };
+    let a = Project::new(&config("mine"));
+    let mut b = Project::new(&config("theirs"));
+    b.cache = a.cache.clone();
+    assert!(a.run(&["bake"]).status.success());
+    assert!(b.run(&["bake"]).status.success());
+    let layers = || {
+        std::fs::read_dir(a.cache.join("v1/layers"))
+            .unwrap()
+            .flatten()
+            .count()
+    };
+    let all = layers();
+    let gc = |args: &[&str]| {
+        let o = a.run(&[&["gc"], args].concat());
+        assert!(o.status.success(), "{}", text(&o));
+        text(&o)
+    };
+    let out = gc(&[]);
+    assert!(out.contains("removed 0 layer(s)"), "{out}");
+    assert!(out.contains("that 1 other project(s) use"), "{out}");
+    assert_eq!(layers(), all);
+    // Asked for: everything idle but this project's, listed, not removed.
+    let out = gc(&["--dry-run", "--older-than", "0s"]);
+    assert!(out.contains("would remove layer"), "{out}");
+    assert!(out.contains("echo theirs > /etc/theirs"), "{out}");
+    assert!(!out.contains("echo mine > /etc/mine"), "{out}");
+    assert!(out.contains("nothing was removed"), "{out}");
+    assert_eq!(layers(), all);
+    // A config being edited: what it used when it last ran is kept.
+    b.write("slate.toml", "[images.bb\n");
+    let out = gc(&[]);
+    assert!(out.contains("warning: cannot read"), "{out}");
+    assert!(out.contains("removed 0 layer(s)"), "{out}");
+    // The other project is gone: forgotten, and its layers go.
+    std::fs::remove_dir_all(b.project()).unwrap();
+    let out = gc(&[]);
+    assert!(out.contains("forgot `"), "{out}");
+    assert!(!out.contains("removed 0 layer(s)"), "{out}");
+    assert!(layers() < all, "{out}");
+    let o = a.run(&["bake"]);
+    assert!(text(&o).contains("nothing to bake"), "{}", text(&o));
+}
+
 #[test]
 #[ignore = "needs root: scripts/test.sh runs it"]
 fn root_gc_removes_vm_disks_and_boot_files_of_removed_layers_only() {

@@ -55,7 +55,7 @@ pub fn bake(
             ));
         }
     }
-    let store = ctx.store()?;
+    let store = ctx.store_for(&project)?;
     let provider = ctx.sandbox(&store)?;
     let reporter = ctx.reporter();
     // Bake logs go to a run folder, like build logs: bake-<image>.log.

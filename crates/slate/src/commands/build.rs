@@ -29,7 +29,7 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
     let signer = super::provenance::signer(&project)?;
     let artifacts_dir = project.dir.join(&project.settings.artifacts);
     let _artifacts_lock = lock_artifacts(&artifacts_dir)?;
-    let store = ctx.store()?;
+    let store = ctx.store_for(&project)?;
     let provider = ctx.providers(&store, &project, needs_vm)?;
     // Environments a killed run left behind go first.
     let _ = slate_sandbox::reap(&store.envs_dir());

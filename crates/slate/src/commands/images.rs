@@ -94,22 +94,70 @@ pub fn images(ctx: &Ctx) -> CmdResult {
     Ok(Exit::Ok.into())
 }
 
-pub fn gc(ctx: &Ctx, all: bool, older_than: Option<&str>, keep_runs: usize) -> CmdResult {
-    let min_idle = match older_than {
+pub struct GcArgs<'a> {
+    pub all: bool,
+    pub older_than: Option<&'a str>,
+    pub keep_runs: usize,
+    pub dry_run: bool,
+}
+
+pub fn gc(ctx: &Ctx, args: GcArgs) -> CmdResult {
+    use slate_image::gc::Scope;
+    let min_idle = match args.older_than {
         Some(d) => Some(
-            slate_config::units::parse_duration(d)
+            slate_config::units::parse_span(d)
                 .map_err(|e| CliError::usage(format!("--older-than: {e}")))?,
         ),
         None => None,
     };
     let project = ctx.project()?;
     let store = ctx.store()?;
-    let mut keep = BTreeSet::new();
-    if !all {
-        for img in &project.images {
-            let plan = slate_image::plan(&project, &img.name).map_err(CliError::from)?;
-            keep.extend(plan.layers.iter().map(|l| l.key.clone()));
+    let scope = match (args.all, min_idle) {
+        (true, _) => Scope::Everything,
+        (false, Some(_)) => Scope::AllButThisProject,
+        (false, None) => Scope::Unrooted,
+    };
+    let plan =
+        slate_image::gc::plan(&store, &project, scope, min_idle, args.dry_run).map_err(|e| {
+            CliError::usage(format!("cannot tell which layers this project uses: {e}"))
+                .hint("fix the config, or remove everything with `slate gc --all`")
+        })?;
+    for (config, why) in &plan.unreadable {
+        ctx.say(&format!(
+            "warning: cannot read `{}` ({why}); keeping the layers it used when it last ran",
+            config.display()
+        ));
+    }
+    for config in &plan.forgotten {
+        ctx.say(&format!(
+            "forgot `{}`: it is gone, so its layers are no longer kept",
+            config.display()
+        ));
+    }
+    if plan.kept_for_others > 0 {
+        ctx.say(&format!(
+            "kept {} layer(s) that {} other project(s) use (`--older-than` or `--all` removes them)",
+            plan.kept_for_others,
+            plan.projects.len()
+        ));
+    }
+    if args.dry_run {
+        let total: u64 = plan.remove.iter().map(|m| m.size).sum();
+        for m in &plan.remove {
+            println!(
+                "would remove layer {}  {:>10}  used {:<8}  {}",
+                &m.key[..12],
+                human(m.size),
+                ago(store.last_used(&m.key)),
+                m.description
+            );
         }
+        ctx.say(&format!(
+            "dry run: {} layer(s), {}, would be removed; nothing was removed",
+            plan.remove.len(),
+            human(total)
+        ));
+        return Ok(Exit::Ok.into());
     }
     let reaped = slate_sandbox::reap(&store.envs_dir());
     let mut failed: Vec<String> = reaped
@@ -120,16 +168,7 @@ pub fn gc(ctx: &Ctx, all: bool, older_than: Option<&str>, keep_runs: usize) -> C
     let tmp = store.clean_tmp();
     let mut layers = 0;
     let mut layer_bytes = 0;
-    for m in store.layers() {
-        if keep.contains(&m.key) {
-            continue;
-        }
-        if let Some(idle) = min_idle {
-            let used = store.last_used(&m.key).unwrap_or(SystemTime::UNIX_EPOCH);
-            if SystemTime::now().duration_since(used).unwrap_or_default() < idle {
-                continue;
-            }
-        }
+    for m in &plan.remove {
         let _lock = store
             .lock(&m.key)
             .map_err(|e| CliError::from_error(Exit::Infra, &e))?;
@@ -147,8 +186,8 @@ pub fn gc(ctx: &Ctx, all: bool, older_than: Option<&str>, keep_runs: usize) -> C
     let runs = slate_run::record::list_runs(&runs_dir);
     let mut runs_removed = 0;
     let mut run_bytes = 0;
-    if runs.len() > keep_runs {
-        for r in &runs[..runs.len() - keep_runs] {
+    if runs.len() > args.keep_runs {
+        for r in &runs[..runs.len() - args.keep_runs] {
             let p = runs_dir.join(r);
             run_bytes += slate_image::store::slate_size(&p);
             let _ = std::fs::remove_dir_all(&p);

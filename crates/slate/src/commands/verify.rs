@@ -51,7 +51,7 @@ pub fn verify(ctx: &Ctx, name: &str) -> CmdResult {
     // Through the same choice as `build`: a vm target is verified in VMs.
     let chosen = slate_run::targets::select(&project, std::slice::from_ref(&target.name), None)?;
     let target = &chosen[0];
-    let store = ctx.store()?;
+    let store = ctx.store_for(&project)?;
     let provider = ctx.providers(&store, &project, slate_run::targets::need_vm(&chosen))?;
     let run_id = super::new_run_id();
     let runs_dir = super::runs_dir(&project);
