@@ -1,4 +1,4 @@
-//! An OCI layer (a tar archive) → `slate_image::unpack::unpack` into a root
+//! An OCI layer (a tar archive) → `slate_layers::unpack::unpack` into a root
 //! folder that already holds a lower layer, and the same bytes as a `tar:`
 //! base into an empty one: any archive unpacks or fails, never panics, and
 //! never creates, changes or removes anything outside its folder.
@@ -17,7 +17,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use slate_image::unpack::{unpack, Source};
+use slate_layers::unpack::{unpack, Source};
 use std::collections::BTreeMap;
 use std::error::Error;
 use std::ffi::CString;

@@ -6,248 +6,15 @@
 //! with sorted keys — the same layers always give the same digests.
 
 use serde_json::json;
-use sha2::{Digest, Sha256};
-use std::collections::{BTreeSet, HashMap};
-use std::fs::{self, File, Metadata};
+use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use crate::{BakedImage, ImagePlan};
-
-/// What the mtime of every entry is clamped to.
-pub fn clamp_from_env() -> u64 {
-    std::env::var("SOURCE_DATE_EPOCH")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// Paths under `root`, relative, sorted so that a folder comes before its content.
-fn walk(root: &Path) -> io::Result<Vec<(PathBuf, Metadata)>> {
-    let mut out = Vec::new();
-    walk_into(root, Path::new(""), &mut out)?;
-    Ok(out)
-}
-
-fn walk_into(root: &Path, rel: &Path, out: &mut Vec<(PathBuf, Metadata)>) -> io::Result<()> {
-    let mut names: Vec<_> = fs::read_dir(root.join(rel))?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<Result<_, _>>()?;
-    names.sort();
-    for n in names {
-        let r = rel.join(&n);
-        let m = fs::symlink_metadata(root.join(&r))?;
-        let is_dir = m.is_dir();
-        out.push((r.clone(), m));
-        if is_dir {
-            walk_into(root, &r, out)?;
-        }
-    }
-    Ok(())
-}
-
-fn is_whiteout(m: &Metadata) -> bool {
-    m.file_type().is_char_device() && m.rdev() == 0
-}
-
-fn is_opaque(path: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    let mut buf = [0u8; 4];
-    for name in [c"trusted.overlay.opaque", c"user.overlay.opaque"] {
-        // SAFETY: valid C strings and a buffer of the given length.
-        let n = unsafe {
-            libc::lgetxattr(
-                c.as_ptr(),
-                name.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        if n == 1 && buf[0] == b'y' {
-            return true;
-        }
-    }
-    false
-}
-
-/// Writes tar entries with fixed owners-as-numbers and clamped times.
-struct TarWriter<W: Write> {
-    b: tar::Builder<W>,
-    clamp: u64,
-    links: HashMap<(u64, u64), PathBuf>,
-}
-
-impl<W: Write> TarWriter<W> {
-    fn new(w: W, clamp: u64) -> Self {
-        let mut b = tar::Builder::new(w);
-        b.mode(tar::HeaderMode::Complete);
-        b.follow_symlinks(false);
-        TarWriter {
-            b,
-            clamp,
-            links: HashMap::new(),
-        }
-    }
-
-    fn header(&self, m: &Metadata, kind: tar::EntryType) -> tar::Header {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(kind);
-        h.set_mode(m.mode() & 0o7777);
-        h.set_uid(m.uid() as u64);
-        h.set_gid(m.gid() as u64);
-        h.set_mtime((m.mtime().max(0) as u64).min(self.clamp));
-        h.set_size(0);
-        h
-    }
-
-    fn empty_file(&mut self, rel: &Path) -> io::Result<()> {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_mode(0o644);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        h.set_size(0);
-        self.b.append_data(&mut h, rel, io::empty())
-    }
-
-    /// One filesystem entry at `src`, named `rel` in the archive.
-    fn entry(&mut self, rel: &Path, src: &Path, m: &Metadata) -> io::Result<()> {
-        let ft = m.file_type();
-        if ft.is_dir() {
-            let mut h = self.header(m, tar::EntryType::Directory);
-            return self.b.append_data(&mut h, rel, io::empty());
-        }
-        if ft.is_symlink() {
-            let mut h = self.header(m, tar::EntryType::Symlink);
-            let target = fs::read_link(src)?;
-            return self.b.append_link(&mut h, rel, target);
-        }
-        if ft.is_file() {
-            if m.nlink() > 1 {
-                if let Some(first) = self.links.get(&(m.dev(), m.ino())) {
-                    let mut h = self.header(m, tar::EntryType::Link);
-                    let first = first.clone();
-                    return self.b.append_link(&mut h, rel, first);
-                }
-                self.links.insert((m.dev(), m.ino()), rel.to_path_buf());
-            }
-            let mut h = self.header(m, tar::EntryType::Regular);
-            h.set_size(m.len());
-            return self.b.append_data(&mut h, rel, File::open(src)?);
-        }
-        let kind = if ft.is_char_device() {
-            tar::EntryType::Char
-        } else if ft.is_block_device() {
-            tar::EntryType::Block
-        } else if ft.is_fifo() {
-            tar::EntryType::Fifo
-        } else {
-            return Ok(()); // sockets do not go into images
-        };
-        let mut h = self.header(m, kind);
-        let rdev = m.rdev();
-        h.set_device_major(libc::major(rdev))?;
-        h.set_device_minor(libc::minor(rdev))?;
-        self.b.append_data(&mut h, rel, io::empty())
-    }
-
-    fn finish(self) -> io::Result<W> {
-        self.b.into_inner()
-    }
-}
-
-/// A layer as an OCI tar diff: overlay whiteouts become `.wh.` files, opaque
-/// folders get `.wh..wh..opq`.
-pub fn write_layer_diff<W: Write>(layer: &Path, out: W, clamp: u64) -> io::Result<W> {
-    let mut t = TarWriter::new(out, clamp);
-    for (rel, m) in walk(layer)? {
-        let src = layer.join(&rel);
-        if is_whiteout(&m) {
-            let name = format!(
-                ".wh.{}",
-                rel.file_name().unwrap_or_default().to_string_lossy()
-            );
-            t.empty_file(&rel.with_file_name(name))?;
-            continue;
-        }
-        t.entry(&rel, &src, &m)?;
-        if m.is_dir() && is_opaque(&src) {
-            t.empty_file(&rel.join(".wh..wh..opq"))?;
-        }
-    }
-    t.finish()
-}
-
-/// The merged view of `layers` (lowest first) as one flat rootfs tarball.
-pub fn write_flat<W: Write>(layers: &[PathBuf], out: W, clamp: u64) -> io::Result<W> {
-    // Top-down: the first layer to name a path wins. A whiteout or a
-    // non-folder hides the path and all below it in lower layers; an opaque
-    // folder hides what is below it.
-    let mut chosen: Vec<(PathBuf, usize, Metadata)> = Vec::new();
-    let mut taken: BTreeSet<PathBuf> = BTreeSet::new();
-    let mut hide_all: BTreeSet<PathBuf> = BTreeSet::new();
-    let mut hide_below: BTreeSet<PathBuf> = BTreeSet::new();
-    for (i, layer) in layers.iter().enumerate().rev() {
-        let (mut new_all, mut new_below) = (Vec::new(), Vec::new());
-        for (rel, m) in walk(layer)? {
-            let hidden = rel.ancestors().any(|a| hide_all.contains(a))
-                || rel.ancestors().skip(1).any(|a| hide_below.contains(a));
-            if hidden {
-                continue;
-            }
-            if is_whiteout(&m) {
-                new_all.push(rel);
-                continue;
-            }
-            if m.is_dir() && is_opaque(&layer.join(&rel)) {
-                new_below.push(rel.clone());
-            }
-            if taken.insert(rel.clone()) {
-                if !m.is_dir() {
-                    new_all.push(rel.clone());
-                }
-                chosen.push((rel, i, m));
-            }
-        }
-        hide_all.extend(new_all);
-        hide_below.extend(new_below);
-    }
-    chosen.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut t = TarWriter::new(out, clamp);
-    for (rel, i, m) in chosen {
-        t.entry(&rel, &layers[i].join(&rel), &m)?;
-    }
-    t.finish()
-}
-
-/// Counts bytes and hashes them while writing.
-struct HashingWriter<W: Write> {
-    inner: W,
-    hash: Sha256,
-    size: u64,
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
-        self.size += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
+use slate_layers::disk::write_disk;
+use slate_layers::hash::HashingWriter;
+pub use slate_layers::tree::clamp_from_env;
+use slate_layers::tree::{kernel_in, layer_file, walk, write_flat, write_layer_diff, TarWriter};
 
 /// A blob written into `blobs/sha256/`: (digest "sha256:…", size).
 fn write_blob(
@@ -257,16 +24,13 @@ fn write_blob(
     let dir = layout.join("blobs/sha256");
     fs::create_dir_all(&dir)?;
     let tmp = dir.join(format!(".tmp-{}", std::process::id()));
-    let mut w = HashingWriter {
-        inner: io::BufWriter::new(File::create(&tmp)?),
-        hash: Sha256::new(),
-        size: 0,
-    };
+    let mut w = HashingWriter::new(io::BufWriter::new(File::create(&tmp)?));
     write(&mut w)?;
     w.flush()?;
-    let digest = hex(&w.hash.finalize());
+    let size = w.size;
+    let digest = w.hex();
     fs::rename(&tmp, dir.join(&digest))?;
-    Ok((format!("sha256:{digest}"), w.size))
+    Ok((format!("sha256:{digest}"), size))
 }
 
 /// The OCI/Go name of a Debian architecture.
@@ -317,7 +81,10 @@ pub fn export_oci(
             write_blob(&layout, |w| write_layer_diff(fs_dir, w, clamp).map(|_| ()))?;
         layers.push((digest, size));
     }
-    let created = rfc3339(clamp);
+    let created = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(clamp),
+    )
+    .to_string();
     let (os_arch, variant) = oci_arch(arch);
     let mut env: Vec<String> =
         vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()];
@@ -381,27 +148,6 @@ pub fn export_tar(image: &BakedImage, dest: &Path, clamp: u64) -> io::Result<()>
     fs::rename(&tmp, dest)
 }
 
-/// `secs` since the epoch as an RFC 3339 UTC time.
-pub fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86400) as i64;
-    let s = secs % 86400;
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z.rem_euclid(146097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        s / 3600,
-        s % 3600 / 60,
-        s % 60
-    )
-}
-
 /// Writes the image as a VM disk: an ext4 filesystem (made without mounting,
 /// `mkfs.ext4 -d`) in a qcow2 file at `dest`; when the image has a kernel in
 /// `/boot`, `DEST.vmlinuz` and `DEST.initrd` beside it. Returns the kernel
@@ -423,101 +169,4 @@ pub fn export_disk(image: &BakedImage, dest: &Path, clamp: u64) -> io::Result<Ve
         }
     }
     Ok(kernel_files)
-}
-
-/// Writes the merged layers as an ext4 filesystem with `free_mib` MiB to
-/// spare (and a quarter of the contents' size), in a qcow2 file at `dest`.
-/// The file appears only when complete.
-pub fn write_disk(layers: &[PathBuf], dest: &Path, clamp: u64, free_mib: u64) -> io::Result<()> {
-    let work = dest.with_extension("disk-tmp");
-    let _ = fs::remove_dir_all(&work);
-    let root = work.join("root");
-    fs::create_dir_all(&root)?;
-    let res = (|| {
-        let flat = work.join("rootfs.tar");
-        write_flat(layers, io::BufWriter::new(File::create(&flat)?), clamp)?.flush()?;
-        let rootfs = io::BufReader::new(File::open(&flat)?);
-        crate::unpack::unpack(rootfs, &root, crate::unpack::Source::Slate)
-            .map_err(io::Error::other)?;
-        fs::remove_file(&flat)?;
-        let used = crate::store::slate_size(&root);
-        let mib = (used + used / 4) / (1 << 20) + free_mib;
-        let raw = work.join("disk.raw");
-        run(
-            Command::new("mkfs.ext4")
-                .args(["-q", "-F", "-L", "slate-root"])
-                // Inode tables and journal are not zeroed now (a sparse file
-                // reads as zeroes anyway), so free space costs nothing.
-                .args(["-E", "lazy_itable_init=1,lazy_journal_init=1", "-d"])
-                .arg(&root)
-                .arg(&raw)
-                .arg(format!("{mib}M")),
-            "mkfs.ext4 (e2fsprogs)",
-        )?;
-        let tmp = work.join("disk.qcow2");
-        run(
-            Command::new("qemu-img")
-                .args(["convert", "-f", "raw", "-O", "qcow2"])
-                .arg(&raw)
-                .arg(&tmp),
-            "qemu-img (qemu-utils)",
-        )?;
-        fs::rename(&tmp, dest)
-    })();
-    let _ = fs::remove_dir_all(&work);
-    res
-}
-
-/// A kernel found in an image's `/boot`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Kernel {
-    pub path: PathBuf,
-    /// e.g. `6.1.0-35-amd64`
-    pub version: String,
-}
-
-/// The file at `rel` (no leading slash) in the merged layers, if any: the
-/// topmost layer that has it wins; a whiteout there hides it.
-pub fn layer_file(layers: &[PathBuf], rel: &str) -> Option<PathBuf> {
-    for l in layers.iter().rev() {
-        let p = l.join(rel);
-        if let Ok(m) = fs::symlink_metadata(&p) {
-            if m.file_type().is_char_device() && m.rdev() == 0 {
-                return None;
-            }
-            return Some(p);
-        }
-    }
-    None
-}
-
-/// The newest `/boot/vmlinuz-*` of the merged layers.
-pub fn kernel_in(layers: &[PathBuf]) -> Option<Kernel> {
-    let mut versions: BTreeSet<String> = BTreeSet::new();
-    for l in layers {
-        if let Ok(rd) = fs::read_dir(l.join("boot")) {
-            for e in rd.flatten() {
-                if let Some(v) = e.file_name().to_string_lossy().strip_prefix("vmlinuz-") {
-                    versions.insert(v.to_string());
-                }
-            }
-        }
-    }
-    versions.into_iter().rev().find_map(|version| {
-        let path = layer_file(layers, &format!("boot/vmlinuz-{version}"))?;
-        Some(Kernel { path, version })
-    })
-}
-
-fn run(cmd: &mut Command, what: &str) -> io::Result<()> {
-    let out = cmd
-        .output()
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot run {what}: {e}")))?;
-    if !out.status.success() {
-        return Err(io::Error::other(format!(
-            "{what} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
 }

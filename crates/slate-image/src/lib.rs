@@ -5,8 +5,7 @@ pub mod export;
 pub mod gc;
 pub mod plan;
 pub mod registry;
-pub mod store;
-pub mod unpack;
+pub use slate_layers::{store, unpack};
 
 pub use plan::{plan, ImagePlan, LayerKind, LayerPlan};
 pub use store::{LayerMeta, LayerStore};

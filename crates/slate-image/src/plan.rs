@@ -3,7 +3,6 @@
 //! from the changed layer on.
 
 use crate::ImageError;
-use sha2::{Digest, Sha256};
 use slate_config::{BaseSpec, ImageSpec, Project};
 use std::path::PathBuf;
 
@@ -83,20 +82,7 @@ impl ImagePlan {
     }
 }
 
-/// The sha256 of `parts`, each prefixed by its length (so that no two
-/// different lists of parts hash alike), as hex.
-pub fn hash(parts: &[&[u8]]) -> String {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update((p.len() as u64).to_le_bytes());
-        h.update(p);
-    }
-    hex(&h.finalize())
-}
-
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
+pub use slate_layers::hash::{hash, hex};
 
 static DIGEST_CACHE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
@@ -122,10 +108,7 @@ pub fn file_digest(path: &std::path::Path) -> std::io::Result<String> {
     if let Some(cached) = slot.as_ref().and_then(|s| std::fs::read_to_string(s).ok()) {
         return Ok(cached);
     }
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    let d = hex(&h.finalize());
+    let (d, _) = slate_layers::hash::sha256_file(path)?;
     if let Some(s) = slot {
         let _ = std::fs::write(s, &d);
     }

@@ -453,23 +453,16 @@ impl Publisher<'_> {
 
 async fn sha256_file(path: PathBuf) -> Result<(String, u64), PublishError> {
     let p = path.clone();
-    tokio::task::spawn_blocking(move || -> std::io::Result<(String, u64)> {
-        let mut f = std::fs::File::open(&p)?;
-        let mut h = Sha256::new();
-        let n = std::io::copy(&mut f, &mut h)?;
-        Ok((hex(&h.finalize()), n))
-    })
-    .await
-    .map_err(|e| PublishError::Read {
-        path: path.clone(),
-        source: std::io::Error::other(e),
-    })?
-    .map_err(|source| PublishError::Read { path, source })
+    tokio::task::spawn_blocking(move || slate_layers::hash::sha256_file(&p))
+        .await
+        .map_err(|e| PublishError::Read {
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?
+        .map_err(|source| PublishError::Read { path, source })
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|b| format!("{b:02x}")).collect()
-}
+use slate_layers::hash::hex;
 
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,6 @@
 
 use crate::dsse::{Signer, ENVELOPE};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -103,10 +102,7 @@ impl ArtifactStore {
 
     /// Checksums a staged file.
     pub fn sha256(path: &Path) -> io::Result<String> {
-        let mut f = std::fs::File::open(path).map_err(|e| ioerr(e, "open", path))?;
-        let mut h = Sha256::new();
-        io::copy(&mut f, &mut h)?;
-        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+        slate_layers::hash::sha256_file(path).map(|(sha, _)| sha)
     }
 
     /// Moves a target's staged artifacts into place and rewrites the indexes.

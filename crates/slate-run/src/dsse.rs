@@ -11,7 +11,7 @@ use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, 
 use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier, VerifyingKey};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use slate_image::plan::hex;
+use slate_layers::hash::hex;
 use std::path::{Path, PathBuf};
 
 /// The payload type of an in-toto statement.

@@ -122,7 +122,7 @@ pub fn digest(sets: &[InputSet]) -> std::io::Result<String> {
             h.update([0]);
         }
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(slate_layers::hash::hex(&h.finalize()))
 }
 
 #[cfg(test)]

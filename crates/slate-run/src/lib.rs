@@ -529,9 +529,9 @@ impl<P: Provider> Orchestrator<'_, P> {
         })?;
         let script_digest = match &t.command {
             BuildCommand::Script(path) => std::fs::read(path)
-                .map(|d| sha256_hex(&d))
+                .map(|d| slate_layers::hash::sha256(&d))
                 .unwrap_or_default(),
-            BuildCommand::Run(lines) => sha256_hex(lines.join("\n").as_bytes()),
+            BuildCommand::Run(lines) => slate_layers::hash::sha256(lines.join("\n").as_bytes()),
         };
         let mut vars: Vec<(String, String)> = img.env.clone();
         vars.extend(t.env.iter().cloned());
@@ -677,14 +677,6 @@ struct Built {
     artifacts: Vec<ArtifactRecord>,
     inputs_digest: String,
     script_digest: String,
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// An error and its causes on one line: `a: b: c`.

@@ -27,7 +27,8 @@ pub struct Facts<'a> {
 }
 
 fn time(secs: f64) -> String {
-    slate_image::export::rfc3339(secs.max(0.0) as u64)
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0.0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// The statement for one target. Secrets appear by name only.

@@ -1,4 +1,4 @@
-//! File-tree helpers shared by the sandbox and the layer store.
+//! File-tree helpers of the sandbox: copying inputs in and artifacts out.
 
 use std::fs;
 use std::io;
@@ -226,49 +226,7 @@ fn copy_range(src: &fs::File, dst: &fs::File, at: u64, n: u64) -> io::Result<()>
     Ok(())
 }
 
-/// Removes a tree, making read-only folders writable on the way.
-pub fn remove_tree(p: &Path) -> io::Result<()> {
-    match fs::remove_dir_all(p) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(_) => {
-            make_writable(p);
-            match fs::remove_dir_all(p) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(with_path(e, p)),
-                _ => Ok(()),
-            }
-        }
-    }
-}
-
-fn make_writable(p: &Path) {
-    if let Ok(m) = fs::symlink_metadata(p) {
-        if m.is_dir() {
-            let _ = fs::set_permissions(p, fs::Permissions::from_mode(0o755));
-            if let Ok(rd) = fs::read_dir(p) {
-                for e in rd.flatten() {
-                    make_writable(&e.path());
-                }
-            }
-        }
-    }
-}
-
-/// Bytes used by a tree (apparent sizes of regular files).
-pub fn disk_usage(p: &Path) -> u64 {
-    let Ok(m) = fs::symlink_metadata(p) else {
-        return 0;
-    };
-    if m.is_dir() {
-        fs::read_dir(p)
-            .map(|rd| rd.flatten().map(|e| disk_usage(&e.path())).sum())
-            .unwrap_or(0)
-    } else if m.file_type().is_file() {
-        m.len()
-    } else {
-        0
-    }
-}
+pub use slate_layers::store::{remove_tree, slate_size as disk_usage};
 
 #[cfg(test)]
 mod tests {

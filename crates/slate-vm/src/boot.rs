@@ -4,7 +4,7 @@
 //! initramfs holding slate's agent and the few modules it needs, and a base
 //! disk per image that every environment's copy-on-write overlay stands on.
 
-use slate_image::plan::hash as sha_of;
+use slate_layers::hash::hash as sha_of;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{self, Read, Write};
@@ -36,7 +36,7 @@ impl Lock {
             fs::create_dir_all(d)?;
         }
         Ok(Lock {
-            _file: slate_provider::lease::lock_file(path)?,
+            _file: slate_layers::lock::lock_file(path)?,
         })
     }
 }
@@ -52,7 +52,7 @@ pub struct BootFiles {
 /// Makes (or finds) the boot files of the image made of `layers`, under
 /// `cache` (`v1/vm`). `agent` is slate's guest agent binary.
 pub fn prepare(cache: &Path, layers: &[PathBuf], agent: &Path) -> io::Result<BootFiles> {
-    let kernel = slate_image::export::kernel_in(layers).ok_or_else(|| {
+    let kernel = slate_layers::tree::kernel_in(layers).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::NotFound,
             "the image has no kernel in /boot: set `vm = true` on it (or on its base) to install the distro kernel",
@@ -124,7 +124,7 @@ pub fn prepare(cache: &Path, layers: &[PathBuf], agent: &Path) -> io::Result<Boo
             let list: Vec<String> = layers.iter().map(|l| l.display().to_string()).collect();
             fs::write(disk.with_extension("layers"), list.join("\n"))?;
             // 4 GiB free for builds: the file is sparse, so it costs nothing.
-            slate_image::export::write_disk(layers, &disk, 0, 4096)?;
+            slate_layers::disk::write_disk(layers, &disk, 0, 4096)?;
         }
     }
     for f in [&kernel_file, &initramfs, &disk] {
@@ -251,7 +251,7 @@ fn modules_dir(layers: &[PathBuf], version: &str) -> Option<String> {
     ["usr/lib/modules", "lib/modules"]
         .iter()
         .map(|d| format!("{d}/{version}"))
-        .find(|d| slate_image::export::layer_file(layers, &format!("{d}/modules.dep")).is_some())
+        .find(|d| slate_layers::tree::layer_file(layers, &format!("{d}/modules.dep")).is_some())
 }
 
 /// The initramfs: `/init` is the agent, with the shared libraries it needs
@@ -279,7 +279,7 @@ fn build_initramfs(layers: &[PathBuf], version: &str, agent: &Path) -> io::Resul
         )
     })?;
     let depfile =
-        slate_image::export::layer_file(layers, &format!("{mdir}/modules.dep")).expect("checked");
+        slate_layers::tree::layer_file(layers, &format!("{mdir}/modules.dep")).expect("checked");
     let dep = parse_modules_dep(&fs::read_to_string(depfile)?);
     let (base, net) = module_order(&dep);
     let mut orders = [String::new(), String::new()];
@@ -289,7 +289,7 @@ fn build_initramfs(layers: &[PathBuf], version: &str, agent: &Path) -> io::Resul
         .chain(net.iter().map(|r| (1, r)))
     {
         let src =
-            slate_image::export::layer_file(layers, &format!("{mdir}/{rel}")).ok_or_else(|| {
+            slate_layers::tree::layer_file(layers, &format!("{mdir}/{rel}")).ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::NotFound,
                     format!("module `{rel}` is listed but missing"),

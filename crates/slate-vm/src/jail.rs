@@ -49,15 +49,9 @@ impl Identity {
         let start = std::process::id().wrapping_mul(31) + NEXT.fetch_add(1, Ordering::Relaxed);
         for i in 0..SLOTS {
             let slot = (start + i) % SLOTS;
-            let f = File::options()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(locks.join(slot.to_string()))?;
-            // SAFETY: flock on a file we own.
-            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let Some(f) = slate_layers::lock::try_lock_file(&locks.join(slot.to_string()))? else {
                 continue;
-            }
+            };
             let id = ID_BASE + 1 + slot;
             let mut groups = vec![ID_BASE];
             if kvm {

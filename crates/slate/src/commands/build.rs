@@ -133,7 +133,6 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
 /// One run at a time writes an artifacts folder: two would interleave
 /// their manifests and checksums. Held until the run ends.
 fn lock_artifacts(dir: &std::path::Path) -> Result<std::fs::File, CliError> {
-    use std::os::fd::AsRawFd;
     let infra = |e: std::io::Error| {
         CliError::new(
             Exit::Infra,
@@ -141,22 +140,15 @@ fn lock_artifacts(dir: &std::path::Path) -> Result<std::fs::File, CliError> {
         )
     };
     std::fs::create_dir_all(dir).map_err(infra)?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join(".slate-lock"))
-        .map_err(infra)?;
-    // SAFETY: flock on a descriptor we own; closing it releases the lock.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(CliError::new(
+    match slate_layers::lock::try_lock_file(&dir.join(".slate-lock")).map_err(infra)? {
+        Some(file) => Ok(file),
+        None => Err(CliError::new(
             Exit::Usage,
             format!(
                 "another slate run is writing the artifacts folder `{}`",
                 dir.display()
             ),
         )
-        .hint("wait for it to finish, or give this run its own folder with `artifacts = \"...\"` under [settings]"));
+        .hint("wait for it to finish, or give this run its own folder with `artifacts = \"...\"` under [settings]")),
     }
-    Ok(file)
 }

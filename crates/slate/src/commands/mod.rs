@@ -15,32 +15,23 @@ use slate_config::Project;
 
 /// A new run id: UTC time, then a short random part (ids sort by time).
 pub fn new_run_id() -> String {
-    let now = std::time::SystemTime::now()
+    let now = std::time::SystemTime::now();
+    let nanos = now
         .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = now.as_secs() as i64;
-    let (y, m, d) = civil_from_days(secs.div_euclid(86400));
-    let s = secs.rem_euclid(86400);
-    let salt = (now.subsec_nanos() ^ std::process::id().rotate_left(16)) & 0xffff;
-    format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}-{salt:04x}",
-        s / 3600,
-        s % 3600 / 60,
-        s % 60
-    )
-}
-
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian.
-pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z.rem_euclid(146097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
+        .unwrap_or_default()
+        .subsec_nanos();
+    // `2026-12-02T18:45:07Z` → `20261202-184507`
+    let stamp: String = humantime::format_rfc3339_seconds(now)
+        .to_string()
+        .chars()
+        .filter_map(|c| match c {
+            '0'..='9' => Some(c),
+            'T' => Some('-'),
+            _ => None,
+        })
+        .collect();
+    let salt = (nanos ^ std::process::id().rotate_left(16)) & 0xffff;
+    format!("{stamp}-{salt:04x}")
 }
 
 /// An unknown target or image name, with the closest known one as a hint.
@@ -61,9 +52,15 @@ pub fn runs_dir(p: &Project) -> std::path::PathBuf {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn civil_dates() {
-        assert_eq!(super::civil_from_days(0), (1970, 1, 1));
-        assert_eq!(super::civil_from_days(20417), (2025, 11, 25));
-        assert_eq!(super::civil_from_days(11016), (2000, 2, 29));
+    fn run_ids_are_utc_time_then_a_salt() {
+        let id = super::new_run_id();
+        let parts: Vec<&str> = id.split('-').collect();
+        assert_eq!(parts.len(), 3, "{id}");
+        assert_eq!(
+            (parts[0].len(), parts[1].len(), parts[2].len()),
+            (8, 6, 4),
+            "{id}"
+        );
+        assert!(parts[0].starts_with("20"), "{id}");
     }
 }

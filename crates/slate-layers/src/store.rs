@@ -130,7 +130,7 @@ impl LayerStore {
     pub fn lock(&self, key: &str) -> io::Result<KeyLock> {
         let path = self.root.join("locks").join(format!("{key}.lock"));
         Ok(KeyLock {
-            _file: slate_provider::lease::lock_file(&path)?,
+            _file: crate::lock::lock_file(&path)?,
         })
     }
 
@@ -201,6 +201,7 @@ impl LayerStore {
     }
 }
 
+/// Bytes used by a tree (apparent sizes of regular files).
 pub fn slate_size(p: &Path) -> u64 {
     let Ok(m) = fs::symlink_metadata(p) else {
         return 0;
@@ -216,12 +217,35 @@ pub fn slate_size(p: &Path) -> u64 {
     }
 }
 
+/// Removes a tree, making read-only folders writable on the way (a build
+/// may leave `chmod 0500` folders behind).
 pub fn remove_tree(p: &Path) -> io::Result<()> {
     match fs::remove_dir_all(p) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io::Error::new(
-            e.kind(),
-            format!("remove `{}`: {e}", p.display()),
-        )),
-        _ => Ok(()),
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(_) => {
+            make_writable(p);
+            match fs::remove_dir_all(p) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io::Error::new(
+                    e.kind(),
+                    format!("remove `{}`: {e}", p.display()),
+                )),
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
+fn make_writable(p: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = fs::symlink_metadata(p) {
+        if m.is_dir() {
+            let _ = fs::set_permissions(p, fs::Permissions::from_mode(0o755));
+            if let Ok(rd) = fs::read_dir(p) {
+                for e in rd.flatten() {
+                    make_writable(&e.path());
+                }
+            }
+        }
     }
 }
