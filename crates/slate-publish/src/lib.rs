@@ -19,8 +19,10 @@ use object_store::{
     Attribute, Attributes, GetOptions, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload,
     WriteMultipart,
 };
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use slate_layers::hash::hex;
+use slate_store::artifacts::{Manifest, MANIFEST, PROVENANCE, SUMS};
+use slate_store::dsse::ENVELOPE;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::AsyncReadExt;
@@ -171,25 +173,6 @@ impl Default for PublishOptions {
     }
 }
 
-#[derive(Deserialize)]
-struct ManifestFile {
-    run_id: String,
-    targets: Vec<ManifestTarget>,
-}
-
-#[derive(Deserialize)]
-struct ManifestTarget {
-    name: String,
-    status: String,
-    artifacts: Vec<ManifestArtifact>,
-}
-
-#[derive(Deserialize)]
-struct ManifestArtifact {
-    path: String,
-    sha256: String,
-}
-
 /// One file to publish: its path relative to the artifacts folder, and the
 /// sha256 the manifest records (none for provenance and the indexes).
 #[derive(Debug, Clone)]
@@ -201,12 +184,12 @@ struct Item {
 /// Reads the run in `artifacts` and lists what to publish, in order: the
 /// body (artifacts, provenance), then `SHA256SUMS`, then `manifest.json`.
 fn read_run(artifacts: &Path, wanted: Option<&str>) -> Result<(String, Vec<Item>), PublishError> {
-    let path = artifacts.join("manifest.json");
+    let path = artifacts.join(MANIFEST);
     let text = std::fs::read(&path).map_err(|source| PublishError::NoManifest {
         path: path.clone(),
         source,
     })?;
-    let m: ManifestFile = serde_json::from_slice(&text)
+    let m: Manifest = serde_json::from_slice(&text)
         .map_err(|source| PublishError::BadManifest { path, source })?;
     if let Some(w) = wanted {
         if w != m.run_id {
@@ -224,7 +207,7 @@ fn read_run(artifacts: &Path, wanted: Option<&str>) -> Result<(String, Vec<Item>
                 expected: Some(a.sha256.clone()),
             });
         }
-        for name in ["provenance.json", "provenance.dsse.json"] {
+        for name in [PROVENANCE, ENVELOPE] {
             let rel = format!("{}/{name}", t.name);
             if artifacts.join(&rel).is_file() {
                 items.push(Item {
@@ -234,7 +217,7 @@ fn read_run(artifacts: &Path, wanted: Option<&str>) -> Result<(String, Vec<Item>
             }
         }
     }
-    for rel in ["SHA256SUMS", "manifest.json"] {
+    for rel in [SUMS, MANIFEST] {
         items.push(Item {
             rel: rel.into(),
             expected: None,
@@ -461,8 +444,6 @@ async fn sha256_file(path: PathBuf) -> Result<(String, u64), PublishError> {
         })?
         .map_err(|source| PublishError::Read { path, source })
 }
-
-use slate_layers::hash::hex;
 
 #[cfg(test)]
 mod tests;

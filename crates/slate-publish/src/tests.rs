@@ -15,15 +15,37 @@ fn run_folder(dir: &Path, run_id: &str, big: usize) -> String {
         format!("{sha}  tool-bookworm/tool.deb\n"),
     )
     .unwrap();
-    let manifest = serde_json::json!({
-        "run_id": run_id,
-        "targets": [
-            {"name": "tool-bookworm", "status": "succeeded", "artifacts": [
-                {"path": "tool-bookworm/tool.deb", "size": big, "sha256": sha}]},
-            {"name": "tool-trixie", "status": "failed", "artifacts": []}
-        ]
-    });
-    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    // Written through the type `slate build` writes it with.
+    use slate_store::artifacts::{ArtifactRecord, Manifest, ManifestTarget};
+    let target = |name: &str, status: &str, artifacts: Vec<ArtifactRecord>| ManifestTarget {
+        name: name.into(),
+        status: status.into(),
+        image: "builder".into(),
+        image_digest: "0".repeat(64),
+        provider: "sandbox".into(),
+        artifacts,
+    };
+    let manifest = Manifest {
+        run_id: run_id.into(),
+        slate_version: "0".into(),
+        targets: vec![
+            target(
+                "tool-bookworm",
+                "succeeded",
+                vec![ArtifactRecord {
+                    path: "tool-bookworm/tool.deb".into(),
+                    size: big as u64,
+                    sha256: sha.clone(),
+                }],
+            ),
+            target("tool-trixie", "failed", vec![]),
+        ],
+    };
+    std::fs::write(
+        dir.join("manifest.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
     sha
 }
 

@@ -4,19 +4,15 @@
 //!
 //! Generic over the provider, so its logic is tested with the fake provider.
 
-pub mod artifacts;
-pub mod dsse;
-pub mod events;
 pub mod inputs;
-pub mod provenance;
-pub mod record;
 pub mod targets;
 
-use artifacts::{ArtifactRecord, ArtifactStore, ManifestTarget};
-use events::{Event, EventKind, EventSink, TargetStatus};
 use slate_config::{BuildCommand, Project, TargetSpec};
 use slate_image::{BakeReporter, BakedImage, Baker, ImageError, LayerPlan, LayerState, LayerStore};
 use slate_provider::*;
+use slate_store::artifacts::{self, ArtifactRecord, ArtifactStore, ManifestTarget};
+use slate_store::events::{self, Event, EventKind, EventSink, TargetStatus};
+use slate_store::{dsse, provenance};
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;

@@ -1,7 +1,7 @@
 //! Drawing events: plain prefixed lines, a live status block on a terminal, or
 //! JSON lines. The only place that prints progress.
 
-use slate_run::events::{Event, EventKind, EventSink, TargetStatus};
+use slate_store::events::{Event, EventKind, EventSink, TargetStatus};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::Mutex;

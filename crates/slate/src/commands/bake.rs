@@ -3,9 +3,9 @@
 use crate::error::{CliError, CmdResult, Exit};
 use crate::{signals, Ctx};
 use slate_provider::Cancel;
-use slate_run::events::{Event, EventKind, EventSink, Tee};
-use slate_run::record::RunRecorder;
 use slate_run::Orchestrator;
+use slate_store::events::{Event, EventKind, EventSink, Tee};
+use slate_store::record::RunRecorder;
 
 pub fn bake(
     ctx: &Ctx,

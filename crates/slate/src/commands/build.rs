@@ -5,9 +5,9 @@ use crate::error::{CliError, CmdResult, Exit};
 use crate::{signals, Ctx};
 use slate_config::TargetSpec;
 use slate_provider::Cancel;
-use slate_run::events::{EventSink, TargetStatus, Tee};
-use slate_run::record::RunRecorder;
 use slate_run::{BuildOptions, Orchestrator};
+use slate_store::events::{EventSink, TargetStatus, Tee};
+use slate_store::record::RunRecorder;
 use std::time::{Duration, Instant};
 
 pub fn up(ctx: &Ctx, target: &str, provider: Option<String>) -> CmdResult {

@@ -183,7 +183,7 @@ pub fn gc(ctx: &Ctx, args: GcArgs) -> CmdResult {
     // VM base disks and boot files of layers that are gone now.
     let (vm_files, vm_bytes) = slate_vm::boot::gc(&store.root().join("vm"));
     let runs_dir = super::runs_dir(&project);
-    let runs = slate_run::record::list_runs(&runs_dir);
+    let runs = slate_store::record::list_runs(&runs_dir);
     let mut runs_removed = 0;
     let mut run_bytes = 0;
     if runs.len() > args.keep_runs {

@@ -3,8 +3,8 @@
 
 use crate::error::{CliError, CmdResult, Exit};
 use crate::Ctx;
-use slate_run::dsse;
-use slate_run::provenance::{PREDICATE_TYPE, STATEMENT_TYPE};
+use slate_store::dsse;
+use slate_store::provenance::{PREDICATE_TYPE, STATEMENT_TYPE};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -64,7 +64,7 @@ pub fn verify(ctx: &Ctx, artifact: &Path, key: &Path, envelope: Option<&Path>) -
             envelope.display()
         )));
     }
-    let sha = slate_run::artifacts::ArtifactStore::sha256(&artifact).map_err(|e| {
+    let sha = slate_store::artifacts::ArtifactStore::sha256(&artifact).map_err(|e| {
         CliError::new(
             Exit::Usage,
             format!("cannot read the artifact `{}`: {e}", artifact.display()),

@@ -2,8 +2,8 @@
 
 use crate::error::{CliError, CmdResult, Exit};
 use crate::Ctx;
-use slate_run::events::TargetStatus;
-use slate_run::record::{list_runs, read_record};
+use slate_store::events::TargetStatus;
+use slate_store::record::{list_runs, read_record};
 
 pub fn runs(ctx: &Ctx) -> CmdResult {
     let project = ctx.project()?;

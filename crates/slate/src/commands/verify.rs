@@ -4,10 +4,10 @@
 use crate::error::{CliError, CmdResult, Exit};
 use crate::{signals, Ctx};
 use slate_provider::Cancel;
-use slate_run::artifacts::ArtifactStore;
-use slate_run::events::{EventSink, TargetStatus, Tee};
-use slate_run::record::RunRecorder;
 use slate_run::Orchestrator;
+use slate_store::artifacts::ArtifactStore;
+use slate_store::events::{EventSink, TargetStatus, Tee};
+use slate_store::record::RunRecorder;
 use std::path::Path;
 
 /// The newest modification time among the inputs: a SOURCE_DATE_EPOCH that
@@ -33,7 +33,7 @@ fn files(dir: &Path) -> Vec<String> {
         .flatten()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n != slate_run::artifacts::PROVENANCE)
+        .filter(|n| n != slate_store::artifacts::PROVENANCE)
         .collect();
     v.sort();
     v

@@ -4,12 +4,12 @@
 //! had already built.
 
 use crate::dsse::{Signer, ENVELOPE};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ArtifactRecord {
     /// Relative to the artifacts folder, e.g. `agent-bookworm/agent.deb`.
     pub path: String,
@@ -17,7 +17,7 @@ pub struct ArtifactRecord {
     pub sha256: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ManifestTarget {
     pub name: String,
     pub status: String,
@@ -27,12 +27,18 @@ pub struct ManifestTarget {
     pub artifacts: Vec<ArtifactRecord>,
 }
 
-#[derive(Debug, Serialize)]
-struct Manifest<'a> {
-    run_id: &'a str,
-    slate_version: &'a str,
-    targets: &'a [ManifestTarget],
+/// `manifest.json`: what `slate build` writes and `slate publish` reads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub run_id: String,
+    pub slate_version: String,
+    pub targets: Vec<ManifestTarget>,
 }
+
+/// The manifest's file name in the artifacts folder.
+pub const MANIFEST: &str = "manifest.json";
+/// The checksum list's file name in the artifacts folder.
+pub const SUMS: &str = "SHA256SUMS";
 
 /// The provenance file's name in each target's folder.
 pub const PROVENANCE: &str = "provenance.json";
@@ -144,9 +150,9 @@ impl ArtifactStore {
         let mut targets = done.to_vec();
         targets.sort_by(|a, b| a.name.cmp(&b.name));
         let manifest = Manifest {
-            run_id: &self.run_id,
-            slate_version: env!("CARGO_PKG_VERSION"),
-            targets: &targets,
+            run_id: self.run_id.clone(),
+            slate_version: env!("CARGO_PKG_VERSION").into(),
+            targets,
         };
         if let Some((uid, gid)) = invoking_user() {
             // The folder too, when slate made it: its owner must be able
@@ -157,9 +163,9 @@ impl ArtifactStore {
                     .map_err(|e| ioerr(e, "give to the invoking user", &self.dir))?;
             }
         }
-        self.write_atomic("SHA256SUMS", sums.as_bytes())?;
+        self.write_atomic(SUMS, sums.as_bytes())?;
         self.write_atomic(
-            "manifest.json",
+            MANIFEST,
             &serde_json::to_vec_pretty(&manifest).map_err(io::Error::other)?,
         )
     }
