@@ -239,8 +239,11 @@ mod tests {
 
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     #[test]
+    // One SAFETY note for the many small blocks below.
+    #[allow(clippy::undocumented_unsafe_blocks)]
     fn the_filter_refuses_what_builds_must_not_do_and_allows_the_rest() {
-        // SAFETY (all closures): raw syscalls with valid or null arguments.
+        // SAFETY (all closures): raw syscalls with valid or null arguments,
+        // each in a forked child.
         assert_eq!(
             in_child(|| errno_of(unsafe { libc::syscall(libc::SYS_unshare, 0) })),
             libc::EPERM,

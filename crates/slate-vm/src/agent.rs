@@ -233,6 +233,7 @@ enum Msg {
 
 fn serve(port: File) -> io::Result<()> {
     let out: Out = Arc::new(Mutex::new(port.try_clone()?));
+    // SAFETY: utsname is plain bytes; all-zero is a valid value.
     let mut uname: libc::utsname = unsafe { std::mem::zeroed() };
     // SAFETY: uname fills the struct we own.
     unsafe { libc::uname(&mut uname) };
