@@ -310,6 +310,255 @@ fn cpath(p: &Path) -> CString {
     cstr(p.as_os_str().as_bytes())
 }
 
+/// Namespaces a command gets: all but the network's when it has network.
+fn unshare_flags(spec: &EnvSpec) -> libc::c_int {
+    let mut flags = libc::CLONE_NEWNS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWCGROUP;
+    if !spec.network {
+        flags |= libc::CLONE_NEWNET;
+    }
+    flags
+}
+
+/// Where `argv0` may be: itself when it has a slash, else each folder of
+/// `path` (the command's own PATH, searched in advance).
+fn exe_candidates(argv0: &str, path: &str) -> Vec<CString> {
+    if argv0.contains('/') {
+        vec![cstr(argv0)]
+    } else {
+        path.split(':')
+            .filter(|d| !d.is_empty())
+            .map(|d| cstr(format!("{d}/{argv0}")))
+            .collect()
+    }
+}
+
+/// The command's environment: defaults, the host's proxy variables when it
+/// has network, the terminal's type when interactive, then its own.
+fn command_env(env_spec: &EnvSpec, spec: &ExecSpec) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut set = |k: &str, v: &str| {
+        if let Some(e) = env.iter_mut().find(|(ek, _)| ek == k) {
+            e.1 = v.to_string();
+        } else {
+            env.push((k.to_string(), v.to_string()));
+        }
+    };
+    set("PATH", DEFAULT_PATH);
+    set("HOME", "/root");
+    if env_spec.network {
+        for (k, v) in hostnet::env(env_spec.host_ca) {
+            set(&k, &v);
+        }
+    }
+    if spec.interactive {
+        set(
+            "TERM",
+            &std::env::var("TERM").unwrap_or_else(|_| "xterm".into()),
+        );
+    }
+    for (k, v) in &spec.env {
+        set(k, v);
+    }
+    env
+}
+
+/// `/dev`: a tmpfs holding bind mounts of the host's harmless devices, a
+/// private devpts, the usual links, and `/dev/shm`.
+fn dev_preps(r: &dyn Fn(&str) -> CString) -> Vec<Prep> {
+    let nosuid = libc::MS_NOSUID | libc::MS_NODEV;
+    let mut preps = vec![
+        Prep::Mkdir(r("dev"), 0o755),
+        // The device nodes below are bind mounts of the host's, which
+        // keep working on a nodev tmpfs; nothing made here would.
+        mount(
+            "tmpfs",
+            r("dev"),
+            "tmpfs",
+            nosuid | libc::MS_NOEXEC,
+            Some("mode=0755,size=65536k"),
+        ),
+    ];
+    for d in DEVICES {
+        preps.push(Prep::Touch(r(&format!("dev/{d}"))));
+        preps.push(mount(
+            &format!("/dev/{d}"),
+            r(&format!("dev/{d}")),
+            "",
+            libc::MS_BIND,
+            None,
+        ));
+    }
+    preps.extend([
+        Prep::Mkdir(r("dev/pts"), 0o755),
+        mount(
+            "devpts",
+            r("dev/pts"),
+            "devpts",
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620"),
+        ),
+        Prep::Symlink(cstr("pts/ptmx"), r("dev/ptmx")),
+        Prep::Symlink(cstr("/proc/self/fd"), r("dev/fd")),
+        Prep::Symlink(cstr("/proc/self/fd/0"), r("dev/stdin")),
+        Prep::Symlink(cstr("/proc/self/fd/1"), r("dev/stdout")),
+        Prep::Symlink(cstr("/proc/self/fd/2"), r("dev/stderr")),
+        Prep::Mkdir(r("dev/shm"), 0o1777),
+        mount("tmpfs", r("dev/shm"), "tmpfs", nosuid, Some("mode=1777")),
+    ]);
+    preps
+}
+
+/// A mount the child makes.
+fn mount(
+    source: &str,
+    target: CString,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Prep {
+    Prep::Mount(Mount {
+        source: cstr(source),
+        target,
+        fstype: cstr(fstype),
+        flags,
+        data: data.map(cstr),
+        optional: false,
+    })
+}
+
+/// Bind mounts of host files and folders: the spec's, and with network the
+/// host's resolv.conf and (with `host_ca`) its CA bundle, read-only.
+fn bind_preps(r: &dyn Fn(&str) -> CString, spec: &EnvSpec) -> Result<Vec<Prep>, String> {
+    let nosuid = libc::MS_NOSUID | libc::MS_NODEV;
+    let mut preps = Vec::new();
+    let mut binds = spec.binds.clone();
+    if spec.network && Path::new("/etc/resolv.conf").exists() {
+        binds.push(Bind {
+            host: PathBuf::from("/etc/resolv.conf"),
+            guest: "/etc/resolv.conf".into(),
+            readonly: true,
+        });
+    }
+    if spec.network && spec.host_ca {
+        // Under /run, a tmpfs in every environment: the mount point is
+        // never written into a layer.
+        let bundle = hostnet::host_ca_bundle()?;
+        binds.push(Bind {
+            host: bundle,
+            guest: hostnet::CA_PATH.into(),
+            readonly: true,
+        });
+    }
+    for b in &binds {
+        let guest = b.guest.trim_start_matches('/');
+        let mut acc = String::new();
+        let parts: Vec<&str> = guest.split('/').collect();
+        for part in &parts[..parts.len().saturating_sub(1)] {
+            acc.push_str(part);
+            preps.push(Prep::Mkdir(r(&acc), 0o755));
+            acc.push('/');
+        }
+        if b.host.is_dir() {
+            preps.push(Prep::Mkdir(r(guest), 0o755));
+        } else {
+            preps.push(Prep::Touch(r(guest)));
+        }
+        preps.push(mount(
+            &b.host.display().to_string(),
+            r(guest),
+            "",
+            libc::MS_BIND | libc::MS_REC,
+            None,
+        ));
+        if b.readonly {
+            preps.push(Prep::RemountRo(r(guest), nosuid));
+        }
+    }
+
+    Ok(preps)
+}
+
+/// Everything that makes an environment's root, in order: the overlay,
+/// `/proc` (masked), `/dev`, the tmpfs mounts, `/sys` and the cgroup
+/// read-only, then the bind mounts. Deciding only: the child does it.
+fn root_preps(dir: &Path, upper: &Path, spec: &EnvSpec) -> Result<Vec<Prep>, String> {
+    let root = dir.join("root");
+    let r = |p: &str| cpath(&root.join(p.trim_start_matches('/')));
+    // Top first, as overlayfs wants them.
+    let lower: Vec<CString> = spec.layers.iter().rev().map(|l| cpath(l)).collect();
+    if lower.len() > MAX_LAYERS {
+        return Err(format!(
+            "the image has too many layers ({}, at most {MAX_LAYERS}) for one overlay mount",
+            lower.len()
+        ));
+    }
+    let nosuid = libc::MS_NOSUID | libc::MS_NODEV;
+    let mut preps = Vec::new();
+    if spec.ephemeral {
+        preps.extend([
+            mount(
+                "tmpfs",
+                cpath(dir),
+                "tmpfs",
+                libc::MS_NOSUID | libc::MS_NODEV,
+                Some("mode=0700"),
+            ),
+            Prep::Mkdir(cpath(upper), 0o755),
+            Prep::Mkdir(cpath(&dir.join("work")), 0o700),
+            Prep::Mkdir(cpath(&root), 0o755),
+        ]);
+    }
+    preps.extend([
+        // Everything the command can write is nosuid and nodev.
+        Prep::Overlay {
+            target: cpath(&root),
+            lower,
+            upper: cpath(upper),
+            work: cpath(&dir.join("work")),
+            flags: nosuid,
+        },
+        Prep::Mkdir(r("proc"), 0o555),
+        mount("proc", r("proc"), "proc", nosuid | libc::MS_NOEXEC, None),
+    ]);
+    preps.extend(dev_preps(&r));
+    preps.extend([
+        Prep::Mkdir(r("tmp"), 0o1777),
+        mount("tmpfs", r("tmp"), "tmpfs", nosuid, Some("mode=1777")),
+        Prep::Mkdir(r("run"), 0o755),
+        mount("tmpfs", r("run"), "tmpfs", nosuid, Some("mode=0755")),
+        Prep::Mkdir(r("sys"), 0o555),
+    ]);
+    if let Prep::Mount(m) = mount(
+        "sysfs",
+        r("sys"),
+        "sysfs",
+        nosuid | libc::MS_NOEXEC | libc::MS_RDONLY,
+        None,
+    ) {
+        preps.push(Prep::Mount(Mount {
+            optional: true,
+            ..m
+        }));
+    }
+    // The environment's own cgroup (a cgroup namespace makes it the
+    // root), read-only: limits are visible, leaving is not possible.
+    preps.push(Prep::Mount(Mount {
+        source: cstr("cgroup2"),
+        target: r("sys/fs/cgroup"),
+        fstype: cstr("cgroup2"),
+        flags: nosuid | libc::MS_NOEXEC | libc::MS_RDONLY,
+        data: None,
+        optional: true,
+    }));
+    preps.extend(proc_masks(&r));
+    preps.extend(bind_preps(&r, spec)?);
+    Ok(preps)
+}
+
 impl SandboxEnv {
     fn err(&self, op: impl Into<String>, e: std::io::Error) -> ProviderError {
         ProviderError::op(&self.id, op, e)
@@ -334,231 +583,28 @@ impl SandboxEnv {
     }
 
     fn plan(&self, spec: &ExecSpec, status_fd: libc::c_int) -> Result<Plan, ProviderError> {
+        let other = |what: String| ProviderError::Other {
+            env: self.id.clone(),
+            what,
+        };
         let root = self.dir.join("root");
-        let r = |p: &str| cpath(&root.join(p.trim_start_matches('/')));
-        // Top first, as overlayfs wants them.
-        let lower: Vec<CString> = self.spec.layers.iter().rev().map(|l| cpath(l)).collect();
-        if lower.len() > MAX_LAYERS {
-            return Err(ProviderError::Other {
-                env: self.id.clone(),
-                what: format!(
-                    "the image has too many layers ({}, at most {MAX_LAYERS}) for one overlay mount",
-                    lower.len()
-                ),
-            });
-        }
-        let mount = |source: &str,
-                     target: CString,
-                     fstype: &str,
-                     flags: libc::c_ulong,
-                     data: Option<&str>| {
-            Prep::Mount(Mount {
-                source: cstr(source),
-                target,
-                fstype: cstr(fstype),
-                flags,
-                data: data.map(cstr),
-                optional: false,
-            })
-        };
-        let nosuid = libc::MS_NOSUID | libc::MS_NODEV;
-        let mut preps = Vec::new();
-        if self.spec.ephemeral {
-            preps.extend([
-                mount(
-                    "tmpfs",
-                    cpath(&self.dir),
-                    "tmpfs",
-                    libc::MS_NOSUID | libc::MS_NODEV,
-                    Some("mode=0700"),
-                ),
-                Prep::Mkdir(cpath(&self.upper), 0o755),
-                Prep::Mkdir(cpath(&self.dir.join("work")), 0o700),
-                Prep::Mkdir(cpath(&root), 0o755),
-            ]);
-        }
-        preps.extend([
-            // Everything the command can write is nosuid and nodev.
-            Prep::Overlay {
-                target: cpath(&root),
-                lower,
-                upper: cpath(&self.upper),
-                work: cpath(&self.dir.join("work")),
-                flags: nosuid,
-            },
-            Prep::Mkdir(r("proc"), 0o555),
-            mount("proc", r("proc"), "proc", nosuid | libc::MS_NOEXEC, None),
-            Prep::Mkdir(r("dev"), 0o755),
-            // The device nodes below are bind mounts of the host's, which
-            // keep working on a nodev tmpfs; nothing made here would.
-            mount(
-                "tmpfs",
-                r("dev"),
-                "tmpfs",
-                nosuid | libc::MS_NOEXEC,
-                Some("mode=0755,size=65536k"),
-            ),
-        ]);
-        for d in DEVICES {
-            preps.push(Prep::Touch(r(&format!("dev/{d}"))));
-            preps.push(mount(
-                &format!("/dev/{d}"),
-                r(&format!("dev/{d}")),
-                "",
-                libc::MS_BIND,
-                None,
-            ));
-        }
-        preps.extend([
-            Prep::Mkdir(r("dev/pts"), 0o755),
-            mount(
-                "devpts",
-                r("dev/pts"),
-                "devpts",
-                libc::MS_NOSUID | libc::MS_NOEXEC,
-                Some("newinstance,ptmxmode=0666,mode=0620"),
-            ),
-            Prep::Symlink(cstr("pts/ptmx"), r("dev/ptmx")),
-            Prep::Symlink(cstr("/proc/self/fd"), r("dev/fd")),
-            Prep::Symlink(cstr("/proc/self/fd/0"), r("dev/stdin")),
-            Prep::Symlink(cstr("/proc/self/fd/1"), r("dev/stdout")),
-            Prep::Symlink(cstr("/proc/self/fd/2"), r("dev/stderr")),
-            Prep::Mkdir(r("dev/shm"), 0o1777),
-            mount("tmpfs", r("dev/shm"), "tmpfs", nosuid, Some("mode=1777")),
-            Prep::Mkdir(r("tmp"), 0o1777),
-            mount("tmpfs", r("tmp"), "tmpfs", nosuid, Some("mode=1777")),
-            Prep::Mkdir(r("run"), 0o755),
-            mount("tmpfs", r("run"), "tmpfs", nosuid, Some("mode=0755")),
-            Prep::Mkdir(r("sys"), 0o555),
-        ]);
-        if let Prep::Mount(m) = mount(
-            "sysfs",
-            r("sys"),
-            "sysfs",
-            nosuid | libc::MS_NOEXEC | libc::MS_RDONLY,
-            None,
-        ) {
-            preps.push(Prep::Mount(Mount {
-                optional: true,
-                ..m
-            }));
-        }
-        // The environment's own cgroup (a cgroup namespace makes it the
-        // root), read-only: limits are visible, leaving is not possible.
-        preps.push(Prep::Mount(Mount {
-            source: cstr("cgroup2"),
-            target: r("sys/fs/cgroup"),
-            fstype: cstr("cgroup2"),
-            flags: nosuid | libc::MS_NOEXEC | libc::MS_RDONLY,
-            data: None,
-            optional: true,
-        }));
-        preps.extend(proc_masks(&r));
-        let mut binds = self.spec.binds.clone();
-        if self.spec.network && Path::new("/etc/resolv.conf").exists() {
-            binds.push(Bind {
-                host: PathBuf::from("/etc/resolv.conf"),
-                guest: "/etc/resolv.conf".into(),
-                readonly: true,
-            });
-        }
-        if self.spec.network && self.spec.host_ca {
-            // Under /run, a tmpfs in every environment: the mount point is
-            // never written into a layer.
-            let bundle = hostnet::host_ca_bundle().map_err(|what| ProviderError::Other {
-                env: self.id.clone(),
-                what,
-            })?;
-            binds.push(Bind {
-                host: bundle,
-                guest: hostnet::CA_PATH.into(),
-                readonly: true,
-            });
-        }
-        for b in &binds {
-            let guest = b.guest.trim_start_matches('/');
-            let mut acc = String::new();
-            let parts: Vec<&str> = guest.split('/').collect();
-            for part in &parts[..parts.len().saturating_sub(1)] {
-                acc.push_str(part);
-                preps.push(Prep::Mkdir(r(&acc), 0o755));
-                acc.push('/');
-            }
-            if b.host.is_dir() {
-                preps.push(Prep::Mkdir(r(guest), 0o755));
-            } else {
-                preps.push(Prep::Touch(r(guest)));
-            }
-            preps.push(mount(
-                &b.host.display().to_string(),
-                r(guest),
-                "",
-                libc::MS_BIND | libc::MS_REC,
-                None,
-            ));
-            if b.readonly {
-                preps.push(Prep::RemountRo(r(guest), nosuid));
-            }
-        }
-
-        let mut env: Vec<(String, String)> = Vec::new();
-        let mut set = |k: &str, v: &str| {
-            if let Some(e) = env.iter_mut().find(|(ek, _)| ek == k) {
-                e.1 = v.to_string();
-            } else {
-                env.push((k.to_string(), v.to_string()));
-            }
-        };
-        set("PATH", DEFAULT_PATH);
-        set("HOME", "/root");
-        if self.spec.network {
-            for (k, v) in hostnet::env(self.spec.host_ca) {
-                set(&k, &v);
-            }
-        }
-        if spec.interactive {
-            set(
-                "TERM",
-                &std::env::var("TERM").unwrap_or_else(|_| "xterm".into()),
-            );
-        }
-        for (k, v) in &spec.env {
-            set(k, v);
-        }
+        let preps = root_preps(&self.dir, &self.upper, &self.spec).map_err(other)?;
+        let env = command_env(&self.spec, spec);
         let path_var = env
             .iter()
             .find(|(k, _)| k == "PATH")
-            .map(|(_, v)| v.clone())
+            .map(|(_, v)| v.as_str())
             .unwrap_or_default();
-        let argv0 = spec.argv.first().ok_or_else(|| ProviderError::Other {
-            env: self.id.clone(),
-            what: "empty command".into(),
-        })?;
-        let exe_candidates = if argv0.contains('/') {
-            vec![cstr(argv0)]
-        } else {
-            path_var
-                .split(':')
-                .filter(|d| !d.is_empty())
-                .map(|d| cstr(format!("{d}/{argv0}")))
-                .collect()
-        };
+        let argv0 = spec
+            .argv
+            .first()
+            .ok_or_else(|| other("empty command".into()))?;
+        let exe_candidates = exe_candidates(argv0, path_var);
         if spec.argv.len() > child::MAX_ARGS || env.len() > child::MAX_ARGS {
-            return Err(ProviderError::Other {
-                env: self.id.clone(),
-                what: format!(
-                    "more than {} arguments or environment variables",
-                    child::MAX_ARGS
-                ),
-            });
-        }
-        let mut flags = libc::CLONE_NEWNS
-            | libc::CLONE_NEWPID
-            | libc::CLONE_NEWUTS
-            | libc::CLONE_NEWIPC
-            | libc::CLONE_NEWCGROUP;
-        if !self.spec.network {
-            flags |= libc::CLONE_NEWNET;
+            return Err(other(format!(
+                "more than {} arguments or environment variables",
+                child::MAX_ARGS
+            )));
         }
         Ok(Plan {
             // SAFETY: getpid has no preconditions.
@@ -570,7 +616,7 @@ impl SandboxEnv {
                 .flat_map(|c| c.procs_files())
                 .map(|p| cpath(&p))
                 .collect(),
-            unshare_flags: flags,
+            unshare_flags: unshare_flags(&self.spec),
             root: cpath(&root),
             preps,
             // The kernel takes at most 64 bytes (`bake-` and a long image
@@ -807,6 +853,98 @@ fn hostname(name: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn text(c: &CString) -> &str {
+        c.to_str().unwrap()
+    }
+
+    const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
+
+    /// The mount plan, decided without root: what every environment gets,
+    /// checked where it is decided rather than only inside one.
+    #[test]
+    fn the_root_plan_is_nosuid_nodev_where_writable_and_read_only_where_kernel() {
+        let t = tempfile::tempdir().unwrap();
+        let spec = EnvSpec {
+            name: "t".into(),
+            layers: vec![t.path().join("l1"), t.path().join("l2")],
+            ..Default::default()
+        };
+        let preps = root_preps(&t.path().join("env"), &t.path().join("up"), &spec).unwrap();
+        let root = t.path().join("env/root");
+        let at = |p: &str| root.join(p).display().to_string();
+        let mut mounts = std::collections::BTreeMap::new();
+        for p in &preps {
+            match p {
+                Prep::Overlay {
+                    target,
+                    lower,
+                    flags,
+                    ..
+                } => {
+                    assert_eq!(text(target), root.display().to_string());
+                    // Top layer first.
+                    assert_eq!(text(&lower[0]), t.path().join("l2").display().to_string());
+                    assert_eq!(flags & NOSUID_NODEV, NOSUID_NODEV, "the root");
+                }
+                Prep::Mount(m) => {
+                    mounts.insert(text(&m.target).to_string(), m);
+                }
+                _ => {}
+            }
+        }
+        // Everything the build can write: nosuid and nodev.
+        for p in ["dev", "dev/shm", "tmp", "run"] {
+            let m = mounts[&at(p)];
+            assert_eq!(text(&m.fstype), "tmpfs", "{p}");
+            assert_eq!(m.flags & NOSUID_NODEV, NOSUID_NODEV, "{p}");
+        }
+        // The kernel's: read-only.
+        for p in ["sys", "sys/fs/cgroup"] {
+            assert_ne!(mounts[&at(p)].flags & libc::MS_RDONLY, 0, "{p}");
+        }
+        // /proc/sys and /proc/sysrq-trigger: bound over themselves, then
+        // made read-only; /proc/kcore: hidden.
+        let remounted: Vec<String> = preps
+            .iter()
+            .filter_map(|p| match p {
+                Prep::RemountRo(t, _) => Some(text(t).to_string()),
+                _ => None,
+            })
+            .collect();
+        assert!(remounted.contains(&at("proc/sys")), "{remounted:?}");
+        if Path::new("/proc/kcore").exists() {
+            assert_eq!(text(&mounts[&at("proc/kcore")].source), "/dev/null");
+        }
+        // Only the harmless devices, bound from the host.
+        let devices: Vec<&str> = mounts
+            .values()
+            .filter(|m| m.flags & libc::MS_BIND != 0 && text(&m.source).starts_with("/dev/"))
+            .map(|m| text(&m.source))
+            .collect();
+        for d in &devices {
+            assert!(
+                [
+                    "/dev/null",
+                    "/dev/zero",
+                    "/dev/full",
+                    "/dev/random",
+                    "/dev/urandom",
+                    "/dev/tty"
+                ]
+                .contains(d),
+                "a host device in the plan: {d}"
+            );
+        }
+        // No network and every namespace, unless the spec asks for network.
+        assert_ne!(unshare_flags(&spec) & libc::CLONE_NEWNET, 0);
+        let online = EnvSpec {
+            network: true,
+            ..spec.clone()
+        };
+        assert_eq!(unshare_flags(&online) & libc::CLONE_NEWNET, 0);
+        assert_ne!(unshare_flags(&online) & libc::CLONE_NEWCGROUP, 0);
+    }
 
     /// A provider never makes another provider's kind of environment: a vm
     /// target handed to the sandbox is an error, not a sandbox.
