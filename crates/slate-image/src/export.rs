@@ -170,3 +170,149 @@ pub fn export_disk(image: &BakedImage, dest: &Path, clamp: u64) -> io::Result<Ve
     }
     Ok(kernel_files)
 }
+
+/// The formats `slate bake --export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// An OCI image: a layout folder, or an archive when the path ends in `.tar`.
+    Oci,
+    /// The merged tree as one tarball.
+    Tar,
+    /// ext4 in qcow2, with the kernel and initrd beside it when there is one.
+    Disk,
+}
+
+impl Format {
+    pub fn parse(s: &str) -> Option<Format> {
+        match s {
+            "oci" => Some(Format::Oci),
+            "tar" => Some(Format::Tar),
+            "disk" => Some(Format::Disk),
+            _ => None,
+        }
+    }
+}
+
+/// What an export wrote.
+#[derive(Debug)]
+pub enum Exported {
+    Oci {
+        digest: String,
+    },
+    Tar,
+    /// The kernel files written beside the disk (none: the image has no kernel).
+    Disk {
+        kernel_files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Plan(#[from] crate::ImageError),
+    #[error("cannot write `{path}`")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("image `{image}` is marked `vm = true` but has no kernel in /boot")]
+    NoKernel { image: String },
+    #[error("cannot stage the image for pushing")]
+    Stage(#[source] io::Error),
+    #[error("cannot push to `{reference}`")]
+    Push {
+        reference: String,
+        #[source]
+        source: crate::registry::RegistryError,
+    },
+}
+
+/// The baked image `name` of `project`, as the store holds it, with its plan.
+fn baked(
+    project: &slate_config::Project,
+    store: &crate::LayerStore,
+    name: &str,
+) -> Result<(ImagePlan, BakedImage, Option<String>), ExportError> {
+    let plan = crate::plan(project, name)?;
+    let image = BakedImage::from_store(&plan, store);
+    let arch = project
+        .image(name)
+        .and_then(|i| i.arch())
+        .map(str::to_string);
+    Ok((plan, image, arch))
+}
+
+/// Writes the baked image `name` to `dest` in `format`, mtimes clamped to
+/// `SOURCE_DATE_EPOCH`.
+pub fn export_image(
+    project: &slate_config::Project,
+    store: &crate::LayerStore,
+    name: &str,
+    format: Format,
+    dest: &Path,
+) -> Result<Exported, ExportError> {
+    let (plan, image, arch) = baked(project, store, name)?;
+    let clamp = clamp_from_env();
+    let write = |source| ExportError::Write {
+        path: dest.to_path_buf(),
+        source,
+    };
+    match format {
+        Format::Oci => Ok(Exported::Oci {
+            digest: export_oci(&plan, &image, arch.as_deref(), dest, clamp).map_err(write)?,
+        }),
+        Format::Tar => {
+            export_tar(&image, dest, clamp).map_err(write)?;
+            Ok(Exported::Tar)
+        }
+        Format::Disk => {
+            let kernel_files = export_disk(&image, dest, clamp).map_err(write)?;
+            if kernel_files.is_empty() && project.image(name).is_some_and(|i| i.vm) {
+                return Err(ExportError::NoKernel { image: name.into() });
+            }
+            Ok(Exported::Disk { kernel_files })
+        }
+    }
+}
+
+/// What a push sent: the manifest's digest, bytes sent, bytes the registry
+/// already had.
+pub struct Pushed {
+    pub digest: String,
+    pub sent: u64,
+    pub skipped: u64,
+}
+
+/// Pushes the baked image `name` to `reference`, through an OCI layout
+/// staged in the cache (removed afterwards).
+pub fn push_image(
+    project: &slate_config::Project,
+    store: &crate::LayerStore,
+    name: &str,
+    reference: &crate::registry::Reference,
+    insecure: bool,
+) -> Result<Pushed, ExportError> {
+    let (plan, image, arch) = baked(project, store, name)?;
+    let layout = store
+        .staging(&format!("push-{}", plan.digest()))
+        .map_err(ExportError::Stage)?;
+    let oci = layout.join("oci");
+    let res = export_oci(&plan, &image, arch.as_deref(), &oci, clamp_from_env())
+        .map_err(ExportError::Stage)
+        .and_then(|_| {
+            crate::registry::Client::new(reference, insecure)
+                .push_layout(&oci)
+                .map_err(|source| ExportError::Push {
+                    reference: reference.to_string(),
+                    source,
+                })
+        });
+    let _ = fs::remove_dir_all(&layout);
+    let (digest, sent, skipped) = res?;
+    Ok(Pushed {
+        digest,
+        sent,
+        skipped,
+    })
+}

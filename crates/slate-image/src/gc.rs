@@ -179,3 +179,29 @@ fn roots(store: &LayerStore) -> Vec<(PathBuf, Root)> {
     out.sort_by(|a, b| a.1.config.cmp(&b.1.config));
     out
 }
+
+/// What removing a plan's layers did.
+#[derive(Debug, Default)]
+pub struct Swept {
+    pub layers: usize,
+    pub bytes: u64,
+    /// What could not be removed, and why.
+    pub failed: Vec<String>,
+}
+
+/// Removes the layers `plan` names, each under its lock (a bake of the same
+/// key waits); a layer that cannot be removed is noted, the rest go on.
+pub fn sweep(store: &LayerStore, plan: &Plan) -> Swept {
+    let mut out = Swept::default();
+    for m in &plan.remove {
+        let res = store.lock(&m.key).and_then(|_lock| store.remove(&m.key));
+        match res {
+            Ok(bytes) => {
+                out.bytes += bytes;
+                out.layers += 1;
+            }
+            Err(e) => out.failed.push(format!("layer {}: {e}", m.key)),
+        }
+    }
+    out
+}

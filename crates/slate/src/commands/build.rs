@@ -4,10 +4,8 @@ use crate::cli::BuildArgs;
 use crate::error::{CliError, CmdResult, Exit};
 use crate::{signals, Ctx};
 use slate_config::TargetSpec;
-use slate_provider::Cancel;
 use slate_run::{BuildOptions, Orchestrator};
 use slate_store::events::{EventSink, TargetStatus, Tee};
-use slate_store::record::RunRecorder;
 use std::time::{Duration, Instant};
 
 pub fn up(ctx: &Ctx, target: &str, provider: Option<String>) -> CmdResult {
@@ -34,29 +32,22 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
     // Environments a killed run left behind go first.
     let _ = slate_sandbox::reap(&store.envs_dir());
 
-    let run_id = super::new_run_id();
-    let runs_dir = super::runs_dir(&project);
-    let recorder =
-        RunRecorder::create(&runs_dir, &run_id, std::env::args().collect()).map_err(|e| {
-            CliError::from_error(Exit::Infra, &e)
-                .hint("slate writes run records under `.slate/runs` next to slate.toml")
-        })?;
-    let reporter = ctx.reporter();
-    let sinks: Vec<&dyn EventSink> = vec![&recorder, &reporter];
-    let tee = Tee(sinks);
-    let cancel = Cancel::new();
     let quiet = ctx.cli.quiet;
-    signals::install(cancel.clone(), move || {
+    let run = super::start_run(&project, move || {
         if !quiet {
             eprintln!("cancelling: destroying environments (Ctrl-C again to stop at once)");
         }
-    });
+    })?;
+    let (run_id, recorder) = (&run.id, &run.recorder);
+    let reporter = ctx.reporter();
+    let sinks: Vec<&dyn EventSink> = vec![recorder, &reporter];
+    let tee = Tee(sinks);
     let orch = Orchestrator {
         project: &project,
         store: &store,
         provider: &provider,
         sink: &tee,
-        cancel,
+        cancel: run.cancel.clone(),
     };
     let opts = BuildOptions {
         run_id: run_id.clone(),
@@ -115,7 +106,7 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
     };
     if exit == Exit::Ok {
         if let Some(url) = &project.settings.publish {
-            super::publish::publish_run(ctx, &project, url, Some(&run_id), None, None).map_err(
+            super::publish::publish_run(ctx, &project, url, Some(run_id), None, None).map_err(
                 |mut e| {
                     e.hint = Some(format!(
                         "{}; the artifacts stay in {}/, publish them later with `slate publish --run {run_id}`",

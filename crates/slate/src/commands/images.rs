@@ -122,6 +122,64 @@ pub fn gc(ctx: &Ctx, args: GcArgs) -> CmdResult {
             CliError::usage(format!("cannot tell which layers this project uses: {e}"))
                 .hint("fix the config, or remove everything with `slate gc --all`")
         })?;
+    say_roots(ctx, &plan);
+    if args.dry_run {
+        say_dry_run(ctx, &store, &plan);
+        return Ok(Exit::Ok.into());
+    }
+    let reaped = slate_sandbox::reap(&store.envs_dir());
+    let tmp = store.clean_tmp();
+    let swept = slate_image::gc::sweep(&store, &plan);
+    // VM base disks and boot files of layers that are gone now.
+    let (vm_files, vm_bytes) = slate_vm::boot::gc(&store.root().join("vm"));
+    let (runs_removed, run_bytes) = prune_runs(&super::runs_dir(&project), args.keep_runs);
+    ctx.say(&format!(
+        "removed {} layer(s): {} ({} bytes)",
+        swept.layers,
+        human(swept.bytes),
+        swept.bytes
+    ));
+    ctx.say(&format!(
+        "removed {} leftover environment(s): {}; {} leftover cgroup(s)",
+        reaped.environments,
+        human(reaped.bytes),
+        reaped.cgroups
+    ));
+    ctx.say(&format!(
+        "removed {runs_removed} old run(s): {}",
+        human(run_bytes)
+    ));
+    ctx.say(&format!("removed unfinished layers: {}", human(tmp)));
+    ctx.say(&format!(
+        "removed {vm_files} VM disk(s) and boot file set(s) of removed layers: {}",
+        human(vm_bytes)
+    ));
+    ctx.say(&format!(
+        "freed {} in all",
+        human(swept.bytes + reaped.bytes + run_bytes + tmp + vm_bytes)
+    ));
+    let failed: Vec<String> = reaped
+        .failed
+        .iter()
+        .map(|(p, e)| format!("{}: {e}", p.display()))
+        .chain(swept.failed)
+        .collect();
+    if !failed.is_empty() {
+        return Err(CliError::new(
+            Exit::Infra,
+            format!(
+                "could not remove {} item(s), the rest was removed:\n  {}",
+                failed.len(),
+                failed.join("\n  ")
+            ),
+        )
+        .hint("something still uses them (a mount, an immutable file); free it and run `slate gc` again"));
+    }
+    Ok(Exit::Ok.into())
+}
+
+/// What the gc roots decided: other projects kept, gone ones forgotten.
+fn say_roots(ctx: &Ctx, plan: &slate_image::gc::Plan) {
     for (config, why) in &plan.unreadable {
         ctx.say(&format!(
             "warning: cannot read `{}` ({why}); keeping the layers it used when it last ran",
@@ -141,92 +199,36 @@ pub fn gc(ctx: &Ctx, args: GcArgs) -> CmdResult {
             plan.projects.len()
         ));
     }
-    if args.dry_run {
-        let total: u64 = plan.remove.iter().map(|m| m.size).sum();
-        for m in &plan.remove {
-            println!(
-                "would remove layer {}  {:>10}  used {:<8}  {}",
-                &m.key[..12],
-                human(m.size),
-                ago(store.last_used(&m.key)),
-                m.description
-            );
-        }
-        ctx.say(&format!(
-            "dry run: {} layer(s), {}, would be removed; nothing was removed",
-            plan.remove.len(),
-            human(total)
-        ));
-        return Ok(Exit::Ok.into());
-    }
-    let reaped = slate_sandbox::reap(&store.envs_dir());
-    let mut failed: Vec<String> = reaped
-        .failed
-        .iter()
-        .map(|(p, e)| format!("{}: {e}", p.display()))
-        .collect();
-    let tmp = store.clean_tmp();
-    let mut layers = 0;
-    let mut layer_bytes = 0;
+}
+
+fn say_dry_run(ctx: &Ctx, store: &slate_image::LayerStore, plan: &slate_image::gc::Plan) {
+    let total: u64 = plan.remove.iter().map(|m| m.size).sum();
     for m in &plan.remove {
-        let _lock = store
-            .lock(&m.key)
-            .map_err(|e| CliError::from_error(Exit::Infra, &e))?;
-        match store.remove(&m.key) {
-            Ok(bytes) => {
-                layer_bytes += bytes;
-                layers += 1;
-            }
-            Err(e) => failed.push(format!("layer {}: {e}", m.key)),
-        }
-    }
-    // VM base disks and boot files of layers that are gone now.
-    let (vm_files, vm_bytes) = slate_vm::boot::gc(&store.root().join("vm"));
-    let runs_dir = super::runs_dir(&project);
-    let runs = slate_store::record::list_runs(&runs_dir);
-    let mut runs_removed = 0;
-    let mut run_bytes = 0;
-    if runs.len() > args.keep_runs {
-        for r in &runs[..runs.len() - args.keep_runs] {
-            let p = runs_dir.join(r);
-            run_bytes += slate_image::store::slate_size(&p);
-            let _ = std::fs::remove_dir_all(&p);
-            runs_removed += 1;
-        }
+        println!(
+            "would remove layer {}  {:>10}  used {:<8}  {}",
+            &m.key[..12],
+            human(m.size),
+            ago(store.last_used(&m.key)),
+            m.description
+        );
     }
     ctx.say(&format!(
-        "removed {layers} layer(s): {} ({layer_bytes} bytes)",
-        human(layer_bytes)
+        "dry run: {} layer(s), {}, would be removed; nothing was removed",
+        plan.remove.len(),
+        human(total)
     ));
-    ctx.say(&format!(
-        "removed {} leftover environment(s): {}; {} leftover cgroup(s)",
-        reaped.environments,
-        human(reaped.bytes),
-        reaped.cgroups
-    ));
-    ctx.say(&format!(
-        "removed {runs_removed} old run(s): {}",
-        human(run_bytes)
-    ));
-    ctx.say(&format!("removed unfinished layers: {}", human(tmp)));
-    ctx.say(&format!(
-        "removed {vm_files} VM disk(s) and boot file set(s) of removed layers: {}",
-        human(vm_bytes)
-    ));
-    ctx.say(&format!(
-        "freed {} in all",
-        human(layer_bytes + reaped.bytes + run_bytes + tmp + vm_bytes)
-    ));
-    if !failed.is_empty() {
-        return Err(CliError::new(
-            Exit::Infra,
-            format!(
-                "could not remove {} item(s), the rest was removed:\n  {}",
-                failed.len(),
-                failed.join("\n  ")
-            ),
-        )
-        .hint("something still uses them (a mount, an immutable file); free it and run `slate gc` again"));
+}
+
+/// Removes all but the `keep` newest run records; returns how many went
+/// and their bytes.
+fn prune_runs(runs_dir: &std::path::Path, keep: usize) -> (usize, u64) {
+    let runs = slate_store::record::list_runs(runs_dir);
+    let (mut removed, mut bytes) = (0, 0);
+    for r in &runs[..runs.len().saturating_sub(keep)] {
+        let p = runs_dir.join(r);
+        bytes += slate_image::store::slate_size(&p);
+        let _ = std::fs::remove_dir_all(&p);
+        removed += 1;
     }
-    Ok(Exit::Ok.into())
+    (removed, bytes)
 }

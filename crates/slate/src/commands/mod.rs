@@ -34,6 +34,38 @@ pub fn new_run_id() -> String {
     format!("{stamp}-{salt:04x}")
 }
 
+/// What every run (`build`, `bake`, `verify`) starts with: an id, a run
+/// record under `.slate/runs`, and a cancel flag that Ctrl-C sets
+/// (`on_cancel` says so to the user).
+pub struct Run {
+    pub id: String,
+    pub recorder: slate_store::record::RunRecorder,
+    pub cancel: slate_provider::Cancel,
+}
+
+pub fn start_run(
+    project: &Project,
+    on_cancel: impl Fn() + Send + 'static,
+) -> Result<Run, CliError> {
+    let id = new_run_id();
+    let recorder = slate_store::record::RunRecorder::create(
+        &runs_dir(project),
+        &id,
+        std::env::args().collect(),
+    )
+    .map_err(|e| {
+        CliError::from_error(crate::error::Exit::Infra, &e)
+            .hint("slate writes run records under `.slate/runs` next to slate.toml")
+    })?;
+    let cancel = slate_provider::Cancel::new();
+    crate::signals::install(cancel.clone(), on_cancel);
+    Ok(Run {
+        id,
+        recorder,
+        cancel,
+    })
+}
+
 /// An unknown target or image name, with the closest known one as a hint.
 pub fn unknown(kind: &str, name: &str, known: Vec<&str>) -> CliError {
     let mut e = CliError::usage(format!("no {kind} named `{name}`"));

@@ -2,12 +2,10 @@
 //! hostnames and start times, and compare the artifacts byte for byte.
 
 use crate::error::{CliError, CmdResult, Exit};
-use crate::{signals, Ctx};
-use slate_provider::Cancel;
+use crate::Ctx;
 use slate_run::Orchestrator;
 use slate_store::artifacts::ArtifactStore;
 use slate_store::events::{EventSink, TargetStatus, Tee};
-use slate_store::record::RunRecorder;
 use std::path::Path;
 
 /// The newest modification time among the inputs: a SOURCE_DATE_EPOCH that
@@ -53,20 +51,16 @@ pub fn verify(ctx: &Ctx, name: &str) -> CmdResult {
     let target = &chosen[0];
     let store = ctx.store_for(&project)?;
     let provider = ctx.providers(&store, &project, slate_run::targets::need_vm(&chosen))?;
-    let run_id = super::new_run_id();
-    let runs_dir = super::runs_dir(&project);
-    let recorder = RunRecorder::create(&runs_dir, &run_id, std::env::args().collect())
-        .map_err(|e| CliError::from_error(Exit::Infra, &e))?;
+    let run = super::start_run(&project, || eprintln!("cancelling the verification"))?;
+    let (run_id, runs_dir) = (&run.id, super::runs_dir(&project));
     let reporter = ctx.reporter();
-    let tee = Tee(vec![&recorder as &dyn EventSink, &reporter]);
-    let cancel = Cancel::new();
-    signals::install(cancel.clone(), || eprintln!("cancelling the verification"));
+    let tee = Tee(vec![&run.recorder as &dyn EventSink, &reporter]);
     let orch = Orchestrator {
         project: &project,
         store: &store,
         provider: &provider,
         sink: &tee,
-        cancel,
+        cancel: run.cancel.clone(),
     };
     let baked = orch.bake(std::slice::from_ref(&target.image));
     let img = match baked.into_values().next() {
@@ -79,7 +73,7 @@ pub fn verify(ctx: &Ctx, name: &str) -> CmdResult {
         project.dir.join(&project.settings.artifacts),
     ];
     let epoch = inputs_epoch(target, &skip).to_string();
-    let out_dir = runs_dir.join(&run_id).join("verify");
+    let out_dir = runs_dir.join(run_id).join("verify");
     let mut dirs = Vec::new();
     for (i, suffix) in ["a", "b"].iter().enumerate() {
         // Another hostname each time; start times differ by themselves.
