@@ -6,6 +6,7 @@ use crate::spec::*;
 use crate::units::{parse_duration, parse_size};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use toml::Spanned;
 
 /// Finds `slate.toml` (or reads `file` when given) and resolves it.
@@ -140,6 +141,34 @@ impl Resolver<'_> {
     }
 
     fn project(&mut self, file: &ConfigFile) -> Project {
+        let settings = self.settings(file);
+        self.providers(file);
+
+        let images: Vec<ImageSpec> = file
+            .images
+            .iter()
+            .map(|(name, img)| self.image(name, img.get_ref()))
+            .collect();
+        self.check_image_refs(file);
+        let names: Vec<&str> = file.images.keys().map(String::as_str).collect();
+        let mut targets = Vec::new();
+        for (name, build) in file.builds.iter() {
+            self.build(name, build, &names, &mut targets);
+        }
+        self.check_image_names(file);
+        self.check_target_names(file, &targets);
+        Project {
+            dir: self.dir.to_path_buf(),
+            file: self.path.to_path_buf(),
+            settings,
+            images,
+            targets,
+            vm: vm_spec(file),
+        }
+    }
+
+    /// `[settings]`, with defaults for what the file leaves out.
+    fn settings(&mut self, file: &ConfigFile) -> Settings {
         let jobs = match &file.settings.jobs {
             Some(j) if *j.get_ref() == 0 => {
                 self.err(j, "`jobs` must be at least 1".into(), None);
@@ -167,19 +196,20 @@ impl Resolver<'_> {
                 );
             }
         }
-        self.providers(file);
-
-        let images: Vec<ImageSpec> = file
-            .images
-            .iter()
-            .map(|(name, img)| self.image(name, img.get_ref()))
-            .collect();
-        self.check_image_refs(file);
-        let names: Vec<&str> = file.images.keys().map(String::as_str).collect();
-        let mut targets = Vec::new();
-        for (name, build) in file.builds.iter() {
-            self.build(name, build, &names, &mut targets);
+        Settings {
+            jobs,
+            artifacts,
+            publish,
+            signing_key: file
+                .settings
+                .signing_key
+                .as_ref()
+                .map(|k| self.dir.join(k.get_ref())),
+            host_ca: file.settings.host_ca,
         }
+    }
+
+    fn check_image_names(&mut self, file: &ConfigFile) {
         for (name, img) in file.images.iter() {
             if let Err(why) = check_name(name) {
                 self.err(
@@ -189,10 +219,13 @@ impl Resolver<'_> {
                 );
             }
         }
-        // Target names become folder names slate writes and removes, and
-        // hostnames: a matrix value counts as much as a build's name.
+    }
+
+    /// Target names become folder names slate writes and removes, and
+    /// hostnames: a matrix value counts as much as a build's name.
+    fn check_target_names(&mut self, file: &ConfigFile, targets: &[TargetSpec]) {
         let mut seen = BTreeSet::new();
-        for t in &targets {
+        for t in targets {
             if let Err(why) = check_name(&t.name) {
                 let at = &file.builds.get(&t.build).unwrap();
                 self.err(
@@ -210,40 +243,6 @@ impl Resolver<'_> {
                     Some("rename a build or a matrix value so that target names differ".into()),
                 );
             }
-        }
-        Project {
-            dir: self.dir.to_path_buf(),
-            file: self.path.to_path_buf(),
-            settings: Settings {
-                jobs,
-                artifacts,
-                publish,
-                signing_key: file
-                    .settings
-                    .signing_key
-                    .as_ref()
-                    .map(|k| self.dir.join(k.get_ref())),
-                host_ca: file.settings.host_ca,
-            },
-            images,
-            targets,
-            vm: file
-                .providers
-                .vm
-                .as_ref()
-                .map(|vm| VmSpec {
-                    accel: vm
-                        .accel
-                        .as_ref()
-                        .map(|a| a.get_ref().clone())
-                        .unwrap_or_else(|| "auto".into()),
-                    init: vm
-                        .init
-                        .as_ref()
-                        .map(|i| i.get_ref().clone())
-                        .unwrap_or_else(|| "slate".into()),
-                })
-                .unwrap_or_default(),
         }
     }
 
@@ -271,8 +270,30 @@ impl Resolver<'_> {
     }
 
     fn image(&mut self, name: &str, img: &ImageConfig) -> ImageSpec {
+        let base = self.base(name, img);
+        self.check_base_options(name, img, &base);
+        self.check_variant(img);
+        let files = self.files(name, img);
+        self.check_packages(img);
+        ImageSpec {
+            name: name.to_string(),
+            base,
+            packages: img.packages.iter().map(|p| p.get_ref().clone()).collect(),
+            files,
+            env: img
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            steps: img.steps.iter().map(|s| s.get_ref().clone()).collect(),
+            vm: img.vm,
+        }
+    }
+
+    /// The image's `from`.
+    fn base(&mut self, name: &str, img: &ImageConfig) -> BaseSpec {
         let from = img.from.get_ref();
-        let base = match from.split_once(':') {
+        match from.split_once(':') {
             Some(("debian", suite)) if !suite.is_empty() => BaseSpec::Debian {
                 suite: suite.to_string(),
                 mirror: img.mirror.as_ref().map(|m| m.get_ref().clone()),
@@ -303,8 +324,12 @@ impl Resolver<'_> {
                     name: String::new(),
                 }
             }
-        };
-        if let BaseSpec::Oci { reference, .. } = &base {
+        }
+    }
+
+    /// Options that belong to one kind of base are errors with another.
+    fn check_base_options(&mut self, name: &str, img: &ImageConfig, base: &BaseSpec) {
+        if let BaseSpec::Oci { reference, .. } = base {
             let host = reference.split('/').next().unwrap_or("");
             if !reference.contains('/')
                 || !(host.contains('.') || host.contains(':') || host == "localhost")
@@ -337,6 +362,9 @@ impl Resolver<'_> {
                 }
             }
         }
+    }
+
+    fn check_variant(&mut self, img: &ImageConfig) {
         if let Some(v) = &img.variant {
             let ok = [
                 "minbase",
@@ -354,6 +382,10 @@ impl Resolver<'_> {
                 );
             }
         }
+    }
+
+    /// The image's `files`, as (path on the host, path in the image).
+    fn files(&mut self, name: &str, img: &ImageConfig) -> Vec<(PathBuf, String)> {
         let mut files = Vec::new();
         for (host, dest) in img.files.iter() {
             if !dest.get_ref().starts_with('/') {
@@ -379,6 +411,10 @@ impl Resolver<'_> {
             }
             files.push((hp, dest.get_ref().clone()));
         }
+        files
+    }
+
+    fn check_packages(&mut self, img: &ImageConfig) {
         for p in &img.packages {
             let ok = !p.get_ref().is_empty()
                 && p.get_ref()
@@ -391,19 +427,6 @@ impl Resolver<'_> {
                     None,
                 );
             }
-        }
-        ImageSpec {
-            name: name.to_string(),
-            base,
-            packages: img.packages.iter().map(|p| p.get_ref().clone()).collect(),
-            files,
-            env: img
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            steps: img.steps.iter().map(|s| s.get_ref().clone()).collect(),
-            vm: img.vm,
         }
     }
 
@@ -456,7 +479,42 @@ impl Resolver<'_> {
         out: &mut Vec<TargetSpec>,
     ) {
         let bc = b.get_ref();
-        let axes: Vec<(&String, &Spanned<Vec<String>>)> = bc.matrix.iter().collect();
+        let Some(axes) = self.matrix(name, bc) else {
+            return;
+        };
+        if !self.check_placeholders(name, bc, &axes) {
+            return;
+        }
+        let Some(command) = self.command(name, b) else {
+            return;
+        };
+        let provider = self.provider(bc);
+        let memory = self.memory(bc);
+        let timeout = self.timeout(bc);
+        self.check_cpus(bc);
+        let workdir = self.workdir(bc);
+        self.check_artifacts(bc);
+        let inputs = self.inputs(name, bc);
+        self.check_secrets(bc);
+        let parts = BuildParts {
+            command,
+            inputs,
+            workdir,
+            memory,
+            timeout,
+            provider,
+        };
+        for combo in combinations(&axes) {
+            if let Some(t) = self.target(name, bc, images, &combo, &parts) {
+                out.push(t);
+            }
+        }
+    }
+
+    /// The build's matrix axes, or `None` when an axis is empty or the
+    /// matrix makes more than [`MAX_MATRIX_TARGETS`] targets.
+    fn matrix<'b>(&mut self, name: &str, bc: &'b BuildConfig) -> Option<Vec<Axis<'b>>> {
+        let axes: Vec<Axis> = bc.matrix.iter().collect();
         for (axis, values) in &axes {
             if values.get_ref().is_empty() {
                 self.err(
@@ -464,7 +522,7 @@ impl Resolver<'_> {
                     format!("build `{name}`: matrix axis `{axis}` has no values"),
                     None,
                 );
-                return;
+                return None;
             }
         }
         // Counted before expanding: a few lines of axes can multiply into
@@ -481,10 +539,15 @@ impl Resolver<'_> {
                 ),
                 Some("split the build, or list fewer values per axis".into()),
             );
-            return;
+            return None;
         }
+        Some(axes)
+    }
+
+    /// Whether every placeholder that must resolve, in `image` and
+    /// `artifacts`, names a matrix axis; reports the first that does not.
+    fn check_placeholders(&mut self, name: &str, bc: &BuildConfig, axes: &[Axis]) -> bool {
         let axis_names: Vec<&str> = axes.iter().map(|(a, _)| a.as_str()).collect();
-        // Placeholders that must resolve: in `image` and `artifacts`.
         let mut strict = vec![&bc.image];
         strict.extend(bc.artifacts.iter());
         for s in strict {
@@ -500,18 +563,24 @@ impl Resolver<'_> {
                         format!("build `{name}`: placeholder `{{{ph}}}` has no matrix axis"),
                         Some(hint),
                     );
-                    return;
+                    return false;
                 }
             }
         }
-        let command = match (&bc.script, &bc.run) {
+        true
+    }
+
+    /// The build's `script` or `run`, or `None` when it has both or neither.
+    fn command(&mut self, name: &str, b: &Spanned<BuildConfig>) -> Option<BuildCommand> {
+        let bc = b.get_ref();
+        match (&bc.script, &bc.run) {
             (Some(_), Some(r)) => {
                 self.err(
                     r,
                     format!("build `{name}` has both `script` and `run`"),
                     Some("keep one of them".into()),
                 );
-                return;
+                None
             }
             (None, None) => {
                 self.err(
@@ -519,7 +588,7 @@ impl Resolver<'_> {
                     format!("build `{name}` has neither `script` nor `run`"),
                     Some("add `script = \"build.sh\"` or `run = [\"make\"]`".into()),
                 );
-                return;
+                None
             }
             (Some(s), None) => {
                 let p = self.source(s, s.get_ref(), "script");
@@ -530,16 +599,19 @@ impl Resolver<'_> {
                         Some(format!("paths are relative to `{}`", self.dir.display())),
                     );
                 }
-                BuildCommand::Script(p)
+                Some(BuildCommand::Script(p))
             }
             (None, Some(r)) => {
                 if r.get_ref().is_empty() {
                     self.err(r, format!("build `{name}`: `run` is empty"), None);
                 }
-                BuildCommand::Run(r.get_ref().clone())
+                Some(BuildCommand::Run(r.get_ref().clone()))
             }
-        };
-        let provider = match &bc.provider {
+        }
+    }
+
+    fn provider(&mut self, bc: &BuildConfig) -> ProviderKind {
+        match &bc.provider {
             None => ProviderKind::Sandbox,
             Some(p) => match ProviderKind::parse(p.get_ref()) {
                 Some(k) => k,
@@ -552,9 +624,12 @@ impl Resolver<'_> {
                     ProviderKind::Sandbox
                 }
             },
-        };
-        let memory = bc
-            .memory
+        }
+    }
+
+    /// `memory` in bytes.
+    fn memory(&mut self, bc: &BuildConfig) -> Option<u64> {
+        bc.memory
             .as_ref()
             .and_then(|m| match parse_size(m.get_ref()) {
                 Ok(v) => Some(v),
@@ -562,9 +637,11 @@ impl Resolver<'_> {
                     self.err(m, e, None);
                     None
                 }
-            });
-        let timeout = bc
-            .timeout
+            })
+    }
+
+    fn timeout(&mut self, bc: &BuildConfig) -> Option<Duration> {
+        bc.timeout
             .as_ref()
             .and_then(|t| match parse_duration(t.get_ref()) {
                 Ok(v) => Some(v),
@@ -572,7 +649,10 @@ impl Resolver<'_> {
                     self.err(t, e, None);
                     None
                 }
-            });
+            })
+    }
+
+    fn check_cpus(&mut self, bc: &BuildConfig) {
         if let Some(c) = &bc.cpus {
             let cpus = *c.get_ref();
             // NaN compares false to everything: test for what is valid.
@@ -584,6 +664,10 @@ impl Resolver<'_> {
                 );
             }
         }
+    }
+
+    /// `workdir`, `/src` by default.
+    fn workdir(&mut self, bc: &BuildConfig) -> String {
         let workdir = bc
             .workdir
             .as_ref()
@@ -596,6 +680,10 @@ impl Resolver<'_> {
                 Some("e.g. `workdir = \"/src\"`".into()),
             );
         }
+        workdir
+    }
+
+    fn check_artifacts(&mut self, bc: &BuildConfig) {
         for a in &bc.artifacts {
             if a.get_ref().starts_with('/') || a.get_ref().split('/').any(|c| c == "..") {
                 self.err(
@@ -611,7 +699,11 @@ impl Resolver<'_> {
         if bc.artifacts.is_empty() {
             // A build without artifacts is legal (a smoke test), if unusual.
         }
-        let inputs: Vec<PathBuf> = match &bc.inputs {
+    }
+
+    /// `inputs`, the whole project folder by default.
+    fn inputs(&mut self, name: &str, bc: &BuildConfig) -> Vec<PathBuf> {
+        match &bc.inputs {
             None => vec![self.dir.to_path_buf()],
             Some(list) => list
                 .iter()
@@ -627,7 +719,10 @@ impl Resolver<'_> {
                     p
                 })
                 .collect(),
-        };
+        }
+    }
+
+    fn check_secrets(&mut self, bc: &BuildConfig) {
         for s in &bc.secrets {
             if s.get_ref().is_empty() || s.get_ref().contains('=') {
                 self.err(
@@ -637,57 +732,105 @@ impl Resolver<'_> {
                 );
             }
         }
-
-        for combo in combinations(&axes) {
-            let subst = |s: &str| substitute(s, &combo);
-            let target_name = if combo.is_empty() {
-                name.to_string()
-            } else {
-                format!(
-                    "{name}-{}",
-                    combo
-                        .iter()
-                        .map(|(_, v)| v.as_str())
-                        .collect::<Vec<_>>()
-                        .join("-")
-                )
-            };
-            let image = subst(bc.image.get_ref());
-            if !images.contains(&image.as_str()) {
-                let hint = did_you_mean(&image, images.iter().copied())
-                    .map(|b| format!("did you mean `{b}`?"))
-                    .unwrap_or_else(|| format!("define `[images.{image}]`"));
-                self.err(
-                    &bc.image,
-                    format!("target `{target_name}` uses image `{image}`, which is not defined"),
-                    Some(hint),
-                );
-                continue;
-            }
-            out.push(TargetSpec {
-                name: target_name,
-                build: name.to_string(),
-                matrix: combo.clone(),
-                image,
-                command: match &command {
-                    BuildCommand::Run(r) => BuildCommand::Run(r.iter().map(|c| subst(c)).collect()),
-                    c => c.clone(),
-                },
-                inputs: inputs.clone(),
-                exclude: bc.exclude.iter().map(|e| e.get_ref().clone()).collect(),
-                workdir: workdir.clone(),
-                artifacts: bc.artifacts.iter().map(|a| subst(a.get_ref())).collect(),
-                env: bc.env.iter().map(|(k, v)| (k.clone(), subst(v))).collect(),
-                secrets: bc.secrets.iter().map(|s| s.get_ref().clone()).collect(),
-                network: bc.network,
-                cpus: bc.cpus.as_ref().map(|c| *c.get_ref()),
-                memory,
-                pids: bc.pids.as_ref().map(|p| *p.get_ref()),
-                timeout,
-                provider,
-            });
-        }
     }
+
+    /// The target for one combination of matrix values, or `None` when the
+    /// image it names is not defined.
+    fn target(
+        &mut self,
+        name: &str,
+        bc: &BuildConfig,
+        images: &[&str],
+        combo: &[(String, String)],
+        parts: &BuildParts,
+    ) -> Option<TargetSpec> {
+        let subst = |s: &str| substitute(s, combo);
+        let target_name = target_name(name, combo);
+        let image = subst(bc.image.get_ref());
+        if !images.contains(&image.as_str()) {
+            let hint = did_you_mean(&image, images.iter().copied())
+                .map(|b| format!("did you mean `{b}`?"))
+                .unwrap_or_else(|| format!("define `[images.{image}]`"));
+            self.err(
+                &bc.image,
+                format!("target `{target_name}` uses image `{image}`, which is not defined"),
+                Some(hint),
+            );
+            return None;
+        }
+        Some(TargetSpec {
+            name: target_name,
+            build: name.to_string(),
+            matrix: combo.to_vec(),
+            image,
+            command: match &parts.command {
+                BuildCommand::Run(r) => BuildCommand::Run(r.iter().map(|c| subst(c)).collect()),
+                c => c.clone(),
+            },
+            inputs: parts.inputs.clone(),
+            exclude: bc.exclude.iter().map(|e| e.get_ref().clone()).collect(),
+            workdir: parts.workdir.clone(),
+            artifacts: bc.artifacts.iter().map(|a| subst(a.get_ref())).collect(),
+            env: bc.env.iter().map(|(k, v)| (k.clone(), subst(v))).collect(),
+            secrets: bc.secrets.iter().map(|s| s.get_ref().clone()).collect(),
+            network: bc.network,
+            cpus: bc.cpus.as_ref().map(|c| *c.get_ref()),
+            memory: parts.memory,
+            pids: bc.pids.as_ref().map(|p| *p.get_ref()),
+            timeout: parts.timeout,
+            provider: parts.provider,
+        })
+    }
+}
+
+/// A matrix axis: its name and its values.
+type Axis<'a> = (&'a String, &'a Spanned<Vec<String>>);
+
+/// What every target of a build shares, checked once before the matrix is
+/// expanded.
+struct BuildParts {
+    command: BuildCommand,
+    inputs: Vec<PathBuf>,
+    workdir: String,
+    memory: Option<u64>,
+    timeout: Option<Duration>,
+    provider: ProviderKind,
+}
+
+/// `build`, or `build-v1-v2…` with the values of a matrix combination.
+fn target_name(build: &str, combo: &[(String, String)]) -> String {
+    if combo.is_empty() {
+        build.to_string()
+    } else {
+        format!(
+            "{build}-{}",
+            combo
+                .iter()
+                .map(|(_, v)| v.as_str())
+                .collect::<Vec<_>>()
+                .join("-")
+        )
+    }
+}
+
+/// `[providers.vm]`, with defaults for what the file leaves out.
+fn vm_spec(file: &ConfigFile) -> VmSpec {
+    file.providers
+        .vm
+        .as_ref()
+        .map(|vm| VmSpec {
+            accel: vm
+                .accel
+                .as_ref()
+                .map(|a| a.get_ref().clone())
+                .unwrap_or_else(|| "auto".into()),
+            init: vm
+                .init
+                .as_ref()
+                .map(|i| i.get_ref().clone())
+                .unwrap_or_else(|| "slate".into()),
+        })
+        .unwrap_or_default()
 }
 
 /// The most targets one build's matrix may make; each is built in its own
@@ -719,7 +862,7 @@ fn check_name(name: &str) -> Result<(), &'static str> {
 }
 
 /// Every combination of matrix values, axes in file order.
-fn combinations(axes: &[(&String, &Spanned<Vec<String>>)]) -> Vec<Vec<(String, String)>> {
+fn combinations(axes: &[Axis]) -> Vec<Vec<(String, String)>> {
     let mut out = vec![Vec::new()];
     for (axis, values) in axes {
         let mut next = Vec::new();
