@@ -129,23 +129,67 @@ fn plan_inner(project: &Project, name: &str, depth: usize) -> Result<ImagePlan, 
             name: name.to_string(),
         });
     }
-    let mut layers: Vec<LayerPlan> = Vec::new();
-    let mut env: Vec<(String, String)> = Vec::new();
-    let push = |layers: &mut Vec<LayerPlan>, kind: LayerKind, content: String| {
-        let parent = layers.last().map(|l| l.key.clone());
-        let key = hash(&[
-            FORMAT.as_bytes(),
-            parent.as_deref().unwrap_or("").as_bytes(),
-            content.as_bytes(),
-        ]);
-        layers.push(LayerPlan {
-            key,
-            parent,
-            kind,
-            image: name.to_string(),
-        });
-    };
-    match &spec.base {
+    let mut plan = plan_base(project, name, &spec.base, depth)?;
+    set_env(&mut plan.env, &spec.env);
+    let packages = packages_to_install(spec);
+    if !packages.is_empty() {
+        push_layer(
+            &mut plan.layers,
+            name,
+            LayerKind::Packages(packages.clone()),
+            format!("packages\n{}", packages.join("\n")),
+        );
+    }
+    if !spec.files.is_empty() {
+        let content = files_content(&spec.files)?;
+        push_layer(
+            &mut plan.layers,
+            name,
+            LayerKind::Files(spec.files.clone()),
+            content,
+        );
+    }
+    for step in &spec.steps {
+        let envs: String = plan.env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+        push_layer(
+            &mut plan.layers,
+            name,
+            LayerKind::Step {
+                command: step.clone(),
+                env: plan.env.clone(),
+            },
+            format!("step\n{envs}\n{step}"),
+        );
+    }
+    Ok(plan)
+}
+
+/// Adds a layer of `image` on top of `layers`, keyed by its parent and
+/// `content`.
+fn push_layer(layers: &mut Vec<LayerPlan>, image: &str, kind: LayerKind, content: String) {
+    let parent = layers.last().map(|l| l.key.clone());
+    let key = hash(&[
+        FORMAT.as_bytes(),
+        parent.as_deref().unwrap_or("").as_bytes(),
+        content.as_bytes(),
+    ]);
+    layers.push(LayerPlan {
+        key,
+        parent,
+        kind,
+        image: image.to_string(),
+    });
+}
+
+/// The plan of `name` up to its base: one layer for a base of its own, or
+/// all the layers and environment of an `image:` base.
+fn plan_base(
+    project: &Project,
+    name: &str,
+    base: &BaseSpec,
+    depth: usize,
+) -> Result<ImagePlan, ImageError> {
+    let (kind, content) = match base {
         BaseSpec::Debian {
             suite,
             mirror,
@@ -157,55 +201,67 @@ fn plan_inner(project: &Project, name: &str, depth: usize) -> Result<ImagePlan, 
                 mirror.as_deref().unwrap_or(""),
                 arch.as_deref().unwrap_or("")
             );
-            push(
-                &mut layers,
-                LayerKind::Debian {
-                    suite: suite.clone(),
-                    mirror: mirror.clone(),
-                    variant: variant.clone(),
-                    arch: arch.clone(),
-                },
-                content,
-            );
+            let kind = LayerKind::Debian {
+                suite: suite.clone(),
+                mirror: mirror.clone(),
+                variant: variant.clone(),
+                arch: arch.clone(),
+            };
+            (kind, content)
         }
         BaseSpec::Tar { path } => {
             let digest = file_digest(path).map_err(|source| ImageError::Read {
                 path: path.clone(),
                 source,
             })?;
-            push(
-                &mut layers,
+            (
                 LayerKind::Tar { path: path.clone() },
                 format!("tar\n{digest}"),
-            );
+            )
         }
         BaseSpec::Oci {
             reference,
             insecure,
         } => {
             // A tag is pulled once and kept; pin `@sha256:…` to be exact.
-            push(
-                &mut layers,
-                LayerKind::Oci {
-                    reference: reference.clone(),
-                    insecure: *insecure,
-                },
-                format!("oci\n{reference}"),
-            );
+            let kind = LayerKind::Oci {
+                reference: reference.clone(),
+                insecure: *insecure,
+            };
+            (kind, format!("oci\n{reference}"))
         }
         BaseSpec::Image { name: base } => {
             let below = plan_inner(project, base, depth + 1)?;
-            layers = below.layers;
-            env = below.env;
+            return Ok(ImagePlan {
+                name: name.to_string(),
+                ..below
+            });
         }
-    }
-    for (k, v) in &spec.env {
+    };
+    let mut layers: Vec<LayerPlan> = Vec::new();
+    push_layer(&mut layers, name, kind, content);
+    Ok(ImagePlan {
+        name: name.to_string(),
+        layers,
+        env: Vec::new(),
+    })
+}
+
+/// Sets `vars` in `env`: a variable already there keeps its place and takes
+/// the new value.
+fn set_env(env: &mut Vec<(String, String)>, vars: &[(String, String)]) {
+    for (k, v) in vars {
         if let Some(e) = env.iter_mut().find(|(ek, _)| ek == k) {
             e.1 = v.clone();
         } else {
             env.push((k.clone(), v.clone()));
         }
     }
+}
+
+/// The packages to install, sorted and without repeats: the recipe's and,
+/// for a vm image bootstrapped from Debian, a kernel and its initramfs tools.
+fn packages_to_install(spec: &ImageSpec) -> Vec<String> {
     let mut packages = spec.packages.clone();
     if spec.vm {
         if let BaseSpec::Debian { arch, .. } = &spec.base {
@@ -221,47 +277,27 @@ fn plan_inner(project: &Project, name: &str, depth: usize) -> Result<ImagePlan, 
             packages.push("initramfs-tools".into());
         }
     }
-    if !packages.is_empty() {
-        let mut pk = packages;
-        pk.sort();
-        pk.dedup();
-        push(
-            &mut layers,
-            LayerKind::Packages(pk.clone()),
-            format!("packages\n{}", pk.join("\n")),
-        );
+    packages.sort();
+    packages.dedup();
+    packages
+}
+
+/// What the layer of copied files is keyed by: each file's destination,
+/// digest and mode.
+fn files_content(files: &[(PathBuf, String)]) -> Result<String, ImageError> {
+    let mut content = String::from("files\n");
+    for (host, dest) in files {
+        let d = file_digest(host).map_err(|source| ImageError::Read {
+            path: host.clone(),
+            source,
+        })?;
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(host)
+            .map(|m| m.permissions().mode() & 0o7777)
+            .unwrap_or(0o644);
+        content.push_str(&format!("{dest}\n{d}\n{mode:o}\n"));
     }
-    if !spec.files.is_empty() {
-        let mut content = String::from("files\n");
-        for (host, dest) in &spec.files {
-            let d = file_digest(host).map_err(|source| ImageError::Read {
-                path: host.clone(),
-                source,
-            })?;
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(host)
-                .map(|m| m.permissions().mode() & 0o7777)
-                .unwrap_or(0o644);
-            content.push_str(&format!("{dest}\n{d}\n{mode:o}\n"));
-        }
-        push(&mut layers, LayerKind::Files(spec.files.clone()), content);
-    }
-    for step in &spec.steps {
-        let envs: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
-        push(
-            &mut layers,
-            LayerKind::Step {
-                command: step.clone(),
-                env: env.clone(),
-            },
-            format!("step\n{envs}\n{step}"),
-        );
-    }
-    Ok(ImagePlan {
-        name: name.to_string(),
-        layers,
-        env,
-    })
+    Ok(content)
 }
 
 #[cfg(test)]

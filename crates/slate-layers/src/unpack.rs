@@ -247,6 +247,40 @@ struct Unpacker {
     dropped: Dropped,
 }
 
+/// What a header says about an entry besides its name, type and link.
+struct Meta {
+    mode: u32,
+    owner: (u32, u32),
+    mtime: i64,
+    device: (u32, u32),
+}
+
+impl Meta {
+    fn read(header: &tar::Header, name: &str) -> Result<Meta, UnpackError> {
+        let io = |op| io_error(op, name);
+        let mode = header.mode().map_err(io("read the mode of"))? & 0o7777;
+        let owner = (
+            header.uid().map_err(io("read the owner of"))?,
+            header.gid().map_err(io("read the owner of"))?,
+        );
+        let owner = (
+            u32::try_from(owner.0).map_err(|_| io("own")(invalid("uid out of range")))?,
+            u32::try_from(owner.1).map_err(|_| io("own")(invalid("gid out of range")))?,
+        );
+        let mtime = header.mtime().unwrap_or(0).min(i64::MAX as u64) as i64;
+        let device = (
+            header.device_major().ok().flatten().unwrap_or(0),
+            header.device_minor().ok().flatten().unwrap_or(0),
+        );
+        Ok(Meta {
+            mode,
+            owner,
+            mtime,
+            device,
+        })
+    }
+}
+
 impl Unpacker {
     fn entry<R: Read>(&mut self, entry: &mut tar::Entry<R>) -> Result<(), UnpackError> {
         use tar::EntryType as T;
@@ -271,153 +305,23 @@ impl Unpacker {
             return Ok(()); // the root itself
         };
         let rel: PathBuf = parts.iter().collect();
-        if self.source == Source::OciLayer {
-            let l = last.as_bytes();
-            if l == b".wh..wh..opq" {
-                return self.opaque(parents, &name);
-            }
-            if l.starts_with(b".wh..wh.") {
-                return Ok(()); // aufs bookkeeping, not a whiteout
-            }
-            if let Some(hidden) = l.strip_prefix(b".wh.") {
-                return self.whiteout(parents, OsStr::from_bytes(hidden), &name);
-            }
+        if self.source == Source::OciLayer && self.apply_marker(parents, last, &name)? {
+            return Ok(());
         }
-        let shown = name.as_str();
-        let io = |op| {
-            move |source| UnpackError::Io {
-                op,
-                entry: shown.to_string(),
-                source,
-            }
-        };
-        let header = entry.header();
-        let mut mode = header.mode().map_err(io("read the mode of"))? & 0o7777;
-        let owner = (
-            header.uid().map_err(io("read the owner of"))?,
-            header.gid().map_err(io("read the owner of"))?,
-        );
-        let owner = (
-            u32::try_from(owner.0).map_err(|_| io("own")(invalid("uid out of range")))?,
-            u32::try_from(owner.1).map_err(|_| io("own")(invalid("gid out of range")))?,
-        );
-        let mtime = header.mtime().unwrap_or(0).min(i64::MAX as u64) as i64;
-        let device = (
-            header.device_major().ok().flatten().unwrap_or(0),
-            header.device_minor().ok().flatten().unwrap_or(0),
-        );
+        let meta = Meta::read(entry.header(), &name)?;
         let link = entry.link_name_bytes().map(|l| l.into_owned());
         let dir = self.open_dir(parents, true, &name)?.expect("created");
-        let last = cstring(last).map_err(io("unpack"))?;
+        let last = cstring(last).map_err(io_error("unpack", &name))?;
         let d = dir.as_fd();
         match kind {
-            T::Directory => {
-                let fd = match lstat_at(d, &last).map_err(io("inspect"))? {
-                    Some(st) if is_dir(&st) => open_dir_at(d, &last),
-                    other => {
-                        if other.is_some() {
-                            remove_at(d, &last).map_err(io("replace"))?;
-                        }
-                        // SAFETY: a valid fd and C string.
-                        cvt(unsafe { libc::mkdirat(d.as_raw_fd(), last.as_ptr(), 0o700) })
-                            .and_then(|_| open_dir_at(d, &last))
-                    }
-                }
-                .map_err(io("create the folder"))?;
-                self.set_owner_mode(fd.as_fd(), owner, mode)
-                    .map_err(io("set the owner and mode of"))?;
-            }
+            T::Directory => self.create_dir(d, &last, &meta, &name)?,
             T::Regular | T::Continuous | T::GNUSparse => {
-                if self.source == Source::TarBase && mode & 0o6000 != 0 {
-                    mode &= !0o6000;
-                    self.dropped.setid.push(rel.to_string_lossy().into_owned());
-                }
-                remove_at(d, &last).map_err(io("replace"))?;
-                let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
-                let mut f = File::from(open_at(d, &last, flags, 0o600).map_err(io("create"))?);
-                io::copy(entry, &mut f).map_err(io("write"))?;
-                self.set_owner_mode(f.as_fd(), owner, mode)
-                    .map_err(io("set the owner and mode of"))?;
-                let t = times(mtime);
-                // SAFETY: a valid fd and two timespecs.
-                cvt(unsafe { libc::futimens(f.as_raw_fd(), t.as_ptr()) })
-                    .map_err(io("set the time of"))?;
+                self.write_file(d, &last, entry, &meta, &rel, &name)?
             }
-            T::Symlink => {
-                let target = match link {
-                    Some(t) if !t.is_empty() => t,
-                    _ => return Err(io("link")(invalid("a symlink without a target"))),
-                };
-                let target = CString::new(target).map_err(|_| io("link")(invalid("NUL")))?;
-                remove_at(d, &last).map_err(io("replace"))?;
-                // SAFETY: valid C strings and fd.
-                cvt(unsafe { libc::symlinkat(target.as_ptr(), d.as_raw_fd(), last.as_ptr()) })
-                    .map_err(io("create the symlink"))?;
-                if self.as_root {
-                    chown_at(d, &last, owner).map_err(io("set the owner of"))?;
-                }
-                let t = times(mtime);
-                // SAFETY: as above; the link itself, not its target.
-                cvt(unsafe {
-                    libc::utimensat(
-                        d.as_raw_fd(),
-                        last.as_ptr(),
-                        t.as_ptr(),
-                        libc::AT_SYMLINK_NOFOLLOW,
-                    )
-                })
-                .map_err(io("set the time of"))?;
-            }
-            T::Link => {
-                let target = link.unwrap_or_default();
-                let shown = String::from_utf8_lossy(&target).into_owned();
-                let not_there = || UnpackError::LinkTarget {
-                    entry: name.clone(),
-                    target: shown.clone(),
-                };
-                let tparts = components(&target, &name)?;
-                let (tlast, tparents) = tparts.split_last().ok_or_else(not_there)?;
-                let tdir = self
-                    .open_dir(tparents, false, &name)?
-                    .ok_or_else(not_there)?;
-                let tlast = cstring(tlast).map_err(io("link"))?;
-                match lstat_at(tdir.as_fd(), &tlast).map_err(io("inspect"))? {
-                    Some(st) if !is_dir(&st) => {}
-                    _ => return Err(not_there()),
-                }
-                remove_at(d, &last).map_err(io("replace"))?;
-                // SAFETY: valid fds and C strings; flags 0 links a symlink
-                // itself rather than what it points at.
-                cvt(unsafe {
-                    libc::linkat(
-                        tdir.as_raw_fd(),
-                        tlast.as_ptr(),
-                        d.as_raw_fd(),
-                        last.as_ptr(),
-                        0,
-                    )
-                })
-                .map_err(io("create the hard link"))?;
-            }
+            T::Symlink => self.create_symlink(d, &last, link, &meta, &name)?,
+            T::Link => self.create_hard_link(d, &last, link, &name)?,
             T::Char | T::Block | T::Fifo if self.source == Source::Slate => {
-                let ft = match kind {
-                    T::Char => libc::S_IFCHR,
-                    T::Block => libc::S_IFBLK,
-                    _ => libc::S_IFIFO,
-                };
-                remove_at(d, &last).map_err(io("replace"))?;
-                let dev = libc::makedev(device.0, device.1);
-                // SAFETY: valid fd and C string.
-                cvt(unsafe { libc::mknodat(d.as_raw_fd(), last.as_ptr(), ft | mode, dev) })
-                    .map_err(io("create the node"))?;
-                if self.as_root {
-                    chown_at(d, &last, owner).map_err(io("set the owner of"))?;
-                }
-                // mknod applied the umask; the node was made just now, so
-                // this follows no symlink.
-                // SAFETY: as above.
-                cvt(unsafe { libc::fchmodat(d.as_raw_fd(), last.as_ptr(), mode, 0) })
-                    .map_err(io("set the mode of"))?;
+                self.create_node(d, &last, kind, &meta, &name)?
             }
             _ => {
                 self.dropped
@@ -427,6 +331,193 @@ impl Unpacker {
             }
         }
         self.written.extend(rel.ancestors().map(Path::to_path_buf));
+        Ok(())
+    }
+
+    /// Applies `last` when it is a whiteout or an opaque marker, and skips
+    /// other aufs bookkeeping; `false` when it is an ordinary name.
+    fn apply_marker(
+        &mut self,
+        parents: &[OsString],
+        last: &OsStr,
+        name: &str,
+    ) -> Result<bool, UnpackError> {
+        let l = last.as_bytes();
+        if l == b".wh..wh..opq" {
+            self.opaque(parents, name)?;
+            return Ok(true);
+        }
+        if l.starts_with(b".wh..wh.") {
+            return Ok(true); // aufs bookkeeping, not a whiteout
+        }
+        if let Some(hidden) = l.strip_prefix(b".wh.") {
+            self.whiteout(parents, OsStr::from_bytes(hidden), name)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// A folder: one already there is kept, anything else in its place is
+    /// replaced.
+    fn create_dir(
+        &self,
+        d: BorrowedFd,
+        last: &CStr,
+        meta: &Meta,
+        name: &str,
+    ) -> Result<(), UnpackError> {
+        let io = |op| io_error(op, name);
+        let fd = match lstat_at(d, last).map_err(io("inspect"))? {
+            Some(st) if is_dir(&st) => open_dir_at(d, last),
+            other => {
+                if other.is_some() {
+                    remove_at(d, last).map_err(io("replace"))?;
+                }
+                // SAFETY: a valid fd and C string.
+                cvt(unsafe { libc::mkdirat(d.as_raw_fd(), last.as_ptr(), 0o700) })
+                    .and_then(|_| open_dir_at(d, last))
+            }
+        }
+        .map_err(io("create the folder"))?;
+        self.set_owner_mode(fd.as_fd(), meta.owner, meta.mode)
+            .map_err(io("set the owner and mode of"))
+    }
+
+    /// A regular file, written from `data` in place of whatever was there.
+    fn write_file<R: Read>(
+        &mut self,
+        d: BorrowedFd,
+        last: &CStr,
+        data: &mut tar::Entry<R>,
+        meta: &Meta,
+        rel: &Path,
+        name: &str,
+    ) -> Result<(), UnpackError> {
+        let io = |op| io_error(op, name);
+        let mut mode = meta.mode;
+        if self.source == Source::TarBase && mode & 0o6000 != 0 {
+            mode &= !0o6000;
+            self.dropped.setid.push(rel.to_string_lossy().into_owned());
+        }
+        remove_at(d, last).map_err(io("replace"))?;
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
+        let mut f = File::from(open_at(d, last, flags, 0o600).map_err(io("create"))?);
+        io::copy(data, &mut f).map_err(io("write"))?;
+        self.set_owner_mode(f.as_fd(), meta.owner, mode)
+            .map_err(io("set the owner and mode of"))?;
+        let t = times(meta.mtime);
+        // SAFETY: a valid fd and two timespecs.
+        cvt(unsafe { libc::futimens(f.as_raw_fd(), t.as_ptr()) }).map_err(io("set the time of"))?;
+        Ok(())
+    }
+
+    /// A symlink to `link`, written as it is and never followed.
+    fn create_symlink(
+        &self,
+        d: BorrowedFd,
+        last: &CStr,
+        link: Option<Vec<u8>>,
+        meta: &Meta,
+        name: &str,
+    ) -> Result<(), UnpackError> {
+        let io = |op| io_error(op, name);
+        let target = match link {
+            Some(t) if !t.is_empty() => t,
+            _ => return Err(io("link")(invalid("a symlink without a target"))),
+        };
+        let target = CString::new(target).map_err(|_| io("link")(invalid("NUL")))?;
+        remove_at(d, last).map_err(io("replace"))?;
+        // SAFETY: valid C strings and fd.
+        cvt(unsafe { libc::symlinkat(target.as_ptr(), d.as_raw_fd(), last.as_ptr()) })
+            .map_err(io("create the symlink"))?;
+        if self.as_root {
+            chown_at(d, last, meta.owner).map_err(io("set the owner of"))?;
+        }
+        let t = times(meta.mtime);
+        // SAFETY: as above; the link itself, not its target.
+        cvt(unsafe {
+            libc::utimensat(
+                d.as_raw_fd(),
+                last.as_ptr(),
+                t.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        })
+        .map_err(io("set the time of"))?;
+        Ok(())
+    }
+
+    /// A hard link to `link`: a path under the root that is not a folder,
+    /// reached without following a symlink.
+    fn create_hard_link(
+        &self,
+        d: BorrowedFd,
+        last: &CStr,
+        link: Option<Vec<u8>>,
+        name: &str,
+    ) -> Result<(), UnpackError> {
+        let io = |op| io_error(op, name);
+        let target = link.unwrap_or_default();
+        let shown = String::from_utf8_lossy(&target).into_owned();
+        let not_there = || UnpackError::LinkTarget {
+            entry: name.to_string(),
+            target: shown.clone(),
+        };
+        let tparts = components(&target, name)?;
+        let (tlast, tparents) = tparts.split_last().ok_or_else(not_there)?;
+        let tdir = self
+            .open_dir(tparents, false, name)?
+            .ok_or_else(not_there)?;
+        let tlast = cstring(tlast).map_err(io("link"))?;
+        match lstat_at(tdir.as_fd(), &tlast).map_err(io("inspect"))? {
+            Some(st) if !is_dir(&st) => {}
+            _ => return Err(not_there()),
+        }
+        remove_at(d, last).map_err(io("replace"))?;
+        // SAFETY: valid fds and C strings; flags 0 links a symlink
+        // itself rather than what it points at.
+        cvt(unsafe {
+            libc::linkat(
+                tdir.as_raw_fd(),
+                tlast.as_ptr(),
+                d.as_raw_fd(),
+                last.as_ptr(),
+                0,
+            )
+        })
+        .map_err(io("create the hard link"))?;
+        Ok(())
+    }
+
+    /// A device node or fifo, for archives slate wrote itself.
+    fn create_node(
+        &self,
+        d: BorrowedFd,
+        last: &CStr,
+        kind: tar::EntryType,
+        meta: &Meta,
+        name: &str,
+    ) -> Result<(), UnpackError> {
+        let io = |op| io_error(op, name);
+        let mode = meta.mode;
+        let ft = match kind {
+            tar::EntryType::Char => libc::S_IFCHR,
+            tar::EntryType::Block => libc::S_IFBLK,
+            _ => libc::S_IFIFO,
+        };
+        remove_at(d, last).map_err(io("replace"))?;
+        let dev = libc::makedev(meta.device.0, meta.device.1);
+        // SAFETY: valid fd and C string.
+        cvt(unsafe { libc::mknodat(d.as_raw_fd(), last.as_ptr(), ft | mode, dev) })
+            .map_err(io("create the node"))?;
+        if self.as_root {
+            chown_at(d, last, meta.owner).map_err(io("set the owner of"))?;
+        }
+        // mknod applied the umask; the node was made just now, so
+        // this follows no symlink.
+        // SAFETY: as above.
+        cvt(unsafe { libc::fchmodat(d.as_raw_fd(), last.as_ptr(), mode, 0) })
+            .map_err(io("set the mode of"))?;
         Ok(())
     }
 
@@ -566,6 +657,15 @@ fn components(raw: &[u8], entry: &str) -> Result<Vec<OsString>, UnpackError> {
     Ok(out)
 }
 
+/// Turns an I/O error on the archive entry `entry` into [`UnpackError::Io`].
+fn io_error<'a>(op: &'static str, entry: &'a str) -> impl Fn(io::Error) -> UnpackError + 'a {
+    move |source| UnpackError::Io {
+        op,
+        entry: entry.to_string(),
+        source,
+    }
+}
+
 fn invalid(why: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why.to_string())
 }
@@ -636,8 +736,6 @@ fn is_dir(st: &libc::stat) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFDIR
 }
 
-/// Removes `name` in `dir`, a folder with all it holds; nothing there is fine.
-/// No symlink is followed.
 /// Sets the owner of `name` in `dir` itself (a symlink, not its target).
 fn chown_at(dir: BorrowedFd, name: &CStr, owner: (u32, u32)) -> io::Result<()> {
     // SAFETY: a valid fd and C string.
@@ -653,6 +751,8 @@ fn chown_at(dir: BorrowedFd, name: &CStr, owner: (u32, u32)) -> io::Result<()> {
     .map(|_| ())
 }
 
+/// Removes `name` in `dir`, a folder with all it holds; nothing there is fine.
+/// No symlink is followed.
 fn remove_at(dir: BorrowedFd, name: &CStr) -> io::Result<()> {
     // SAFETY: a valid fd and C string.
     match cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) }) {

@@ -85,24 +85,7 @@ impl Destination {
         endpoint: Option<&str>,
     ) -> Result<Destination, DestinationError> {
         if let Some(path) = url.strip_prefix("file://") {
-            let root = base_dir.join(path);
-            std::fs::create_dir_all(&root).map_err(|source| DestinationError::Folder {
-                path: root.clone(),
-                source,
-            })?;
-            let root = root.canonicalize().unwrap_or(root);
-            let store =
-                LocalFileSystem::new_with_prefix(&root).map_err(|e| DestinationError::Setup {
-                    url: url.into(),
-                    message: e.to_string(),
-                })?;
-            return Ok(Destination {
-                store: Arc::new(store),
-                prefix: String::new(),
-                base: format!("file://{}", root.display()),
-                metadata: false,
-                secrets: vec![],
-            });
+            return Destination::folder(url, base_dir.join(path));
         }
         let Some(rest) = url.strip_prefix("s3://") else {
             return Err(DestinationError::Scheme { url: url.into() });
@@ -111,50 +94,44 @@ impl Destination {
         if bucket.is_empty() {
             return Err(DestinationError::NoBucket { url: url.into() });
         }
+        Destination::s3(url, bucket, prefix, endpoint)
+    }
+
+    /// The folder `root` of the `file://` URL `url`, created if missing.
+    fn folder(url: &str, root: PathBuf) -> Result<Destination, DestinationError> {
+        std::fs::create_dir_all(&root).map_err(|source| DestinationError::Folder {
+            path: root.clone(),
+            source,
+        })?;
+        let root = root.canonicalize().unwrap_or(root);
+        let store =
+            LocalFileSystem::new_with_prefix(&root).map_err(|e| DestinationError::Setup {
+                url: url.into(),
+                message: e.to_string(),
+            })?;
+        Ok(Destination {
+            store: Arc::new(store),
+            prefix: String::new(),
+            base: format!("file://{}", root.display()),
+            metadata: false,
+            secrets: vec![],
+        })
+    }
+
+    /// `prefix` in `bucket`, from the `s3://` URL `url`, with credentials from
+    /// the environment or a profile.
+    fn s3(
+        url: &str,
+        bucket: &str,
+        prefix: &str,
+        endpoint: Option<&str>,
+    ) -> Result<Destination, DestinationError> {
         let env: HashMap<String, String> = std::env::vars().collect();
         let aws = AwsSettings::load(&env);
-        let keys_from_env = env.get("AWS_ACCESS_KEY_ID").is_some_and(|v| !v.is_empty());
-        // Keys from a profile must not meet a session token from the
-        // environment: then nothing is taken from the environment wholesale.
-        let base = if keys_from_env || aws.access_key.is_none() {
-            AmazonS3Builder::from_env()
-        } else {
-            AmazonS3Builder::new()
-        };
-        let mut b = base.with_bucket_name(bucket).with_retry(RetryConfig {
-            backoff: BackoffConfig {
-                init_backoff: Duration::from_millis(100),
-                max_backoff: Duration::from_secs(5),
-                base: 2.0,
-            },
-            max_retries: 5,
-            retry_timeout: Duration::from_secs(180),
-        });
+        let b = s3_builder(bucket, &env, &aws);
         // Every credential in reach is scrubbed from messages, used or not.
-        let mut secrets: Vec<String> = ["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"]
-            .iter()
-            .filter_map(|k| env.get(*k).cloned())
-            .collect();
-        secrets.extend(aws.secret_key.iter().chain(aws.token.iter()).cloned());
-        match (&aws.access_key, &aws.secret_key) {
-            (Some(k), Some(s)) => {
-                b = b.with_access_key_id(k).with_secret_access_key(s);
-                if let Some(t) = &aws.token {
-                    b = b.with_token(t);
-                }
-            }
-            _ if env
-                .get("AWS_EC2_METADATA_DISABLED")
-                .is_some_and(|v| v == "true")
-                && !env.contains_key("AWS_WEB_IDENTITY_TOKEN_FILE")
-                && !env.contains_key("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
-                && !env.contains_key("AWS_CONTAINER_CREDENTIALS_FULL_URI") =>
-            {
-                return Err(DestinationError::NoCredentials { url: url.into() });
-            }
-            // Otherwise the instance or container role is asked.
-            _ => {}
-        }
+        let secrets = secrets_in_reach(&env, &aws);
+        let mut b = with_credentials(b, url, &env, &aws)?;
         b = b.with_region(aws.region.as_deref().unwrap_or("us-east-1"));
         let endpoint = endpoint
             .map(str::to_string)
@@ -254,6 +231,68 @@ impl Destination {
             kind,
         }
     }
+}
+
+/// A builder for `bucket`, with retries, and the environment's settings
+/// unless keys come from a profile.
+fn s3_builder(bucket: &str, env: &HashMap<String, String>, aws: &AwsSettings) -> AmazonS3Builder {
+    let keys_from_env = env.get("AWS_ACCESS_KEY_ID").is_some_and(|v| !v.is_empty());
+    // Keys from a profile must not meet a session token from the
+    // environment: then nothing is taken from the environment wholesale.
+    let base = if keys_from_env || aws.access_key.is_none() {
+        AmazonS3Builder::from_env()
+    } else {
+        AmazonS3Builder::new()
+    };
+    base.with_bucket_name(bucket).with_retry(RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            base: 2.0,
+        },
+        max_retries: 5,
+        retry_timeout: Duration::from_secs(180),
+    })
+}
+
+/// The secret keys and session tokens in the environment and the profile.
+fn secrets_in_reach(env: &HashMap<String, String>, aws: &AwsSettings) -> Vec<String> {
+    let mut secrets: Vec<String> = ["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"]
+        .iter()
+        .filter_map(|k| env.get(*k).cloned())
+        .collect();
+    secrets.extend(aws.secret_key.iter().chain(aws.token.iter()).cloned());
+    secrets
+}
+
+/// Gives `b` the keys of `aws`; without them, an error when the environment
+/// rules out an instance or container role too.
+fn with_credentials(
+    mut b: AmazonS3Builder,
+    url: &str,
+    env: &HashMap<String, String>,
+    aws: &AwsSettings,
+) -> Result<AmazonS3Builder, DestinationError> {
+    match (&aws.access_key, &aws.secret_key) {
+        (Some(k), Some(s)) => {
+            b = b.with_access_key_id(k).with_secret_access_key(s);
+            if let Some(t) = &aws.token {
+                b = b.with_token(t);
+            }
+        }
+        _ if env
+            .get("AWS_EC2_METADATA_DISABLED")
+            .is_some_and(|v| v == "true")
+            && !env.contains_key("AWS_WEB_IDENTITY_TOKEN_FILE")
+            && !env.contains_key("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+            && !env.contains_key("AWS_CONTAINER_CREDENTIALS_FULL_URI") =>
+        {
+            return Err(DestinationError::NoCredentials { url: url.into() });
+        }
+        // Otherwise the instance or container role is asked.
+        _ => {}
+    }
+    Ok(b)
 }
 
 fn scrub_text(text: &str, secrets: &[String]) -> String {

@@ -176,6 +176,118 @@ impl RunRecorder {
         log.output += size;
         let _ = writeln!(log.file, "{line}");
     }
+
+    /// Writes what `kind` says to the log of the target or image `name`.
+    fn log_event(&self, inner: &mut Inner, name: &str, kind: &EventKind) {
+        let log = format!("{name}.log");
+        let bake_log = format!("bake-{name}.log");
+        match kind {
+            EventKind::BakeLayer {
+                layer,
+                description,
+                state,
+                seconds,
+            } => {
+                let line = format!(
+                    "==> layer {} {description}: {state}{}",
+                    &layer[..12.min(layer.len())],
+                    seconds.map(|s| format!(" in {s:.1}s")).unwrap_or_default()
+                );
+                self.log_line(inner, &bake_log, &line);
+            }
+            EventKind::BakeOutput { line, .. } => self.log_output(inner, &bake_log, line),
+            EventKind::BakeFailed { error } => {
+                self.log_line(inner, &bake_log, &format!("==> bake failed: {error}"))
+            }
+            EventKind::PhaseStarted { phase } => {
+                self.log_line(inner, &log, &format!("==> {phase}"))
+            }
+            EventKind::PhaseEnded { phase, ok } => {
+                if !ok {
+                    self.log_line(inner, &log, &format!("==> {phase} failed"));
+                }
+            }
+            EventKind::Output { line, .. } => self.log_output(inner, &log, line),
+            EventKind::Retry { attempt, error } => self.log_line(
+                inner,
+                &log,
+                &format!("==> infrastructure failure, retrying (attempt {attempt}): {error}"),
+            ),
+            EventKind::Artifact { path, size, sha256 } => self.log_line(
+                inner,
+                &log,
+                &format!("==> artifact {path} ({size} bytes, sha256 {sha256})"),
+            ),
+            EventKind::TargetFinished { status, error, .. } => {
+                let line = format!(
+                    "==> {}{}",
+                    status.as_str(),
+                    error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+                );
+                self.log_line(inner, &log, &line);
+            }
+            EventKind::RunStarted { .. }
+            | EventKind::TargetQueued
+            | EventKind::RunFinished { .. } => {}
+        }
+    }
+
+    /// Notes what `kind` says about the target or image `name` in the run
+    /// record; saves `run.json` when the run starts or finishes and when a
+    /// phase or target ends.
+    fn record_event(&self, inner: &mut Inner, name: &str, time: f64, kind: &EventKind) {
+        match kind {
+            EventKind::RunStarted { targets, .. } => {
+                for t in targets {
+                    target(&mut inner.record, t);
+                }
+                let r = inner.record.clone();
+                self.save(&r);
+            }
+            EventKind::BakeLayer {
+                layer,
+                description,
+                state,
+                seconds,
+            } => set_layer(&mut inner.record, name, layer, description, state, *seconds),
+            EventKind::PhaseStarted { phase } => {
+                target(&mut inner.record, name).phases.push(PhaseRecord {
+                    name: phase.clone(),
+                    start: time,
+                    end: None,
+                    ok: None,
+                });
+            }
+            EventKind::PhaseEnded { phase, ok } => {
+                end_phase(target(&mut inner.record, name), phase, *ok, time);
+                let r = inner.record.clone();
+                self.save(&r);
+            }
+            EventKind::TargetFinished {
+                status,
+                exit_code,
+                error,
+            } => {
+                let t = target(&mut inner.record, name);
+                t.status = Some(*status);
+                t.exit_code = *exit_code;
+                t.error = error.clone();
+                let r = inner.record.clone();
+                self.save(&r);
+            }
+            EventKind::RunFinished { .. } => {
+                inner.record.ended = Some(time);
+                let r = inner.record.clone();
+                self.save(&r);
+            }
+            EventKind::BakeOutput { .. }
+            | EventKind::BakeFailed { .. }
+            | EventKind::TargetQueued
+            | EventKind::Output { .. }
+            | EventKind::Retry { .. }
+            | EventKind::Artifact { .. } => {}
+        }
+    }
 }
 
 fn target<'a>(r: &'a mut RunRecord, name: &str) -> &'a mut TargetRecord {
@@ -192,121 +304,54 @@ fn target<'a>(r: &'a mut RunRecord, name: &str) -> &'a mut TargetRecord {
     r.targets.last_mut().unwrap()
 }
 
+/// Marks the latest phase `phase` of `t` as ended at `time`.
+fn end_phase(t: &mut TargetRecord, phase: &str, ok: bool, time: f64) {
+    if let Some(p) = t.phases.iter_mut().rev().find(|p| p.name == phase) {
+        p.end = Some(time);
+        p.ok = Some(ok);
+    }
+}
+
+/// Records the state of `layer` of the image `name`, adding either when new.
+fn set_layer(
+    r: &mut RunRecord,
+    name: &str,
+    layer: &str,
+    description: &str,
+    state: &str,
+    seconds: Option<f64>,
+) {
+    let images = &mut r.images;
+    let img = match images.iter().position(|i| i.name == name) {
+        Some(i) => &mut images[i],
+        None => {
+            images.push(ImageRecord {
+                name: name.to_string(),
+                layers: vec![],
+            });
+            images.last_mut().unwrap()
+        }
+    };
+    match img.layers.iter_mut().find(|l| l.layer == layer) {
+        Some(l) => {
+            l.state = state.to_string();
+            l.seconds = seconds;
+        }
+        None => img.layers.push(LayerRecord {
+            layer: layer.to_string(),
+            description: description.to_string(),
+            state: state.to_string(),
+            seconds,
+        }),
+    }
+}
+
 impl EventSink for RunRecorder {
     fn event(&self, e: &Event) {
         let mut inner = self.inner.lock().unwrap();
         let name = e.target.clone().unwrap_or_default();
-        let log = format!("{name}.log");
-        let bake_log = format!("bake-{name}.log");
-        match &e.kind {
-            EventKind::RunStarted { targets, .. } => {
-                for t in targets {
-                    target(&mut inner.record, t);
-                }
-                let r = inner.record.clone();
-                self.save(&r);
-            }
-            EventKind::BakeLayer {
-                layer,
-                description,
-                state,
-                seconds,
-            } => {
-                let line = format!(
-                    "==> layer {} {description}: {state}{}",
-                    &layer[..12.min(layer.len())],
-                    seconds.map(|s| format!(" in {s:.1}s")).unwrap_or_default()
-                );
-                self.log_line(&mut inner, &bake_log, &line);
-                let images = &mut inner.record.images;
-                let img = match images.iter().position(|i| i.name == name) {
-                    Some(i) => &mut images[i],
-                    None => {
-                        images.push(ImageRecord {
-                            name: name.clone(),
-                            layers: vec![],
-                        });
-                        images.last_mut().unwrap()
-                    }
-                };
-                match img.layers.iter_mut().find(|l| &l.layer == layer) {
-                    Some(l) => {
-                        l.state = state.clone();
-                        l.seconds = *seconds;
-                    }
-                    None => img.layers.push(LayerRecord {
-                        layer: layer.clone(),
-                        description: description.clone(),
-                        state: state.clone(),
-                        seconds: *seconds,
-                    }),
-                }
-            }
-            EventKind::BakeOutput { line, .. } => self.log_output(&mut inner, &bake_log, line),
-            EventKind::BakeFailed { error } => {
-                self.log_line(&mut inner, &bake_log, &format!("==> bake failed: {error}"))
-            }
-            EventKind::TargetQueued => {}
-            EventKind::PhaseStarted { phase } => {
-                self.log_line(&mut inner, &log, &format!("==> {phase}"));
-                target(&mut inner.record, &name).phases.push(PhaseRecord {
-                    name: phase.clone(),
-                    start: e.time,
-                    end: None,
-                    ok: None,
-                });
-            }
-            EventKind::PhaseEnded { phase, ok } => {
-                if !ok {
-                    self.log_line(&mut inner, &log, &format!("==> {phase} failed"));
-                }
-                if let Some(p) = target(&mut inner.record, &name)
-                    .phases
-                    .iter_mut()
-                    .rev()
-                    .find(|p| &p.name == phase)
-                {
-                    p.end = Some(e.time);
-                    p.ok = Some(*ok);
-                }
-                let r = inner.record.clone();
-                self.save(&r);
-            }
-            EventKind::Output { line, .. } => self.log_output(&mut inner, &log, line),
-            EventKind::Retry { attempt, error } => self.log_line(
-                &mut inner,
-                &log,
-                &format!("==> infrastructure failure, retrying (attempt {attempt}): {error}"),
-            ),
-            EventKind::Artifact { path, size, sha256 } => self.log_line(
-                &mut inner,
-                &log,
-                &format!("==> artifact {path} ({size} bytes, sha256 {sha256})"),
-            ),
-            EventKind::TargetFinished {
-                status,
-                exit_code,
-                error,
-            } => {
-                let line = format!(
-                    "==> {}{}",
-                    status.as_str(),
-                    error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
-                );
-                self.log_line(&mut inner, &log, &line);
-                let t = target(&mut inner.record, &name);
-                t.status = Some(*status);
-                t.exit_code = *exit_code;
-                t.error = error.clone();
-                let r = inner.record.clone();
-                self.save(&r);
-            }
-            EventKind::RunFinished { .. } => {
-                inner.record.ended = Some(e.time);
-                let r = inner.record.clone();
-                self.save(&r);
-            }
-        }
+        self.log_event(&mut inner, &name, &e.kind);
+        self.record_event(&mut inner, &name, e.time, &e.kind);
     }
 }
 
