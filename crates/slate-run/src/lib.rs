@@ -219,72 +219,9 @@ impl<P: Provider> Orchestrator<'_, P> {
                     let Some(t) = queue.lock().unwrap().pop_front() else {
                         break;
                     };
-                    let res = if failed_fast.load(std::sync::atomic::Ordering::SeqCst) {
-                        self.finish(
-                            t,
-                            TargetStatus::Skipped,
-                            None,
-                            Some("not started: an earlier target failed (--fail-fast)".into()),
-                            vec![],
-                        )
-                    } else if self.cancel.is_cancelled() {
-                        self.finish(
-                            t,
-                            TargetStatus::Cancelled,
-                            None,
-                            Some("not started: the run was cancelled".into()),
-                            vec![],
-                        )
-                    } else {
-                        match &baked[&t.image] {
-                            Err(e) => {
-                                let status = if e.is_recipe_failure() {
-                                    TargetStatus::Failed
-                                } else {
-                                    TargetStatus::InfraFailed
-                                };
-                                let status = if matches!(e, ImageError::Cancelled { .. }) {
-                                    TargetStatus::Cancelled
-                                } else {
-                                    status
-                                };
-                                self.finish(
-                                    t,
-                                    status,
-                                    None,
-                                    Some(format!(
-                                        "image `{}` did not bake: {}",
-                                        t.image,
-                                        error_chain(e)
-                                    )),
-                                    vec![],
-                                )
-                            }
-                            Ok(img) => self.run_target(t, img, &store),
-                        }
-                    };
+                    let res = self.start_one(t, &baked, &store, &failed_fast);
                     if res.status != TargetStatus::Succeeded {
-                        let _ = store.record_failure(ManifestTarget {
-                            name: t.name.clone(),
-                            status: res.status.as_str().into(),
-                            image: t.image.clone(),
-                            image_digest: baked[&t.image]
-                                .as_ref()
-                                .map(|b| b.digest.clone())
-                                .unwrap_or_default(),
-                            provider: t.provider.name().into(),
-                            artifacts: vec![],
-                        });
-                        if opts.fail_fast
-                            && matches!(
-                                res.status,
-                                TargetStatus::Failed | TargetStatus::InfraFailed
-                            )
-                        {
-                            failed_fast.store(true, std::sync::atomic::Ordering::SeqCst);
-                            // Stop the targets still running, too.
-                            self.cancel.cancel();
-                        }
+                        self.on_failure(t, &res, &baked, &store, opts, &failed_fast);
                     }
                     results.lock().unwrap().push(res);
                 });
@@ -305,6 +242,153 @@ impl<P: Provider> Orchestrator<'_, P> {
             },
         ));
         results
+    }
+
+    /// Runs one target of a build, unless the run was cancelled or failed
+    /// fast, or its image did not bake.
+    fn start_one(
+        &self,
+        t: &TargetSpec,
+        baked: &BTreeMap<String, Result<BakedImage, ImageError>>,
+        store: &ArtifactStore,
+        failed_fast: &std::sync::atomic::AtomicBool,
+    ) -> TargetResult {
+        if failed_fast.load(std::sync::atomic::Ordering::SeqCst) {
+            return self.finish(
+                t,
+                TargetStatus::Skipped,
+                None,
+                Some("not started: an earlier target failed (--fail-fast)".into()),
+                vec![],
+            );
+        }
+        if self.cancel.is_cancelled() {
+            return self.finish(
+                t,
+                TargetStatus::Cancelled,
+                None,
+                Some("not started: the run was cancelled".into()),
+                vec![],
+            );
+        }
+        match &baked[&t.image] {
+            Ok(img) => self.run_target(t, img, store),
+            Err(e) => {
+                let status = if matches!(e, ImageError::Cancelled { .. }) {
+                    TargetStatus::Cancelled
+                } else if e.is_recipe_failure() {
+                    TargetStatus::Failed
+                } else {
+                    TargetStatus::InfraFailed
+                };
+                self.finish(
+                    t,
+                    status,
+                    None,
+                    Some(format!(
+                        "image `{}` did not bake: {}",
+                        t.image,
+                        error_chain(e)
+                    )),
+                    vec![],
+                )
+            }
+        }
+    }
+
+    /// A target that did not succeed: recorded in the manifest, and with
+    /// `--fail-fast` the end of the run.
+    fn on_failure(
+        &self,
+        t: &TargetSpec,
+        res: &TargetResult,
+        baked: &BTreeMap<String, Result<BakedImage, ImageError>>,
+        store: &ArtifactStore,
+        opts: &BuildOptions,
+        failed_fast: &std::sync::atomic::AtomicBool,
+    ) {
+        let _ = store.record_failure(ManifestTarget {
+            name: t.name.clone(),
+            status: res.status.as_str().into(),
+            image: t.image.clone(),
+            image_digest: baked[&t.image]
+                .as_ref()
+                .map(|b| b.digest.clone())
+                .unwrap_or_default(),
+            provider: t.provider.name().into(),
+            artifacts: vec![],
+        });
+        if opts.fail_fast && matches!(res.status, TargetStatus::Failed | TargetStatus::InfraFailed)
+        {
+            failed_fast.store(true, std::sync::atomic::Ordering::SeqCst);
+            // Stop the targets still running, too.
+            self.cancel.cancel();
+        }
+    }
+
+    /// The environment a target runs in.
+    fn env_spec(&self, t: &TargetSpec, img: &BakedImage, kind: EnvKind) -> EnvSpec {
+        EnvSpec {
+            name: t.name.clone(),
+            layers: img.layers.clone(),
+            upper: None,
+            network: t.network,
+            host_ca: t.network && self.project.settings.host_ca,
+            limits: Limits {
+                cpus: t.cpus,
+                memory: t.memory,
+                pids: Some(t.pids.unwrap_or(DEFAULT_PIDS)),
+                best_effort: t.cpus.is_none() && t.memory.is_none() && t.pids.is_none(),
+            },
+            binds: vec![],
+            ephemeral: false,
+            kind,
+            privileges: slate_provider::Privileges::None,
+        }
+    }
+
+    /// A built target's provenance, then its artifacts, into place.
+    fn commit(
+        &self,
+        t: &TargetSpec,
+        img: &BakedImage,
+        store: &ArtifactStore,
+        built: Built,
+        started: f64,
+    ) -> TargetResult {
+        let arts = built.artifacts;
+        let total = arts.len();
+        let statement = provenance::statement(&provenance::Facts {
+            target: t,
+            image: img,
+            provider: t.provider.name(),
+            run_id: store.run_id(),
+            started,
+            finished: events::now(),
+            inputs_digest: &built.inputs_digest,
+            script_digest: &built.script_digest,
+            artifacts: &arts,
+        });
+        let commit = store.write_provenance(&t.name, &statement).and_then(|()| {
+            store.commit(ManifestTarget {
+                name: t.name.clone(),
+                status: String::new(),
+                image: t.image.clone(),
+                image_digest: img.digest.clone(),
+                provider: t.provider.name().into(),
+                artifacts: arts.clone(),
+            })
+        });
+        match commit {
+            Ok(()) => self.finish(t, TargetStatus::Succeeded, Some(0), None, arts),
+            Err(e) => self.finish(
+                t,
+                TargetStatus::InfraFailed,
+                None,
+                Some(format!("could not store {total} artifact(s): {e}")),
+                vec![],
+            ),
+        }
     }
 
     fn finish(
@@ -382,23 +466,7 @@ impl<P: Provider> Orchestrator<'_, P> {
                 )),
             );
         };
-        let spec = EnvSpec {
-            name: t.name.clone(),
-            layers: img.layers.clone(),
-            upper: None,
-            network: t.network,
-            host_ca: t.network && self.project.settings.host_ca,
-            limits: Limits {
-                cpus: t.cpus,
-                memory: t.memory,
-                pids: Some(t.pids.unwrap_or(DEFAULT_PIDS)),
-                best_effort: t.cpus.is_none() && t.memory.is_none() && t.pids.is_none(),
-            },
-            binds: vec![],
-            ephemeral: false,
-            kind,
-            privileges: slate_provider::Privileges::None,
-        };
+        let spec = self.env_spec(t, img, kind);
         let mut attempt = 1;
         loop {
             let retry = |attempt: u32, error: String| {
@@ -437,41 +505,7 @@ impl<P: Provider> Orchestrator<'_, P> {
                     attempt += 1;
                     continue;
                 }
-                (Ok(built), Ok(())) => {
-                    let arts = built.artifacts;
-                    let total = arts.len();
-                    let statement = provenance::statement(&provenance::Facts {
-                        target: t,
-                        image: img,
-                        provider: t.provider.name(),
-                        run_id: store.run_id(),
-                        started,
-                        finished: events::now(),
-                        inputs_digest: &built.inputs_digest,
-                        script_digest: &built.script_digest,
-                        artifacts: &arts,
-                    });
-                    let commit = store.write_provenance(&t.name, &statement).and_then(|()| {
-                        store.commit(ManifestTarget {
-                            name: t.name.clone(),
-                            status: String::new(),
-                            image: t.image.clone(),
-                            image_digest: img.digest.clone(),
-                            provider: t.provider.name().into(),
-                            artifacts: arts.clone(),
-                        })
-                    });
-                    match commit {
-                        Ok(()) => self.finish(t, TargetStatus::Succeeded, Some(0), None, arts),
-                        Err(e) => self.finish(
-                            t,
-                            TargetStatus::InfraFailed,
-                            None,
-                            Some(format!("could not store {total} artifact(s): {e}")),
-                            vec![],
-                        ),
-                    }
-                }
+                (Ok(built), Ok(())) => self.commit(t, img, store, built, started),
                 (Err(e), _) | (Ok(_), Err(e)) => self.fail(t, e),
             };
         }
@@ -504,63 +538,13 @@ impl<P: Provider> Orchestrator<'_, P> {
         secret_values: &[String],
         store: &ArtifactStore,
     ) -> Result<Built, TargetError> {
-        let infra = |e: ProviderError| TargetError::Infra(error_chain(&e));
-        let inputs_digest = self.phase(t, "inputs", || {
-            let skip = vec![
-                self.project.dir.join(".slate"),
-                self.project.dir.join(&self.project.settings.artifacts),
-            ];
-            let mut sets = Vec::new();
-            for input in &t.inputs {
-                let set = inputs::collect(input, &t.exclude, &skip)
-                    .map_err(|e| TargetError::Infra(error_chain(&e)))?;
-                env.put(&set.base, &set.entries, &t.workdir)
-                    .map_err(infra)?;
-                sets.push(set);
-            }
-            // The workdir exists even when there are no inputs.
-            env.put(Path::new("/"), &[], &t.workdir).map_err(infra)?;
-            inputs::digest(&sets)
-                .map_err(|e| TargetError::Infra(format!("cannot hash the inputs: {e}")))
-        })?;
-        let script_digest = match &t.command {
-            BuildCommand::Script(path) => std::fs::read(path)
-                .map(|d| slate_layers::hash::sha256(&d))
-                .unwrap_or_default(),
-            BuildCommand::Run(lines) => slate_layers::hash::sha256(lines.join("\n").as_bytes()),
-        };
+        let inputs_digest = self.phase(t, "inputs", || self.put_inputs(t, env))?;
+        let script_digest = script_digest(&t.command);
         let mut vars: Vec<(String, String)> = img.env.clone();
         vars.extend(t.env.iter().cloned());
         vars.push(("SLATE_TARGET".into(), t.name.clone()));
         vars.extend(secrets.iter().cloned());
-        let commands: Vec<(String, Vec<String>)> = match &t.command {
-            BuildCommand::Script(path) => {
-                let data = std::fs::read(path).map_err(|e| {
-                    TargetError::Infra(format!("cannot read script `{}`: {e}", path.display()))
-                })?;
-                env.put_bytes(&data, "/.slate/build-script", 0o755)
-                    .map_err(infra)?;
-                let argv = if data.starts_with(b"#!") {
-                    vec!["/.slate/build-script".to_string()]
-                } else {
-                    vec!["/bin/sh".into(), "-e".into(), "/.slate/build-script".into()]
-                };
-                let name = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                vec![(format!("script {name}"), argv)]
-            }
-            BuildCommand::Run(lines) => lines
-                .iter()
-                .map(|l| {
-                    (
-                        mask(&format!("run: {l}"), secret_values),
-                        vec!["/bin/sh".into(), "-ec".into(), l.clone()],
-                    )
-                })
-                .collect(),
-        };
+        let commands = commands(t, env, secret_values)?;
         let cancel = self.cancel.with_timeout(t.timeout);
         // A network build that fails on a certificate its image does not
         // trust gets told about `host_ca`.
@@ -601,71 +585,202 @@ impl<P: Provider> Orchestrator<'_, P> {
                     ProviderError::Create { .. } => TargetError::Setup(error_chain(&e)),
                     e => infra(e),
                 })?;
-                match outcome {
-                    ExecOutcome::Exited(0) => Ok(()),
-                    ExecOutcome::Exited(c) => Err(TargetError::Script {
-                        exit_code: Some(c),
-                        message: format!("`{phase}` exited with code {c}{}", tls_hint()),
-                    }),
-                    ExecOutcome::Signaled(s) => Err(TargetError::Script {
-                        exit_code: Some(128 + s),
-                        message: format!("`{phase}` was killed by signal {s}"),
-                    }),
-                    ExecOutcome::TimedOut => Err(TargetError::Script {
-                        exit_code: None,
-                        message: format!(
-                            "timed out after {}s (`timeout` in the build)",
-                            t.timeout.map(|d| d.as_secs()).unwrap_or(0)
-                        ),
-                    }),
-                    ExecOutcome::Cancelled => Err(TargetError::Cancelled),
-                }
+                outcome_result(t, &phase, outcome, tls_hint)
             })?;
         }
         self.phase(t, "artifacts", || {
-            let files = env.list(&t.workdir).map_err(infra)?;
-            let mut picked: Vec<String> = Vec::new();
-            for pattern in &t.artifacts {
-                let glob = globset::GlobBuilder::new(pattern)
-                    .literal_separator(true)
-                    .build()
-                    .map_err(|e| TargetError::Script { exit_code: None, message: format!("artifact glob `{pattern}` is invalid: {e}") })?
-                    .compile_matcher();
-                let matched: Vec<&String> = files.iter().filter(|f| glob.is_match(f.as_str())).collect();
-                if matched.is_empty() {
-                    return Err(TargetError::Script {
-                        exit_code: None,
-                        message: format!("artifact glob `{pattern}` matched no file under `{}`", t.workdir),
-                    });
-                }
-                picked.extend(matched.into_iter().cloned());
-            }
-            picked.sort();
-            picked.dedup();
-            let staging = store.staging_for(&t.name).map_err(|e| TargetError::Infra(e.to_string()))?;
-            let mut out = Vec::new();
-            for rel in picked {
-                let base = rel.rsplit('/').next().unwrap_or(&rel).to_string();
-                let dest = staging.join(&base);
-                if base.starts_with("provenance.") && base.ends_with(".json") {
-                    return Err(TargetError::Script { exit_code: None, message: format!("artifact `{rel}` is named like slate's own `{base}` beside the artifacts; rename it in the build") });
-                }
-                if dest.exists() {
-                    return Err(TargetError::Script { exit_code: None, message: format!("two artifacts are both named `{base}`; artifacts are stored by file name") });
-                }
-                let size = env.fetch(&format!("{}/{rel}", t.workdir.trim_end_matches('/')), &dest).map_err(|e| match e {
-                    ProviderError::Refused { .. } => TargetError::Script { exit_code: None, message: error_chain(&e) },
-                    e => infra(e),
-                })?;
-                artifacts::make_plain(&dest).map_err(|e| TargetError::Infra(format!("artifact `{rel}`: {e}")))?;
-                let sha256 = ArtifactStore::sha256(&dest).map_err(|e| TargetError::Infra(e.to_string()))?;
-                let path = format!("{}/{base}", t.name);
-                self.sink.event(&Event::new(Some(&t.name), EventKind::Artifact { path: path.clone(), size, sha256: sha256.clone() }));
-                out.push(ArtifactRecord { path, size, sha256 });
-            }
-            Ok(Built { artifacts: out, inputs_digest, script_digest })
+            Ok(Built {
+                artifacts: self.collect_artifacts(t, env, store)?,
+                inputs_digest,
+                script_digest,
+            })
         })
     }
+
+    /// Copies the target's inputs into its workdir; returns their digest.
+    fn put_inputs(&self, t: &TargetSpec, env: &mut P::Env) -> Result<String, TargetError> {
+        let skip = vec![
+            self.project.dir.join(".slate"),
+            self.project.dir.join(&self.project.settings.artifacts),
+        ];
+        let mut sets = Vec::new();
+        for input in &t.inputs {
+            let set = inputs::collect(input, &t.exclude, &skip)
+                .map_err(|e| TargetError::Infra(error_chain(&e)))?;
+            env.put(&set.base, &set.entries, &t.workdir)
+                .map_err(infra)?;
+            sets.push(set);
+        }
+        // The workdir exists even when there are no inputs.
+        env.put(Path::new("/"), &[], &t.workdir).map_err(infra)?;
+        inputs::digest(&sets)
+            .map_err(|e| TargetError::Infra(format!("cannot hash the inputs: {e}")))
+    }
+
+    /// Fetches the files the target's `artifacts` globs match into the
+    /// store's staging folder, with their sizes and checksums.
+    fn collect_artifacts(
+        &self,
+        t: &TargetSpec,
+        env: &mut P::Env,
+        store: &ArtifactStore,
+    ) -> Result<Vec<ArtifactRecord>, TargetError> {
+        let files = env.list(&t.workdir).map_err(infra)?;
+        let picked = pick_artifacts(t, &files)?;
+        let staging = store
+            .staging_for(&t.name)
+            .map_err(|e| TargetError::Infra(e.to_string()))?;
+        let mut out = Vec::new();
+        for rel in picked {
+            let base = rel.rsplit('/').next().unwrap_or(&rel).to_string();
+            let dest = staging.join(&base);
+            if base.starts_with("provenance.") && base.ends_with(".json") {
+                return Err(TargetError::Script { exit_code: None, message: format!("artifact `{rel}` is named like slate's own `{base}` beside the artifacts; rename it in the build") });
+            }
+            if dest.exists() {
+                return Err(TargetError::Script {
+                    exit_code: None,
+                    message: format!(
+                        "two artifacts are both named `{base}`; artifacts are stored by file name"
+                    ),
+                });
+            }
+            let size = env
+                .fetch(&format!("{}/{rel}", t.workdir.trim_end_matches('/')), &dest)
+                .map_err(|e| match e {
+                    ProviderError::Refused { .. } => TargetError::Script {
+                        exit_code: None,
+                        message: error_chain(&e),
+                    },
+                    e => infra(e),
+                })?;
+            artifacts::make_plain(&dest)
+                .map_err(|e| TargetError::Infra(format!("artifact `{rel}`: {e}")))?;
+            let sha256 =
+                ArtifactStore::sha256(&dest).map_err(|e| TargetError::Infra(e.to_string()))?;
+            let path = format!("{}/{base}", t.name);
+            self.sink.event(&Event::new(
+                Some(&t.name),
+                EventKind::Artifact {
+                    path: path.clone(),
+                    size,
+                    sha256: sha256.clone(),
+                },
+            ));
+            out.push(ArtifactRecord { path, size, sha256 });
+        }
+        Ok(out)
+    }
+}
+
+fn infra(e: ProviderError) -> TargetError {
+    TargetError::Infra(error_chain(&e))
+}
+
+/// The digest of what the target runs: its script's bytes, or its `run`
+/// lines.
+fn script_digest(command: &BuildCommand) -> String {
+    match command {
+        BuildCommand::Script(path) => std::fs::read(path)
+            .map(|d| slate_layers::hash::sha256(&d))
+            .unwrap_or_default(),
+        BuildCommand::Run(lines) => slate_layers::hash::sha256(lines.join("\n").as_bytes()),
+    }
+}
+
+/// The commands a target runs, each with the phase name it is logged
+/// under; a script is copied into the environment first.
+fn commands<E: Environment>(
+    t: &TargetSpec,
+    env: &mut E,
+    secret_values: &[String],
+) -> Result<Vec<(String, Vec<String>)>, TargetError> {
+    Ok(match &t.command {
+        BuildCommand::Script(path) => {
+            let data = std::fs::read(path).map_err(|e| {
+                TargetError::Infra(format!("cannot read script `{}`: {e}", path.display()))
+            })?;
+            env.put_bytes(&data, "/.slate/build-script", 0o755)
+                .map_err(infra)?;
+            let argv = if data.starts_with(b"#!") {
+                vec!["/.slate/build-script".to_string()]
+            } else {
+                vec!["/bin/sh".into(), "-e".into(), "/.slate/build-script".into()]
+            };
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            vec![(format!("script {name}"), argv)]
+        }
+        BuildCommand::Run(lines) => lines
+            .iter()
+            .map(|l| {
+                (
+                    mask(&format!("run: {l}"), secret_values),
+                    vec!["/bin/sh".into(), "-ec".into(), l.clone()],
+                )
+            })
+            .collect(),
+    })
+}
+
+/// How one command's end counts for the target.
+fn outcome_result(
+    t: &TargetSpec,
+    phase: &str,
+    outcome: ExecOutcome,
+    tls_hint: impl Fn() -> String,
+) -> Result<(), TargetError> {
+    match outcome {
+        ExecOutcome::Exited(0) => Ok(()),
+        ExecOutcome::Exited(c) => Err(TargetError::Script {
+            exit_code: Some(c),
+            message: format!("`{phase}` exited with code {c}{}", tls_hint()),
+        }),
+        ExecOutcome::Signaled(s) => Err(TargetError::Script {
+            exit_code: Some(128 + s),
+            message: format!("`{phase}` was killed by signal {s}"),
+        }),
+        ExecOutcome::TimedOut => Err(TargetError::Script {
+            exit_code: None,
+            message: format!(
+                "timed out after {}s (`timeout` in the build)",
+                t.timeout.map(|d| d.as_secs()).unwrap_or(0)
+            ),
+        }),
+        ExecOutcome::Cancelled => Err(TargetError::Cancelled),
+    }
+}
+
+/// The files (relative to the workdir) the target's `artifacts` globs
+/// match, sorted; a glob that matches nothing fails the target.
+fn pick_artifacts(t: &TargetSpec, files: &[String]) -> Result<Vec<String>, TargetError> {
+    let mut picked: Vec<String> = Vec::new();
+    for pattern in &t.artifacts {
+        let glob = globset::GlobBuilder::new(pattern)
+            .literal_separator(true)
+            .build()
+            .map_err(|e| TargetError::Script {
+                exit_code: None,
+                message: format!("artifact glob `{pattern}` is invalid: {e}"),
+            })?
+            .compile_matcher();
+        let matched: Vec<&String> = files.iter().filter(|f| glob.is_match(f.as_str())).collect();
+        if matched.is_empty() {
+            return Err(TargetError::Script {
+                exit_code: None,
+                message: format!(
+                    "artifact glob `{pattern}` matched no file under `{}`",
+                    t.workdir
+                ),
+            });
+        }
+        picked.extend(matched.into_iter().cloned());
+    }
+    picked.sort();
+    picked.dedup();
+    Ok(picked)
 }
 
 /// What a successful build produced, and what went into it.

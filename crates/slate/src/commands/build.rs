@@ -71,6 +71,33 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
     });
     reporter.clear();
 
+    let exit = summarize(ctx, &project, run_id, &results, &reporter, started);
+    if exit == Exit::Ok {
+        if let Some(url) = &project.settings.publish {
+            super::publish::publish_run(ctx, &project, url, Some(run_id), None, None).map_err(
+                |mut e| {
+                    e.hint = Some(format!(
+                        "{}; the artifacts stay in {}/, publish them later with `slate publish --run {run_id}`",
+                        e.hint.as_deref().unwrap_or("the build succeeded"),
+                        project.settings.artifacts.display()
+                    ));
+                    e
+                },
+            )?;
+        }
+    }
+    Ok(exit.into())
+}
+
+/// Prints what the run did; returns the exit it ends with.
+fn summarize(
+    ctx: &Ctx,
+    project: &slate_config::Project,
+    run_id: &str,
+    results: &[slate_run::TargetResult],
+    reporter: &crate::report::Reporter,
+    started: Instant,
+) -> Exit {
     let count = |s: TargetStatus| results.iter().filter(|r| r.status == s).count();
     let (baked, cached) = reporter.bake_counts();
     if baked == 0 && cached > 0 {
@@ -93,7 +120,7 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
     if ctx.cli.log_format == crate::cli::LogFormat::Text {
         println!("{summary}");
     }
-    let exit = if signals::interrupted() {
+    if signals::interrupted() {
         Exit::Interrupted
     } else if count(TargetStatus::InfraFailed) > 0 {
         Exit::Infra
@@ -103,22 +130,7 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
         Exit::BuildFailed
     } else {
         Exit::Ok
-    };
-    if exit == Exit::Ok {
-        if let Some(url) = &project.settings.publish {
-            super::publish::publish_run(ctx, &project, url, Some(run_id), None, None).map_err(
-                |mut e| {
-                    e.hint = Some(format!(
-                        "{}; the artifacts stay in {}/, publish them later with `slate publish --run {run_id}`",
-                        e.hint.as_deref().unwrap_or("the build succeeded"),
-                        project.settings.artifacts.display()
-                    ));
-                    e
-                },
-            )?;
-        }
     }
-    Ok(exit.into())
 }
 
 /// One run at a time writes an artifacts folder: two would interleave

@@ -106,16 +106,7 @@ pub fn verify(ctx: &Ctx, name: &str) -> CmdResult {
     reporter.clear();
     let (a, b) = (&dirs[0], &dirs[1]);
     let (fa, fb) = (files(a), files(b));
-    let mut differ = Vec::new();
-    for f in fa.iter().chain(fb.iter().filter(|f| !fa.contains(f))) {
-        let (x, y) = (std::fs::read(a.join(f)).ok(), std::fs::read(b.join(f)).ok());
-        match (x, y) {
-            (Some(x), Some(y)) if x == y => {}
-            (Some(_), Some(_)) => differ.push(format!("{f}: contents differ")),
-            (None, _) => differ.push(format!("{f}: only in the second build")),
-            (_, None) => differ.push(format!("{f}: only in the first build")),
-        }
-    }
+    let differ = differences(a, b, &fa, &fb);
     if differ.is_empty() {
         println!(
             "{name}: reproducible: {} artifact(s) identical in two fresh environments",
@@ -130,21 +121,41 @@ pub fn verify(ctx: &Ctx, name: &str) -> CmdResult {
     if slate_image::which("diffoscope") {
         for f in fa.iter().filter(|f| fb.contains(f)) {
             if std::fs::read(a.join(f)).ok() != std::fs::read(b.join(f)).ok() {
-                let o = std::process::Command::new("diffoscope")
-                    .arg("--text")
-                    .arg("-")
-                    .arg(a.join(f))
-                    .arg(b.join(f))
-                    .output();
-                if let Ok(o) = o {
-                    println!("diffoscope {f}:");
-                    for l in String::from_utf8_lossy(&o.stdout).lines().take(40) {
-                        println!("  {l}");
-                    }
-                }
+                diffoscope(f, &a.join(f), &b.join(f));
             }
         }
     }
     println!("both builds are kept in {}", out_dir.display());
     Ok(Exit::BuildFailed.into())
+}
+
+/// How the artifacts `fa` of folder `a` and `fb` of `b` differ, a line each.
+fn differences(a: &Path, b: &Path, fa: &[String], fb: &[String]) -> Vec<String> {
+    let mut differ = Vec::new();
+    for f in fa.iter().chain(fb.iter().filter(|f| !fa.contains(f))) {
+        let (x, y) = (std::fs::read(a.join(f)).ok(), std::fs::read(b.join(f)).ok());
+        match (x, y) {
+            (Some(x), Some(y)) if x == y => {}
+            (Some(_), Some(_)) => differ.push(format!("{f}: contents differ")),
+            (None, _) => differ.push(format!("{f}: only in the second build")),
+            (_, None) => differ.push(format!("{f}: only in the first build")),
+        }
+    }
+    differ
+}
+
+/// The first 40 lines of what diffoscope says of one artifact's two builds.
+fn diffoscope(name: &str, a: &Path, b: &Path) {
+    let o = std::process::Command::new("diffoscope")
+        .arg("--text")
+        .arg("-")
+        .arg(a)
+        .arg(b)
+        .output();
+    if let Ok(o) = o {
+        println!("diffoscope {name}:");
+        for l in String::from_utf8_lossy(&o.stdout).lines().take(40) {
+            println!("  {l}");
+        }
+    }
 }
