@@ -66,6 +66,17 @@ impl Ctx {
         project: &Project,
         vm: bool,
     ) -> Result<providers::Providers> {
+        if let Some(fake) = providers::fake_from_env().map_err(CliError::usage)? {
+            eprintln!(
+                "warning: {} is set: commands are scripted, nothing runs",
+                providers::FAKE_VAR
+            );
+            return Ok(providers::Providers {
+                sandbox: SandboxProvider::new(store.envs_dir()),
+                vm: None,
+                fake: Some(fake),
+            });
+        }
         let sandbox = self.sandbox(store)?;
         let vm = if vm {
             if project.vm.init != "slate" {
@@ -94,7 +105,11 @@ impl Ctx {
         } else {
             None
         };
-        Ok(providers::Providers { sandbox, vm })
+        Ok(providers::Providers {
+            sandbox,
+            vm,
+            fake: None,
+        })
     }
 
     pub fn color(&self) -> bool {

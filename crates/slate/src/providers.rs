@@ -1,7 +1,9 @@
 //! Every provider behind one type: the orchestrator is generic over a
 //! provider, and each environment says which kind it wants (bakes and the
-//! sandbox targets get a sandbox, `provider = "vm"` targets a VM).
+//! sandbox targets get a sandbox, `provider = "vm"` targets a VM). For
+//! slate's own tests, a scripted provider can stand in for all of them.
 
+use slate_provider::fake::{FakeAction, FakeEnv, FakeProvider};
 use slate_provider::*;
 use slate_sandbox::{SandboxEnv, SandboxProvider};
 use slate_vm::{VmEnv, VmProvider};
@@ -11,11 +13,65 @@ pub struct Providers {
     pub sandbox: SandboxProvider,
     /// Made only when a target needs it.
     pub vm: Option<VmProvider>,
+    /// In place of every other, when `SLATE_FAKE_PROVIDER` is set.
+    pub fake: Option<FakeProvider>,
 }
 
 pub enum AnyEnv {
     Sandbox(SandboxEnv),
     Vm(VmEnv),
+    Fake(FakeEnv),
+}
+
+/// The variable naming a rules file for the scripted provider: slate's
+/// command-line tests run every command (bake, build, verify…) through it,
+/// as any user, with nothing run for real.
+pub const FAKE_VAR: &str = "SLATE_FAKE_PROVIDER";
+
+/// The scripted provider `SLATE_FAKE_PROVIDER` asks for, if it does. Its
+/// file is a JSON list of rules, the first whose `match` is in a command's
+/// text deciding: `{"match": "make", "exit": 2, "lines": ["…"]}`,
+/// `{"match": "…", "write": "out/a.txt", "content": "…"}`,
+/// `{"match": "…", "hang": true}` or `{"match": "…", "error": "…"}`.
+/// Commands no rule matches exit 0.
+pub fn fake_from_env() -> Result<Option<FakeProvider>, String> {
+    let Some(path) = std::env::var_os(FAKE_VAR) else {
+        return Ok(None);
+    };
+    let path = Path::new(&path);
+    let text = std::fs::read(path).map_err(|e| format!("{FAKE_VAR}: `{}`: {e}", path.display()))?;
+    let rules: Vec<serde_json::Value> = serde_json::from_slice(&text)
+        .map_err(|e| format!("{FAKE_VAR}: `{}`: {e}", path.display()))?;
+    let mut fake = FakeProvider::new();
+    for r in &rules {
+        let text = |k: &str| r.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        let on = text("match").ok_or_else(|| format!("{FAKE_VAR}: a rule without `match`: {r}"))?;
+        let action = if let Some(path) = text("write") {
+            FakeAction::Write {
+                path,
+                content: text("content").unwrap_or_default().into_bytes(),
+            }
+        } else if let Some(what) = text("error") {
+            FakeAction::Error(what)
+        } else if r.get("hang").is_some() {
+            FakeAction::Hang
+        } else {
+            FakeAction::Exit {
+                lines: r
+                    .get("lines")
+                    .and_then(|l| l.as_array())
+                    .map(|l| {
+                        l.iter()
+                            .filter_map(|x| x.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                code: r.get("exit").and_then(|c| c.as_i64()).unwrap_or(0) as i32,
+            }
+        };
+        fake = fake.on(&on, action);
+    }
+    Ok(Some(fake))
 }
 
 impl Provider for Providers {
@@ -26,6 +82,9 @@ impl Provider for Providers {
     }
 
     fn create(&self, spec: &EnvSpec) -> Result<AnyEnv, ProviderError> {
+        if let Some(fake) = &self.fake {
+            return fake.create(spec).map(AnyEnv::Fake);
+        }
         match spec.kind {
             EnvKind::Sandbox => self.sandbox.create(spec).map(AnyEnv::Sandbox),
             EnvKind::Vm => match &self.vm {
@@ -44,6 +103,7 @@ macro_rules! each {
         match $self {
             AnyEnv::Sandbox($e) => $body,
             AnyEnv::Vm($e) => $body,
+            AnyEnv::Fake($e) => $body,
         }
     };
 }

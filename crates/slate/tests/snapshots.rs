@@ -1,0 +1,153 @@
+//! What a user sees, pinned: `build`, `bake`, `check`, `verify`, `gc` and
+//! error output, run by the real binary as any user. Environments come from
+//! the scripted provider (`SLATE_FAKE_PROVIDER`), so nothing needs root and
+//! nothing runs; the base image is a small tarball. Paths, run ids,
+//! digests and times are masked. Update with `cargo insta review` (or
+//! `INSTA_UPDATE=always cargo test --test snapshots`) and read the diff.
+
+mod common;
+
+use common::Project;
+use std::process::Output;
+
+/// Two builds: one makes an artifact, one fails with output.
+const CONFIG: &str = r#"[images.base]
+from = "tar:base.tar"
+steps = ["install-tools"]
+
+[builds.app]
+image = "base"
+run = ["make app"]
+artifacts = ["out/*"]
+
+[builds.broken]
+image = "base"
+run = ["make broken"]
+"#;
+
+const RULES: &str = r#"[
+  {"match": "make app", "write": "out/app.txt", "content": "built\n"},
+  {"match": "make broken", "exit": 2, "lines": ["cc: error: missing.c: No such file"]},
+  {"match": "install-tools", "lines": ["tools installed"]}
+]"#;
+
+fn project(config: &str) -> Project {
+    let p = Project::config_only(config);
+    let root = p.path().join("rootfs");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/hostname"), "base\n").unwrap();
+    let tar = std::process::Command::new("tar")
+        .arg("-cf")
+        .arg(p.project().join("base.tar"))
+        .arg("-C")
+        .arg(&root)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    std::fs::write(p.path().join("rules.json"), RULES).unwrap();
+    p
+}
+
+fn run(p: &Project, args: &[&str]) -> Output {
+    p.cmd(args)
+        .env("SLATE_FAKE_PROVIDER", p.path().join("rules.json"))
+        .env_remove("SUDO_UID")
+        .env_remove("SUDO_GID")
+        .output()
+        .unwrap()
+}
+
+/// Exit code, stdout and stderr, with what differs from run to run masked.
+fn seen(p: &Project, o: &Output) -> String {
+    let text = format!(
+        "exit: {}\n--- stdout\n{}--- stderr\n{}",
+        o.status.code().map_or("signal".into(), |c| c.to_string()),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    text.replace(&p.path().display().to_string(), "[TMP]")
+}
+
+macro_rules! snapshot {
+    ($name:expr, $text:expr) => {
+        insta::with_settings!({filters => vec![
+            (r"\b\d{8}-\d{6}-[0-9a-f]{4}\b", "[RUN]"),
+            (r"\b[0-9a-f]{64}\b", "[DIGEST]"),
+            (r"\b[0-9a-f]{12}\b", "[DIGEST12]"),
+            (r"\b\d+\.\d+s\b", "[T]"),
+            (r"\b\d+(\.\d+)? (B|KiB|MiB|GiB)\b", "[SIZE]"),
+            (r"\(\d+ bytes\)", "([N] bytes)"),
+            (r"used \d+[smhd] ago +", "used [AGO] "),
+            (r" +\[SIZE\]", " [SIZE]"),
+        ]}, {
+            insta::assert_snapshot!($name, $text);
+        });
+    };
+}
+
+#[test]
+fn build_bakes_then_builds_and_reports_each_target() {
+    let p = project(CONFIG);
+    let o = run(&p, &["build", "-j", "1"]);
+    snapshot!("build", seen(&p, &o));
+    assert_eq!(p.read("artifacts/app/app.txt"), "built\n");
+    // Everything is cached the second time.
+    let o = run(&p, &["bake"]);
+    snapshot!("bake_cached", seen(&p, &o));
+}
+
+#[test]
+fn bake_reports_layers_and_digest() {
+    let p = project(CONFIG);
+    let o = run(&p, &["bake"]);
+    snapshot!("bake", seen(&p, &o));
+}
+
+#[test]
+fn check_names_images_and_targets() {
+    let p = project(CONFIG);
+    let o = run(&p, &["check"]);
+    // What this host has differs from machine to machine: only the
+    // project's part is pinned.
+    let text = seen(&p, &o);
+    let project_part: String = text
+        .lines()
+        .take_while(|l| *l != "providers:")
+        .map(|l| format!("{l}\n"))
+        .collect();
+    snapshot!("check", project_part);
+}
+
+#[test]
+fn verify_reports_a_reproducible_target() {
+    let p = project(CONFIG);
+    let o = run(&p, &["verify", "app"]);
+    snapshot!("verify", seen(&p, &o));
+}
+
+#[test]
+fn gc_reports_what_it_removed() {
+    let p = project(CONFIG);
+    assert!(run(&p, &["bake"]).status.success());
+    p.write(
+        "slate.toml",
+        &CONFIG.replace("install-tools", "install-other-tools"),
+    );
+    let o = run(&p, &["gc", "--dry-run"]);
+    snapshot!("gc_dry_run", seen(&p, &o));
+    let o = run(&p, &["gc"]);
+    snapshot!("gc", seen(&p, &o));
+}
+
+#[test]
+fn errors_say_where_and_what_to_do() {
+    let p = project(&CONFIG.replace("artifacts = [\"out/*\"]", "artifact = [\"out/*\"]"));
+    let o = run(&p, &["build"]);
+    snapshot!("error_config", seen(&p, &o));
+    let p = project(CONFIG);
+    let o = run(&p, &["build", "nope"]);
+    snapshot!("error_unknown_target", seen(&p, &o));
+    let o = run(&p, &["build", "--provider", "docker"]);
+    snapshot!("error_unknown_provider", seen(&p, &o));
+}
