@@ -66,6 +66,7 @@ wanted=(
     "openssl|test|signs and verifies provenance, serves HTTPS in the CA test"
     "curl|test|fetches over HTTPS in the CA test"
     "procps|test|pgrep: the tests check that no process is left"
+    "python3-junitparser|test|reads the JUnit XML slate writes, as a CI server would"
 )
 
 in_groups() {

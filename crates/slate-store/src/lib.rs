@@ -6,5 +6,6 @@
 pub mod artifacts;
 pub mod dsse;
 pub mod events;
+pub mod junit;
 pub mod provenance;
 pub mod record;

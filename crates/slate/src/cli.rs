@@ -169,4 +169,7 @@ pub struct BuildArgs {
     /// Build every target even when some fail (the default)
     #[arg(long)]
     pub keep_going: bool,
+    /// Also write the run as JUnit XML here (one testcase per target), for CI servers
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<std::path::PathBuf>,
 }

@@ -15,6 +15,7 @@ pub fn up(ctx: &Ctx, target: &str, provider: Option<String>) -> CmdResult {
         provider,
         fail_fast: false,
         keep_going: false,
+        junit: None,
     };
     build(ctx, &args)
 }
@@ -72,6 +73,9 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
     reporter.clear();
 
     let exit = summarize(ctx, &project, run_id, &results, &reporter, started);
+    if let Some(path) = &args.junit {
+        write_junit(&ctx.cwd.join(path), &super::runs_dir(&project), run_id)?;
+    }
     if exit == Exit::Ok {
         if let Some(url) = &project.settings.publish {
             super::publish::publish_run(ctx, &project, url, Some(run_id), None, None).map_err(
@@ -87,6 +91,23 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
         }
     }
     Ok(exit.into())
+}
+
+/// The run as JUnit XML at `path` (its record and logs are in `runs_dir`).
+fn write_junit(
+    path: &std::path::Path,
+    runs_dir: &std::path::Path,
+    run_id: &str,
+) -> Result<(), CliError> {
+    let fail = |e: std::io::Error| {
+        CliError::from_error(Exit::Infra, &e).hint(format!(
+            "the build itself is done; `{}` could not be written",
+            path.display()
+        ))
+    };
+    let record = slate_store::record::read_record(runs_dir, run_id).map_err(fail)?;
+    let xml = slate_store::junit::render(&record, &runs_dir.join(run_id));
+    std::fs::write(path, xml).map_err(fail)
 }
 
 /// Prints what the run did; returns the exit it ends with.
