@@ -226,84 +226,7 @@ unsafe fn init(plan: &Plan) -> ! {
     // `/etc/resolv.conf -> /etc/nologin` followed from the host's root would
     // create or cover a host file.
     for p in &plan.preps {
-        match p {
-            Prep::Mkdir(path, mode) => match in_root(plan, path) {
-                Some(rel) => libc::close(walk(plan, path, rel, Create::Dir(*mode))),
-                None => {
-                    if libc::mkdir(path.as_ptr(), *mode) != 0
-                        && *libc::__errno_location() != libc::EEXIST
-                    {
-                        fail2(plan, b"mkdir ", bytes(path));
-                    }
-                    0
-                }
-            },
-            Prep::Touch(path) => {
-                let Some(rel) = in_root(plan, path) else {
-                    fail2(plan, b"create outside the root ", bytes(path));
-                };
-                libc::close(walk(plan, path, rel, Create::File))
-            }
-            Prep::Symlink(target, link) => {
-                let Some(rel) = in_root(plan, link) else {
-                    fail2(plan, b"symlink outside the root ", bytes(link));
-                };
-                let (dir, name) = split_last(rel);
-                let dfd = walk(plan, link, dir, Create::None);
-                let mut buf = [0u8; COMPONENT_MAX + 1];
-                let name = c_component(plan, link, name, &mut buf);
-                if libc::symlinkat(target.as_ptr(), dfd, name) != 0
-                    && *libc::__errno_location() != libc::EEXIST
-                {
-                    fail2(plan, b"symlink ", bytes(link));
-                }
-                libc::close(dfd)
-            }
-            Prep::Mount(m) => {
-                let data = m.data.as_ref().map_or(ptr::null(), |d| d.as_ptr().cast());
-                let fd = in_root(plan, &m.target).map(|rel| {
-                    let create = if m.optional {
-                        Create::Maybe
-                    } else {
-                        Create::None
-                    };
-                    walk(plan, &m.target, rel, create)
-                });
-                if fd == Some(-1) {
-                    // An optional mount whose target is not there.
-                    continue;
-                }
-                let mut buf = [0u8; 40];
-                let target = fd.map_or(m.target.as_ptr(), |fd| fd_path(fd, &mut buf));
-                if libc::mount(m.source.as_ptr(), target, m.fstype.as_ptr(), m.flags, data) != 0
-                    && !m.optional
-                {
-                    fail2(plan, b"mount ", bytes(&m.target));
-                }
-                fd.map_or(0, |fd| libc::close(fd))
-            }
-            Prep::Overlay {
-                target,
-                lower,
-                upper,
-                work,
-                flags,
-            } => {
-                mount_overlay(plan, target, lower, upper, work, *flags);
-                0
-            }
-            Prep::RemountRo(target, extra) => {
-                let flags =
-                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC | extra;
-                let fd = in_root(plan, target).map(|rel| walk(plan, target, rel, Create::None));
-                let mut buf = [0u8; 40];
-                let at = fd.map_or(target.as_ptr(), |fd| fd_path(fd, &mut buf));
-                if libc::mount(none.as_ptr(), at, ptr::null(), flags, ptr::null()) != 0 {
-                    fail2(plan, b"remount read-only ", bytes(target));
-                }
-                fd.map_or(0, |fd| libc::close(fd))
-            }
-        };
+        prepare(plan, p);
     }
     if libc::sethostname(plan.hostname.as_ptr(), plan.hostname.as_bytes().len()) != 0 {
         fail(plan, b"set hostname");
@@ -311,6 +234,118 @@ unsafe fn init(plan: &Plan) -> ! {
     if plan.loopback_up {
         loopback_up(plan);
     }
+    enter_root(plan);
+    let pid = libc::fork();
+    if pid < 0 {
+        fail(plan, b"fork command");
+    }
+    if pid == 0 {
+        command(plan);
+    }
+    libc::close(plan.status_fd);
+    libc::_exit(wait_for(pid))
+}
+
+/// Carries out one step of building the root filesystem.
+unsafe fn prepare(plan: &Plan, p: &Prep) {
+    match p {
+        Prep::Mkdir(path, mode) => prep_mkdir(plan, path, *mode),
+        Prep::Touch(path) => prep_touch(plan, path),
+        Prep::Symlink(target, link) => prep_symlink(plan, target, link),
+        Prep::Mount(m) => prep_mount(plan, m),
+        Prep::Overlay {
+            target,
+            lower,
+            upper,
+            work,
+            flags,
+        } => mount_overlay(plan, target, lower, upper, work, *flags),
+        Prep::RemountRo(target, extra) => prep_remount_ro(plan, target, *extra),
+    }
+}
+
+/// Makes a folder, walking to it when it is inside the new root.
+unsafe fn prep_mkdir(plan: &Plan, path: &CString, mode: libc::mode_t) {
+    match in_root(plan, path) {
+        Some(rel) => {
+            libc::close(walk(plan, path, rel, Create::Dir(mode)));
+        }
+        None => {
+            if libc::mkdir(path.as_ptr(), mode) != 0 && *libc::__errno_location() != libc::EEXIST {
+                fail2(plan, b"mkdir ", bytes(path));
+            }
+        }
+    }
+}
+
+/// Creates an empty file inside the new root, to bind a host file over it.
+unsafe fn prep_touch(plan: &Plan, path: &CString) {
+    let Some(rel) = in_root(plan, path) else {
+        fail2(plan, b"create outside the root ", bytes(path));
+    };
+    libc::close(walk(plan, path, rel, Create::File));
+}
+
+/// Makes `link` (inside the new root) point to `target`.
+unsafe fn prep_symlink(plan: &Plan, target: &CString, link: &CString) {
+    let Some(rel) = in_root(plan, link) else {
+        fail2(plan, b"symlink outside the root ", bytes(link));
+    };
+    let (dir, name) = split_last(rel);
+    let dfd = walk(plan, link, dir, Create::None);
+    let mut buf = [0u8; COMPONENT_MAX + 1];
+    let name = c_component(plan, link, name, &mut buf);
+    if libc::symlinkat(target.as_ptr(), dfd, name) != 0 && *libc::__errno_location() != libc::EEXIST
+    {
+        fail2(plan, b"symlink ", bytes(link));
+    }
+    libc::close(dfd);
+}
+
+/// Mounts `m`, on a target inside the new root through its descriptor.
+unsafe fn prep_mount(plan: &Plan, m: &Mount) {
+    let data = m.data.as_ref().map_or(ptr::null(), |d| d.as_ptr().cast());
+    let fd = in_root(plan, &m.target).map(|rel| {
+        let create = if m.optional {
+            Create::Maybe
+        } else {
+            Create::None
+        };
+        walk(plan, &m.target, rel, create)
+    });
+    if fd == Some(-1) {
+        // An optional mount whose target is not there.
+        return;
+    }
+    let mut buf = [0u8; 40];
+    let target = fd.map_or(m.target.as_ptr(), |fd| fd_path(fd, &mut buf));
+    if libc::mount(m.source.as_ptr(), target, m.fstype.as_ptr(), m.flags, data) != 0 && !m.optional
+    {
+        fail2(plan, b"mount ", bytes(&m.target));
+    }
+    if let Some(fd) = fd {
+        libc::close(fd);
+    }
+}
+
+/// Remounts the bind mount on `target` read-only, with `extra` flags.
+unsafe fn prep_remount_ro(plan: &Plan, target: &CString, extra: libc::c_ulong) {
+    let none = c"none";
+    let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC | extra;
+    let fd = in_root(plan, target).map(|rel| walk(plan, target, rel, Create::None));
+    let mut buf = [0u8; 40];
+    let at = fd.map_or(target.as_ptr(), |fd| fd_path(fd, &mut buf));
+    if libc::mount(none.as_ptr(), at, ptr::null(), flags, ptr::null()) != 0 {
+        fail2(plan, b"remount read-only ", bytes(target));
+    }
+    if let Some(fd) = fd {
+        libc::close(fd);
+    }
+}
+
+/// Makes the new root the root and enters the command's folder; the old
+/// root is detached.
+unsafe fn enter_root(plan: &Plan) {
     if libc::chdir(plan.root.as_ptr()) != 0 {
         fail(plan, b"enter new root");
     }
@@ -327,15 +362,6 @@ unsafe fn init(plan: &Plan) -> ! {
     if libc::chdir(plan.cwd.as_ptr()) != 0 {
         fail2(plan, b"chdir to workdir ", bytes(&plan.cwd));
     }
-    let pid = libc::fork();
-    if pid < 0 {
-        fail(plan, b"fork command");
-    }
-    if pid == 0 {
-        command(plan);
-    }
-    libc::close(plan.status_fd);
-    libc::_exit(wait_for(pid))
 }
 
 /// The longest path component the walk handles (NAME_MAX).

@@ -31,7 +31,7 @@ use std::io::Read;
 use std::os::fd::FromRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{ChildStderr, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -636,6 +636,74 @@ impl SandboxEnv {
         })
     }
 
+    /// The status pipe, close-on-exec: the read end, and the write end the
+    /// sandbox reports a failed setup step on.
+    fn status_pipe(&self) -> Result<(std::fs::File, libc::c_int), ProviderError> {
+        let mut fds = [0; 2];
+        // SAFETY: fds is a valid two-element array.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(self.err("create status pipe", std::io::Error::last_os_error()));
+        }
+        // SAFETY: pipe2 returned two fresh descriptors that we now own.
+        let status_r = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+        Ok((status_r, fds[1]))
+    }
+
+    /// The command that starts the sandbox: slate's own binary, which runs
+    /// `child::outer` with the plan between fork and exec. `status_w` is
+    /// closed when there is no plan.
+    fn sandbox_command(
+        &self,
+        spec: &ExecSpec,
+        status_w: libc::c_int,
+    ) -> Result<Command, ProviderError> {
+        let plan = match self.plan(spec, status_w) {
+            Ok(p) => p,
+            Err(e) => {
+                // SAFETY: closing the descriptor we own.
+                unsafe { libc::close(status_w) };
+                return Err(e);
+            }
+        };
+        let mut cmd = Command::new("/proc/self/exe");
+        if spec.interactive {
+            cmd.stdin(Stdio::inherit())
+                .stdout(Stdio::inherit())
+                .stderr(Stdio::inherit());
+        } else {
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+        }
+        // SAFETY: `outer` only makes async-signal-safe calls on preallocated data.
+        unsafe {
+            cmd.pre_exec(move || child::outer(&plan));
+        }
+        Ok(cmd)
+    }
+
+    /// Reads the status pipe to its end: empty when the command was started,
+    /// else the failed setup step, reported once the child is gone.
+    fn check_setup(
+        &self,
+        status_r: &mut std::fs::File,
+        child: &mut std::process::Child,
+    ) -> Result<(), ProviderError> {
+        let mut status = Vec::new();
+        let _ = status_r.read_to_end(&mut status);
+        if !status.is_empty() {
+            let _ = child.kill();
+            let _ = child.wait();
+            let (step, errno) = decode_status(&status);
+            return Err(ProviderError::Create {
+                env: self.id.clone(),
+                what: step,
+                source: errno,
+            });
+        }
+        Ok(())
+    }
+
     fn destroy_inner(&mut self) -> Result<(), ProviderError> {
         if self.destroyed {
             return Ok(());
@@ -653,6 +721,100 @@ impl SandboxEnv {
             first.get_or_insert(self.err(format!("remove `{}`", self.dir.display()), e));
         }
         first.map_or(Ok(()), Err)
+    }
+}
+
+/// One of the command's output pipes: its descriptor, its stream, its unfinished line.
+type OutputPipe = (i32, Stream, LineSplitter);
+
+/// Passes the command's output to `out` line by line until its pipes close,
+/// killing it on cancel or timeout; says which stopped it.
+fn relay_output(
+    pid: libc::pid_t,
+    stdout: Option<&ChildStdout>,
+    stderr: Option<&ChildStderr>,
+    out: &mut dyn OutputSink,
+    cancel: &Cancel,
+) -> Option<ExecOutcome> {
+    let mut fds: Vec<OutputPipe> = Vec::new();
+    use std::os::fd::AsRawFd;
+    if let Some(s) = stdout {
+        fds.push((s.as_raw_fd(), Stream::Stdout, LineSplitter::default()));
+    }
+    if let Some(s) = stderr {
+        fds.push((s.as_raw_fd(), Stream::Stderr, LineSplitter::default()));
+    }
+    let mut stop: Option<ExecOutcome> = None;
+    let mut buf = vec![0u8; 65536];
+    while !fds.is_empty() {
+        let mut pfds: Vec<libc::pollfd> = fds
+            .iter()
+            .map(|(fd, _, _)| libc::pollfd {
+                fd: *fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: pfds is a valid array of pollfd for its length.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 100) };
+        if n < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break;
+        }
+        read_ready(&pfds, &mut fds, &mut buf, out);
+        if stop.is_none() {
+            if cancel.is_cancelled() {
+                stop = Some(ExecOutcome::Cancelled);
+            } else if cancel.timed_out() {
+                stop = Some(ExecOutcome::TimedOut);
+            }
+            if stop.is_some() {
+                // SAFETY: signalling our own child; PDEATHSIG takes init
+                // and so the whole PID namespace down with it.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    stop
+}
+
+/// Reads the pipes `poll` found ready, passing whole lines on; a pipe at
+/// its end gives its last line and is dropped from `fds`.
+fn read_ready(
+    pfds: &[libc::pollfd],
+    fds: &mut Vec<OutputPipe>,
+    buf: &mut [u8],
+    out: &mut dyn OutputSink,
+) {
+    let mut closed = Vec::new();
+    for (i, p) in pfds.iter().enumerate() {
+        if p.revents == 0 {
+            continue;
+        }
+        // SAFETY: reading into our buffer from a descriptor we own.
+        let r = unsafe { libc::read(p.fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if r <= 0 {
+            closed.push(i);
+            continue;
+        }
+        let (_, stream, splitter) = &mut fds[i];
+        let stream = *stream;
+        splitter.push(&buf[..r as usize], |l| out.line(stream, l));
+    }
+    for i in closed.into_iter().rev() {
+        let (_, stream, mut splitter) = fds.remove(i);
+        splitter.finish(|l| out.line(stream, l));
+    }
+}
+
+/// The outcome of a command that ran to its end: a shell-style code over
+/// 128 is the signal that killed it.
+fn exit_outcome(st: std::process::ExitStatus) -> ExecOutcome {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(c), _) if c > 128 && c < 128 + 65 => ExecOutcome::Signaled(c - 128),
+        (Some(c), _) => ExecOutcome::Exited(c),
+        (None, Some(s)) => ExecOutcome::Signaled(s),
+        _ => ExecOutcome::Exited(-1),
     }
 }
 
@@ -697,112 +859,18 @@ impl Environment for SandboxEnv {
         out: &mut dyn OutputSink,
         cancel: &Cancel,
     ) -> Result<ExecOutcome, ProviderError> {
-        let mut fds = [0; 2];
-        // SAFETY: fds is a valid two-element array.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(self.err("create status pipe", std::io::Error::last_os_error()));
-        }
-        // SAFETY: pipe2 returned two fresh descriptors that we now own.
-        let mut status_r = unsafe { std::fs::File::from_raw_fd(fds[0]) };
-        let status_w = fds[1];
-        let plan = match self.plan(spec, status_w) {
-            Ok(p) => p,
-            Err(e) => {
-                // SAFETY: closing the descriptor we own.
-                unsafe { libc::close(status_w) };
-                return Err(e);
-            }
-        };
-        let mut cmd = Command::new("/proc/self/exe");
-        if spec.interactive {
-            cmd.stdin(Stdio::inherit())
-                .stdout(Stdio::inherit())
-                .stderr(Stdio::inherit());
-        } else {
-            cmd.stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-        }
-        // SAFETY: `outer` only makes async-signal-safe calls on preallocated data.
-        unsafe {
-            cmd.pre_exec(move || child::outer(&plan));
-        }
+        let (mut status_r, status_w) = self.status_pipe()?;
+        let mut cmd = self.sandbox_command(spec, status_w)?;
         let spawned = cmd.spawn();
         // SAFETY: the child has its own copy; ours must go so EOF can arrive.
         unsafe { libc::close(status_w) };
         let mut child = spawned.map_err(|e| self.err("start sandbox process", e))?;
-        let mut status = Vec::new();
-        let _ = status_r.read_to_end(&mut status);
-        if !status.is_empty() {
-            let _ = child.kill();
-            let _ = child.wait();
-            let (step, errno) = decode_status(&status);
-            return Err(ProviderError::Create {
-                env: self.id.clone(),
-                what: step,
-                source: errno,
-            });
-        }
+        self.check_setup(&mut status_r, &mut child)?;
 
         let pid = child.id() as libc::pid_t;
-        let mut fds: Vec<(i32, Stream, LineSplitter)> = Vec::new();
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
-        use std::os::fd::AsRawFd;
-        if let Some(s) = &stdout {
-            fds.push((s.as_raw_fd(), Stream::Stdout, LineSplitter::default()));
-        }
-        if let Some(s) = &stderr {
-            fds.push((s.as_raw_fd(), Stream::Stderr, LineSplitter::default()));
-        }
-        let mut stop: Option<ExecOutcome> = None;
-        let mut buf = vec![0u8; 65536];
-        while !fds.is_empty() {
-            let mut pfds: Vec<libc::pollfd> = fds
-                .iter()
-                .map(|(fd, _, _)| libc::pollfd {
-                    fd: *fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                })
-                .collect();
-            // SAFETY: pfds is a valid array of pollfd for its length.
-            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 100) };
-            if n < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                break;
-            }
-            let mut closed = Vec::new();
-            for (i, p) in pfds.iter().enumerate() {
-                if p.revents == 0 {
-                    continue;
-                }
-                // SAFETY: reading into our buffer from a descriptor we own.
-                let r = unsafe { libc::read(p.fd, buf.as_mut_ptr().cast(), buf.len()) };
-                if r <= 0 {
-                    closed.push(i);
-                    continue;
-                }
-                let (_, stream, splitter) = &mut fds[i];
-                let stream = *stream;
-                splitter.push(&buf[..r as usize], |l| out.line(stream, l));
-            }
-            for i in closed.into_iter().rev() {
-                let (_, stream, mut splitter) = fds.remove(i);
-                splitter.finish(|l| out.line(stream, l));
-            }
-            if stop.is_none() {
-                if cancel.is_cancelled() {
-                    stop = Some(ExecOutcome::Cancelled);
-                } else if cancel.timed_out() {
-                    stop = Some(ExecOutcome::TimedOut);
-                }
-                if stop.is_some() {
-                    // SAFETY: signalling our own child; PDEATHSIG takes init
-                    // and so the whole PID namespace down with it.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
+        let stop = relay_output(pid, stdout.as_ref(), stderr.as_ref(), out, cancel);
         // An interactive command owns the terminal: Ctrl-C reaches it directly,
         // so we simply wait for it.
         let st = child.wait().map_err(|e| self.err("wait for sandbox", e))?;
@@ -810,13 +878,7 @@ impl Environment for SandboxEnv {
         if let Some(s) = stop {
             return Ok(s);
         }
-        use std::os::unix::process::ExitStatusExt;
-        Ok(match (st.code(), st.signal()) {
-            (Some(c), _) if c > 128 && c < 128 + 65 => ExecOutcome::Signaled(c - 128),
-            (Some(c), _) => ExecOutcome::Exited(c),
-            (None, Some(s)) => ExecOutcome::Signaled(s),
-            _ => ExecOutcome::Exited(-1),
-        })
+        Ok(exit_outcome(st))
     }
 
     fn list(&mut self, dir: &str) -> Result<Vec<String>, ProviderError> {

@@ -326,17 +326,7 @@ fn exec(
     let Some((prog, args)) = spec.argv.split_first() else {
         return send(out, proto::ERR, b"empty command");
     };
-    let mut cmd = Command::new(prog);
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", DEFAULT_PATH)
-        .env("HOME", "/root")
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(if spec.cwd.is_empty() { "/" } else { &spec.cwd })
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+    let mut cmd = command(&spec, prog, args);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -352,29 +342,10 @@ fn exec(
     // held up by a stray descendant holding the pipe can send nothing more.
     let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let (done_tx, done_rx) = mpsc::channel::<()>();
-    let pump = |r: Option<Box<dyn Read + Send>>, kind: u8| {
-        let (out, open, done) = (out.clone(), open.clone(), done_tx.clone());
-        std::thread::spawn(move || {
-            if let Some(mut r) = r {
-                let mut buf = vec![0u8; 64 << 10];
-                loop {
-                    match r.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            let mut w = out.lock().unwrap();
-                            if !open.load(std::sync::atomic::Ordering::SeqCst)
-                                || proto::write_frame(&mut *w, kind, &buf[..n]).is_err()
-                            {
-                                break;
-                            }
-                        }
-                    }
-                }
-            }
-            let _ = done.send(());
-        });
-    };
     pump(
+        out,
+        &open,
+        &done_tx,
         child
             .stdout
             .take()
@@ -382,6 +353,9 @@ fn exec(
         proto::STDOUT,
     );
     pump(
+        out,
+        &open,
+        &done_tx,
         child
             .stderr
             .take()
@@ -394,6 +368,65 @@ fn exec(
             let _ = waiter_tx.send(Msg::Exited(st));
         }
     });
+    let (status, host_gone) = wait_for_exit(rx);
+    send_exit(out, pid, &open, &done_rx, status)?;
+    if host_gone {
+        return Err(io::Error::new(io::ErrorKind::BrokenPipe, "slate went away"));
+    }
+    Ok(())
+}
+
+/// The command a request asks for: its own process group, a clean
+/// environment with the request's variables, output on pipes.
+fn command(spec: &proto::Exec, prog: &str, args: &[String]) -> Command {
+    let mut cmd = Command::new(prog);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", DEFAULT_PATH)
+        .env("HOME", "/root")
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(if spec.cwd.is_empty() { "/" } else { &spec.cwd })
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    cmd
+}
+
+/// Sends what `r` yields as `kind` frames, on a thread of its own, while
+/// `open`; says so on `done` when it ends.
+fn pump(
+    out: &Out,
+    open: &Arc<std::sync::atomic::AtomicBool>,
+    done: &mpsc::Sender<()>,
+    r: Option<Box<dyn Read + Send>>,
+    kind: u8,
+) {
+    let (out, open, done) = (out.clone(), open.clone(), done.clone());
+    std::thread::spawn(move || {
+        if let Some(mut r) = r {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match r.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let mut w = out.lock().unwrap();
+                        if !open.load(std::sync::atomic::Ordering::SeqCst)
+                            || proto::write_frame(&mut *w, kind, &buf[..n]).is_err()
+                        {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let _ = done.send(());
+    });
+}
+
+/// Waits for the command's exit status, killing everything but PID 1 on a
+/// KILL request or when the host goes; the flag says whether it went.
+fn wait_for_exit(rx: &mpsc::Receiver<Msg>) -> (std::process::ExitStatus, bool) {
     let mut host_gone = false;
     let status = loop {
         match rx.recv() {
@@ -412,13 +445,25 @@ fn exec(
             }
         }
     };
+    (status, host_gone)
+}
+
+/// Sends EXIT with `status` once the output pumps are done, or after a
+/// short grace.
+fn send_exit(
+    out: &Out,
+    pid: i32,
+    open: &std::sync::atomic::AtomicBool,
+    done: &mpsc::Receiver<()>,
+    status: std::process::ExitStatus,
+) -> io::Result<()> {
     // Every byte of output goes before the exit status. The command's group
     // dies with it; a pipe still held by something outside that group gets
     // a short grace, then is abandoned.
     // SAFETY: signalling the command's process group.
     unsafe { libc::kill(-pid, libc::SIGKILL) };
     for _ in 0..2 {
-        if done_rx
+        if done
             .recv_timeout(std::time::Duration::from_secs(2))
             .is_err()
         {
@@ -437,9 +482,6 @@ fn exec(
         },
     )?;
     drop(w);
-    if host_gone {
-        return Err(io::Error::new(io::ErrorKind::BrokenPipe, "slate went away"));
-    }
     Ok(())
 }
 

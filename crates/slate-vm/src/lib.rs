@@ -382,6 +382,50 @@ impl Handed {
     }
 }
 
+/// QEMU's accelerator, CPUs, memory, machine and name.
+fn add_machine_args(cmd: &mut Command, name: &str, accel: &str, cpus: u64, mem_mib: u64) {
+    let accel_arg = if accel == "tcg" && cpus > 1 {
+        "tcg,thread=multi".to_string()
+    } else {
+        accel.to_string()
+    };
+    cmd.args([
+        "-accel",
+        &accel_arg,
+        "-cpu",
+        if accel == "kvm" { "host" } else { "max" },
+    ])
+    .args(["-smp", &cpus.to_string(), "-m", &format!("{mem_mib}M")])
+    .args(machine_args())
+    .args(["-name", name]);
+}
+
+/// What QEMU boots: the kernel, initramfs and disk slate holds open, the
+/// kernel's command line, and the agent's port.
+fn add_boot_args(cmd: &mut Command, files: &Handed, append: &str) {
+    cmd.arg("-kernel")
+        .arg(files.kernel.path())
+        .arg("-initrd")
+        .arg(files.initramfs.path())
+        .arg("-append")
+        .arg(append)
+        .arg("-drive")
+        // snapshot=on: QEMU keeps the guest's writes in a temporary overlay
+        // of its own, unlinked at once, so not even a kill -9 leaves it
+        // behind; the base disk is opened read-only and never written.
+        .arg(format!(
+            "id=root,file={},if=none,format=qcow2,snapshot=on,cache=unsafe",
+            files.disk.path().display()
+        ))
+        .args(["-device", "virtio-blk-pci,drive=root"])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=agent,path={}/agent.sock,server=off",
+            files.dir.path().display()
+        ))
+        .args(["-device", "virtserialport,chardev=agent,name=slate.agent"]);
+}
+
 fn sanitize(s: &str) -> String {
     s.chars()
         .map(|c| {
@@ -585,16 +629,47 @@ impl VmEnv {
         accel: &str,
     ) -> io::Result<()> {
         let who = jail::Identity::take(&p.cache.join("ids"), accel == "kvm")?;
+        let (qdir, listener) = self.agent_listener(&who)?;
+        let files = Handed::boot(boot, &qdir)?;
+        let mut cmd = self.qemu_command(&p.qemu, spec, accel, &files)?;
+        who.apply(&mut cmd, files.fds());
+        let child = cmd
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot start QEMU: {e}")))?;
+        drop(files);
+        self.qemu = Some(child);
+        self.identity = Some(who);
+
+        let deadline = Instant::now() + p.settings.boot_timeout;
+        let stream = self.accept_agent(&listener, deadline)?;
+        self.connect_agent(stream)?;
+        self.wait_for_hello(deadline, p.settings.boot_timeout)
+    }
+
+    /// Makes QEMU's folder and binds the agent's socket in it, both given
+    /// to QEMU's user; returns the folder and the listening socket.
+    fn agent_listener(&self, who: &jail::Identity) -> io::Result<(PathBuf, UnixListener)> {
         // QEMU's own folder: its socket, and the temporary overlay of
         // `snapshot=on` (TMPDIR).
         let qdir = self.dir.join(QEMU_DIR);
         std::fs::DirBuilder::new().mode(0o700).create(&qdir)?;
-        jail::give(&qdir, &who)?;
+        jail::give(&qdir, who)?;
         let sock = qdir.join("agent.sock");
         let listener = UnixListener::bind(&sock)?;
-        jail::give(&sock, &who)?;
+        jail::give(&sock, who)?;
         listener.set_nonblocking(true)?;
-        let files = Handed::boot(boot, &qdir)?;
+        Ok((qdir, listener))
+    }
+
+    /// QEMU's command line for this environment, its output going to the
+    /// console log.
+    fn qemu_command(
+        &self,
+        qemu: &Path,
+        spec: &EnvSpec,
+        accel: &str,
+        files: &Handed,
+    ) -> io::Result<Command> {
         let cpus = spec
             .limits
             .cpus
@@ -614,42 +689,9 @@ impl VmEnv {
             append.push_str(" slate.net=1");
         }
         let console = std::fs::File::create(self.dir.join("console.log"))?;
-        let mut cmd = Command::new(&p.qemu);
-        let accel_arg = if accel == "tcg" && cpus > 1 {
-            "tcg,thread=multi".to_string()
-        } else {
-            accel.to_string()
-        };
-        cmd.args([
-            "-accel",
-            &accel_arg,
-            "-cpu",
-            if accel == "kvm" { "host" } else { "max" },
-        ])
-        .args(["-smp", &cpus.to_string(), "-m", &format!("{mem_mib}M")])
-        .args(machine_args())
-        .args(["-name", &self.id])
-        .arg("-kernel")
-        .arg(files.kernel.path())
-        .arg("-initrd")
-        .arg(files.initramfs.path())
-        .arg("-append")
-        .arg(&append)
-        .arg("-drive")
-        // snapshot=on: QEMU keeps the guest's writes in a temporary overlay
-        // of its own, unlinked at once, so not even a kill -9 leaves it
-        // behind; the base disk is opened read-only and never written.
-        .arg(format!(
-            "id=root,file={},if=none,format=qcow2,snapshot=on,cache=unsafe",
-            files.disk.path().display()
-        ))
-        .args(["-device", "virtio-blk-pci,drive=root"])
-        .arg("-chardev")
-        .arg(format!(
-            "socket,id=agent,path={}/agent.sock,server=off",
-            files.dir.path().display()
-        ))
-        .args(["-device", "virtserialport,chardev=agent,name=slate.agent"]);
+        let mut cmd = Command::new(qemu);
+        add_machine_args(&mut cmd, &self.id, accel, cpus, mem_mib);
+        add_boot_args(&mut cmd, files, &append);
         if spec.network {
             cmd.args([
                 "-netdev",
@@ -665,18 +707,18 @@ impl VmEnv {
             .stdin(Stdio::null())
             .stdout(console.try_clone()?)
             .stderr(console);
-        who.apply(&mut cmd, files.fds());
-        let child = cmd
-            .spawn()
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot start QEMU: {e}")))?;
-        drop(files);
-        self.qemu = Some(child);
-        self.identity = Some(who);
+        Ok(cmd)
+    }
 
-        let deadline = Instant::now() + p.settings.boot_timeout;
-        let stream = loop {
+    /// Waits for QEMU to connect the agent's port.
+    fn accept_agent(
+        &mut self,
+        listener: &UnixListener,
+        deadline: Instant,
+    ) -> io::Result<UnixStream> {
+        loop {
             match listener.accept() {
-                Ok((s, _)) => break s,
+                Ok((s, _)) => return Ok(s),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.check_alive("before connecting to the agent's port")?;
                     if Instant::now() > deadline {
@@ -686,7 +728,11 @@ impl VmEnv {
                 }
                 Err(e) => return Err(e),
             }
-        };
+        }
+    }
+
+    /// Talks to the agent over `stream`: frames are read ahead by a thread.
+    fn connect_agent(&mut self, stream: UnixStream) -> io::Result<()> {
         stream.set_nonblocking(false)?;
         let mut reader = stream.try_clone()?;
         // Bounded: a guest that floods output waits for slate (TCP
@@ -703,6 +749,12 @@ impl VmEnv {
         stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
         self.to_guest = Some(stream);
         self.from_guest = Some(rx);
+        Ok(())
+    }
+
+    /// Waits for the agent's hello, failing early when QEMU exits or the
+    /// console shows a guest that will not come up.
+    fn wait_for_hello(&mut self, deadline: Instant, timeout: Duration) -> io::Result<()> {
         loop {
             match self.recv(Duration::from_millis(100)) {
                 Ok(Some((proto::HELLO, payload))) => {
@@ -722,7 +774,7 @@ impl VmEnv {
                     if Instant::now() > deadline {
                         return Err(io::Error::other(format!(
                             "the guest did not come up within {} s",
-                            p.settings.boot_timeout.as_secs()
+                            timeout.as_secs()
                         )));
                     }
                 }
