@@ -67,6 +67,7 @@ wanted=(
     "curl|test|fetches over HTTPS in the CA test"
     "procps|test|pgrep: the tests check that no process is left"
     "python3-junitparser|test|reads the JUnit XML slate writes, as a CI server would"
+    "groff-base|test|renders the manual page \`slate man\` prints"
 )
 
 in_groups() {

@@ -127,6 +127,13 @@ pub enum Command {
     Check,
     /// Write a commented starter slate.toml
     Init,
+    /// Print a shell completion script (e.g. `slate completions bash > /etc/bash_completion.d/slate`)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `slate man | man -l -`
+    Man,
     /// History of runs
     Runs,
     /// The full log of one target

@@ -207,6 +207,8 @@ fn main() -> ExitCode {
         }) => commands::provenance::verify(&ctx, artifact, key, envelope.as_deref()),
         Command::Check => commands::check::check(&ctx),
         Command::Init => commands::check::init(&ctx),
+        Command::Completions { shell } => commands::check::completions(*shell),
+        Command::Man => commands::check::man(),
         Command::Runs => commands::runs::runs(&ctx),
         Command::Logs { target, run } => commands::runs::logs(&ctx, target, run.as_deref()),
     };

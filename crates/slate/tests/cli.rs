@@ -1461,3 +1461,62 @@ fn root_gc_removes_every_leftover_it_can_and_names_the_one_it_cannot() {
         );
     }
 }
+
+/// `slate completions bash` completes commands and their options in a real
+/// bash, as the completion function bash calls would.
+#[test]
+fn bash_completion_completes_commands_and_options() {
+    let complete = |words: &str, cword: usize| {
+        let script = format!(
+            "source <(\"$SLATE\" completions bash); COMP_WORDS=({words}); COMP_CWORD={cword}; \
+             _slate slate \"${{COMP_WORDS[$COMP_CWORD]}}\" \"${{COMP_WORDS[$COMP_CWORD-1]}}\"; \
+             printf '%s\\n' \"${{COMPREPLY[@]}}\""
+        );
+        let o = Command::new("bash")
+            .args(["-c", &script])
+            .env("SLATE", env!("CARGO_BIN_EXE_slate"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(complete("slate bu", 1), "build\n");
+    assert_eq!(complete("slate build --ju", 2), "--junit\n");
+    assert!(complete("slate g", 1).lines().any(|l| l == "gc"));
+}
+
+/// `slate man` is a manual page groff renders without a warning, with a
+/// section per command.
+#[test]
+#[ignore = "needs groff: scripts/test.sh runs it"]
+fn the_manual_page_renders_with_every_command() {
+    common::require_tool("groff", "groff-base");
+    let page = Command::new(env!("CARGO_BIN_EXE_slate"))
+        .arg("man")
+        .output()
+        .unwrap();
+    assert!(page.status.success(), "{}", text(&page));
+    let render = |extra: &[&str]| {
+        let mut c = Command::new("groff");
+        c.args(["-man", "-Tutf8"]).args(extra);
+        c.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(&page.stdout).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let warnings = render(&["-ww", "-z"]);
+    assert!(warnings.stderr.is_empty(), "{}", text(&warnings));
+    let shown = String::from_utf8_lossy(&render(&[]).stdout).into_owned();
+    for cmd in [
+        "slate-build",
+        "slate-bake",
+        "slate-gc",
+        "slate-verify",
+        "slate-completions",
+    ] {
+        assert!(shown.contains(cmd), "{cmd} is not in the page");
+    }
+}

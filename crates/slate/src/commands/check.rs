@@ -1,4 +1,5 @@
-//! `slate check` and `slate init`.
+//! `slate check`, `slate init`, and what describes slate itself:
+//! `slate completions SHELL` and `slate man`.
 
 use crate::error::{CliError, CmdResult, Exit};
 use crate::Ctx;
@@ -97,5 +98,32 @@ pub fn init(ctx: &Ctx) -> CmdResult {
         "wrote {}; next: `slate check`, then `slate build`",
         path.display()
     ));
+    Ok(Exit::Ok.into())
+}
+
+/// The completion script for `shell`, made from the command-line definition.
+pub fn completions(shell: clap_complete::Shell) -> CmdResult {
+    let mut cmd = <crate::cli::Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut cmd, "slate", &mut std::io::stdout());
+    Ok(Exit::Ok.into())
+}
+
+/// The manual page (roff), made from the command-line definition: the
+/// options, and a section per command.
+pub fn man() -> CmdResult {
+    let cmd = <crate::cli::Cli as clap::CommandFactory>::command();
+    let mut out = std::io::stdout();
+    let io = |e: std::io::Error| CliError::from_error(Exit::Infra, &e);
+    clap_mangen::Man::new(cmd.clone())
+        .render(&mut out)
+        .map_err(io)?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("slate-{}", sub.get_name());
+        let page = clap_mangen::Man::new(sub.clone().name(name));
+        page.render_name_section(&mut out).map_err(io)?;
+        page.render_synopsis_section(&mut out).map_err(io)?;
+        page.render_description_section(&mut out).map_err(io)?;
+        page.render_options_section(&mut out).map_err(io)?;
+    }
     Ok(Exit::Ok.into())
 }
