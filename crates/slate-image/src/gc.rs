@@ -38,6 +38,18 @@ pub fn layers_of(project: &Project) -> Result<BTreeSet<String>, String> {
     Ok(keys)
 }
 
+/// Registers `project` unless it already is: one `stat` when it is (for
+/// commands that only use layers, on the start-up path of every `run`).
+pub fn ensure_registered(store: &LayerStore, project: &Project) {
+    let registered = project
+        .file
+        .canonicalize()
+        .is_ok_and(|c| root_file(store, &c).is_file());
+    if !registered {
+        register(store, project);
+    }
+}
+
 /// Registers `project` as a root with the layers its images use now.
 /// Best effort: a cache that cannot record it only makes `gc` forget it.
 pub fn register(store: &LayerStore, project: &Project) {

@@ -40,11 +40,20 @@ impl Ctx {
         Ok(store)
     }
 
-    /// The cache, with `project` registered in it as a root: `slate gc`
-    /// run in another project keeps what this one uses.
+    /// The cache, with `project` registered in it as a root (with the
+    /// layers its images use now): `slate gc` run in another project keeps
+    /// what this one uses. For commands that bake.
     pub fn store_for(&self, project: &Project) -> Result<LayerStore> {
         let store = self.store()?;
         slate_image::gc::register(&store, project);
+        Ok(store)
+    }
+
+    /// The cache, with `project` registered if it is not yet: for commands
+    /// that use layers (`run`, `shell`), whose start-up time counts.
+    pub fn store_using(&self, project: &Project) -> Result<LayerStore> {
+        let store = self.store()?;
+        slate_image::gc::ensure_registered(&store, project);
         Ok(store)
     }
 

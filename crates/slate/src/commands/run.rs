@@ -80,7 +80,7 @@ pub fn run(
     command: &[String],
 ) -> CmdResult {
     let project = ctx.project()?;
-    let store = ctx.store_for(&project)?;
+    let store = ctx.store_using(&project)?;
     let kind = match provider {
         None => slate_provider::EnvKind::Sandbox,
         Some(p) => slate_config::ProviderKind::parse(p)
@@ -167,7 +167,7 @@ fn run_in_vm(
 
 pub fn shell(ctx: &Ctx, name: &str) -> CmdResult {
     let project = ctx.project()?;
-    let store = ctx.store_for(&project)?;
+    let store = ctx.store_using(&project)?;
     let provider = ctx.sandbox(&store)?;
     let argv = vec![
         "/bin/sh".into(),
