@@ -656,8 +656,9 @@ impl<P: Provider> Orchestrator<'_, P> {
                 })?;
             artifacts::make_plain(&dest)
                 .map_err(|e| TargetError::Infra(format!("artifact `{rel}`: {e}")))?;
-            let sha256 =
-                ArtifactStore::sha256(&dest).map_err(|e| TargetError::Infra(e.to_string()))?;
+            let sha256 = slate_layers::hash::sha256_file(&dest)
+                .map(|(sha, _)| sha)
+                .map_err(|e| TargetError::Infra(e.to_string()))?;
             let path = format!("{}/{base}", t.name);
             self.sink.event(&Event::new(
                 Some(&t.name),

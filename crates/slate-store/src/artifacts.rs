@@ -106,11 +106,6 @@ impl ArtifactStore {
         .map_err(|e| ioerr(e, "write", &path))
     }
 
-    /// Checksums a staged file.
-    pub fn sha256(path: &Path) -> io::Result<String> {
-        slate_layers::hash::sha256_file(path).map(|(sha, _)| sha)
-    }
-
     /// Moves a target's staged artifacts into place and rewrites the indexes.
     pub fn commit(&self, mut t: ManifestTarget) -> io::Result<()> {
         let staged = self.staging.join(&t.name);

@@ -64,12 +64,14 @@ pub fn verify(ctx: &Ctx, artifact: &Path, key: &Path, envelope: Option<&Path>) -
             envelope.display()
         )));
     }
-    let sha = slate_store::artifacts::ArtifactStore::sha256(&artifact).map_err(|e| {
-        CliError::new(
-            Exit::Usage,
-            format!("cannot read the artifact `{}`: {e}", artifact.display()),
-        )
-    })?;
+    let sha = slate_layers::hash::sha256_file(&artifact)
+        .map(|(sha, _)| sha)
+        .map_err(|e| {
+            CliError::new(
+                Exit::Usage,
+                format!("cannot read the artifact `{}`: {e}", artifact.display()),
+            )
+        })?;
     let name = artifact
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
