@@ -234,7 +234,7 @@ fn baked(
     store: &crate::LayerStore,
     name: &str,
 ) -> Result<(ImagePlan, BakedImage, Option<String>), ExportError> {
-    let plan = crate::plan(project, name)?;
+    let plan = crate::plan::plan_cached(project, name, store)?;
     let image = BakedImage::from_store(&plan, store);
     let arch = project
         .image(name)

@@ -29,10 +29,11 @@ fn root_file(store: &LayerStore, config: &Path) -> PathBuf {
 }
 
 /// The layers `project`'s images use now (those it can plan).
-pub fn layers_of(project: &Project) -> Result<BTreeSet<String>, String> {
+pub fn layers_of(store: &LayerStore, project: &Project) -> Result<BTreeSet<String>, String> {
     let mut keys = BTreeSet::new();
     for img in &project.images {
-        let plan = crate::plan(project, &img.name).map_err(|e| e.to_string())?;
+        let plan =
+            crate::plan::plan_cached(project, &img.name, store).map_err(|e| e.to_string())?;
         keys.extend(plan.layers.iter().map(|l| l.key.clone()));
     }
     Ok(keys)
@@ -56,7 +57,7 @@ pub fn register(store: &LayerStore, project: &Project) {
     let Ok(config) = project.file.canonicalize() else {
         return;
     };
-    let layers = layers_of(project).unwrap_or_default();
+    let layers = layers_of(store, project).unwrap_or_default();
     write_root(store, &Root { config, layers });
 }
 
@@ -111,7 +112,7 @@ pub fn plan(
     let mut out = Plan::default();
     let mut keep = BTreeSet::new();
     if scope != Scope::Everything {
-        keep = layers_of(project)?;
+        keep = layers_of(store, project)?;
         register(store, project);
     }
     let this = project.file.canonicalize().ok();
@@ -133,7 +134,7 @@ pub fn plan(
                 Some(&root.config),
             )
             .map_err(|e| e.to_string())
-            .and_then(|p| layers_of(&p))
+            .and_then(|p| layers_of(store, &p))
             {
                 Ok(now) => {
                     if !dry_run {

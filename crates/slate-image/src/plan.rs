@@ -4,7 +4,7 @@
 
 use crate::ImageError;
 use slate_config::{BaseSpec, ImageSpec, Project};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Bumped when the meaning of a layer changes, so old layers are not reused.
 const FORMAT: &str = "slate-layer-v1";
@@ -84,16 +84,10 @@ impl ImagePlan {
 
 pub use slate_layers::hash::{hash, hex};
 
-static DIGEST_CACHE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-
-/// Remembers file digests in `dir`, keyed by path, size, mtime and inode, so a
-/// large `tar:` base is not hashed again on every run.
-pub fn set_digest_cache(dir: PathBuf) {
-    let _ = std::fs::create_dir_all(&dir);
-    let _ = DIGEST_CACHE.set(dir);
-}
-
-pub fn file_digest(path: &std::path::Path) -> std::io::Result<String> {
+/// The sha256 of a file, remembered in `digests` (when given), keyed by
+/// path, size, mtime and inode, so a large `tar:` base is not hashed again
+/// on every run.
+pub fn file_digest(path: &Path, digests: Option<&Path>) -> std::io::Result<String> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path)?;
     let id = format!(
@@ -104,7 +98,7 @@ pub fn file_digest(path: &std::path::Path) -> std::io::Result<String> {
         m.mtime_nsec(),
         m.ino()
     );
-    let slot = DIGEST_CACHE.get().map(|d| d.join(hash(&[id.as_bytes()])));
+    let slot = digests.map(|d| d.join(hash(&[id.as_bytes()])));
     if let Some(cached) = slot.as_ref().and_then(|s| std::fs::read_to_string(s).ok()) {
         return Ok(cached);
     }
@@ -115,12 +109,29 @@ pub fn file_digest(path: &std::path::Path) -> std::io::Result<String> {
     Ok(d)
 }
 
-/// Plans `name` and, through `image:` bases, the images below it.
+/// Plans `name` and, through `image:` bases, the images below it, hashing
+/// every file it reads.
 pub fn plan(project: &Project, name: &str) -> Result<ImagePlan, ImageError> {
-    plan_inner(project, name, 0)
+    plan_inner(project, name, 0, None)
 }
 
-fn plan_inner(project: &Project, name: &str, depth: usize) -> Result<ImagePlan, ImageError> {
+/// As [`plan`], with file digests remembered in `store`'s cache.
+pub fn plan_cached(
+    project: &Project,
+    name: &str,
+    store: &crate::LayerStore,
+) -> Result<ImagePlan, ImageError> {
+    let digests = store.root().join("digests");
+    let _ = std::fs::create_dir_all(&digests);
+    plan_inner(project, name, 0, Some(&digests))
+}
+
+fn plan_inner(
+    project: &Project,
+    name: &str,
+    depth: usize,
+    digests: Option<&Path>,
+) -> Result<ImagePlan, ImageError> {
     let spec: &ImageSpec = project.image(name).ok_or_else(|| ImageError::Unknown {
         name: name.to_string(),
     })?;
@@ -129,7 +140,7 @@ fn plan_inner(project: &Project, name: &str, depth: usize) -> Result<ImagePlan, 
             name: name.to_string(),
         });
     }
-    let mut plan = plan_base(project, name, &spec.base, depth)?;
+    let mut plan = plan_base(project, name, &spec.base, depth, digests)?;
     set_env(&mut plan.env, &spec.env);
     let packages = packages_to_install(spec);
     if !packages.is_empty() {
@@ -141,7 +152,7 @@ fn plan_inner(project: &Project, name: &str, depth: usize) -> Result<ImagePlan, 
         );
     }
     if !spec.files.is_empty() {
-        let content = files_content(&spec.files)?;
+        let content = files_content(&spec.files, digests)?;
         push_layer(
             &mut plan.layers,
             name,
@@ -188,6 +199,7 @@ fn plan_base(
     name: &str,
     base: &BaseSpec,
     depth: usize,
+    digests: Option<&Path>,
 ) -> Result<ImagePlan, ImageError> {
     let (kind, content) = match base {
         BaseSpec::Debian {
@@ -210,7 +222,7 @@ fn plan_base(
             (kind, content)
         }
         BaseSpec::Tar { path } => {
-            let digest = file_digest(path).map_err(|source| ImageError::Read {
+            let digest = file_digest(path, digests).map_err(|source| ImageError::Read {
                 path: path.clone(),
                 source,
             })?;
@@ -231,7 +243,7 @@ fn plan_base(
             (kind, format!("oci\n{reference}"))
         }
         BaseSpec::Image { name: base } => {
-            let below = plan_inner(project, base, depth + 1)?;
+            let below = plan_inner(project, base, depth + 1, digests)?;
             return Ok(ImagePlan {
                 name: name.to_string(),
                 ..below
@@ -284,10 +296,13 @@ fn packages_to_install(spec: &ImageSpec) -> Vec<String> {
 
 /// What the layer of copied files is keyed by: each file's destination,
 /// digest and mode.
-fn files_content(files: &[(PathBuf, String)]) -> Result<String, ImageError> {
+fn files_content(
+    files: &[(PathBuf, String)],
+    digests: Option<&Path>,
+) -> Result<String, ImageError> {
     let mut content = String::from("files\n");
     for (host, dest) in files {
-        let d = file_digest(host).map_err(|source| ImageError::Read {
+        let d = file_digest(host, digests).map_err(|source| ImageError::Read {
             path: host.clone(),
             source,
         })?;

@@ -175,7 +175,8 @@ impl<P: Provider> Orchestrator<'_, P> {
             for name in names {
                 let (baker, out) = (&baker, &out);
                 s.spawn(move || {
-                    let res = slate_image::plan(self.project, name).and_then(|p| baker.bake(&p));
+                    let res = slate_image::plan::plan_cached(self.project, name, self.store)
+                        .and_then(|p| baker.bake(&p));
                     if let Err(e) = &res {
                         self.sink.event(&Event::new(
                             Some(name),

@@ -36,7 +36,6 @@ impl Ctx {
                 root.display()
             ))
         })?;
-        slate_image::plan::set_digest_cache(store.root().join("digests"));
         Ok(store)
     }
 

@@ -39,7 +39,7 @@ pub fn images(ctx: &Ctx) -> CmdResult {
     let store = ctx.store()?;
     let mut used = BTreeSet::new();
     for img in &project.images {
-        match slate_image::plan(&project, &img.name) {
+        match slate_image::plan::plan_cached(&project, &img.name, &store) {
             Ok(plan) => {
                 let baked = plan.layers.iter().all(|l| store.has(&l.key));
                 let size: u64 = plan

@@ -22,7 +22,7 @@ fn image(
             project.images.iter().map(|i| i.name.as_str()).collect(),
         ));
     }
-    let plan = slate_image::plan(project, name)?;
+    let plan = slate_image::plan::plan_cached(project, name, store)?;
     if let Some(slate_config::BaseSpec::Debian {
         arch: Some(arch), ..
     }) = project.image(name).map(|i| &i.base)
