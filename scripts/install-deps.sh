@@ -68,6 +68,7 @@ wanted=(
     "procps|test|pgrep: the tests check that no process is left"
     "python3-junitparser|test|reads the JUnit XML slate writes, as a CI server would"
     "groff-base|test|renders the manual page \`slate man\` prints"
+    "python3-jsonschema|test|checks --log-format json events against docs/events.schema.json"
 )
 
 in_groups() {

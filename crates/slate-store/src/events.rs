@@ -1,10 +1,18 @@
 //! Events: the one stream the terminal, JSON lines, run record and logs read.
+//! As JSON (`--log-format json`), their format is `docs/events.schema.json`.
 
 use serde::Serialize;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// The version of the event format (`v` in each event): what
+/// `docs/events.schema.json` describes. It changes only when a field
+/// changes meaning or goes; new events and fields may come without it.
+pub const EVENTS_VERSION: u32 = 1;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
+    /// [`EVENTS_VERSION`].
+    pub v: u32,
     /// Seconds since the Unix epoch.
     pub time: f64,
     /// The target (or, for bake events, the image) it concerns.
@@ -17,6 +25,7 @@ pub struct Event {
 impl Event {
     pub fn new(target: Option<&str>, kind: EventKind) -> Event {
         Event {
+            v: EVENTS_VERSION,
             time: now(),
             target: target.map(str::to_string),
             kind,

@@ -192,3 +192,54 @@ for suite in JUnitXml.fromfile(sys.argv[1]):
          broken ['Failure: `run: make broken` exited with code 2'] | True ['==> failed: `run: make broken` exited with code 2']\n"
     );
 }
+
+/// `--log-format json`: every line of stdout is an event that the
+/// documented schema (docs/events.schema.json) accepts, checked by Debian's
+/// python3-jsonschema; the run starts and ends once, and each target ends
+/// with its status.
+#[test]
+#[ignore = "needs python3-jsonschema: scripts/test.sh runs it"]
+fn json_events_follow_the_documented_schema() {
+    let checker = r#"
+import json, sys
+from jsonschema import Draft202012Validator
+schema = json.load(open(sys.argv[1]))
+Draft202012Validator.check_schema(schema)
+validator = Draft202012Validator(schema)
+events = [json.loads(l) for l in open(sys.argv[2])]
+for e in events:
+    errors = sorted(validator.iter_errors(e), key=str)
+    if errors:
+        print("INVALID", json.dumps(e), errors[0].message)
+kinds = [e["event"] for e in events]
+print(kinds[0], kinds[-1], kinds.count("run_started"), kinds.count("run_finished"))
+for e in events:
+    if e["event"] == "target_finished":
+        print(e["target"], e["status"], e["exit_code"])
+"#;
+    let has_checker = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", "import jsonschema"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        has_checker,
+        "python3-jsonschema is missing: apt-get install python3-jsonschema (scripts/install-deps.sh test)"
+    );
+    let p = project(CONFIG);
+    let o = run(&p, &["--log-format", "json", "build", "-j", "1"]);
+    assert_eq!(o.status.code(), Some(1), "{}", common::text(&o));
+    std::fs::write(p.path().join("events.jsonl"), &o.stdout).unwrap();
+    let schema =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/events.schema.json");
+    let checked = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", checker])
+        .arg(schema)
+        .arg(p.path().join("events.jsonl"))
+        .output()
+        .unwrap();
+    assert!(checked.status.success(), "{}", common::text(&checked));
+    assert_eq!(
+        String::from_utf8_lossy(&checked.stdout),
+        "run_started run_finished 1 1\napp succeeded 0\nbroken failed 2\n"
+    );
+}
