@@ -100,6 +100,12 @@ impl Reporter {
         st.drawn = st.running.len();
     }
 
+    /// Whether a live block is drawn (a terminal): only then is there a
+    /// clock to tick.
+    pub fn is_live(&self) -> bool {
+        self.mode == Mode::Live
+    }
+
     /// Redraws the live block (elapsed times), called by a ticker.
     pub fn tick(&self) {
         if self.mode != Mode::Live {

@@ -6,6 +6,7 @@ use crate::{signals, Ctx};
 use slate_config::TargetSpec;
 use slate_run::{BuildOptions, Orchestrator};
 use slate_store::events::{EventSink, TargetStatus, Tee};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 pub fn up(ctx: &Ctx, target: &str, provider: Option<String>) -> CmdResult {
@@ -58,16 +59,22 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
         signer,
     };
     let started = Instant::now();
-    let done = std::sync::atomic::AtomicBool::new(false);
+    // The live view's clock redraws every 250 ms; the build's end stops it
+    // at once (it is a wait on a channel, not a sleep).
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let results = std::thread::scope(|s| {
-        s.spawn(|| {
-            while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                reporter.tick();
-                std::thread::sleep(Duration::from_millis(250));
-            }
-        });
+        if reporter.is_live() {
+            let reporter = &reporter;
+            s.spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(Duration::from_millis(250))
+                {
+                    reporter.tick();
+                }
+            });
+        }
         let r = orch.build(&selected, &opts);
-        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(stop);
         r
     });
     reporter.clear();
