@@ -22,6 +22,7 @@ pub mod proto;
 use slate_provider::lease::take_lease;
 use slate_provider::*;
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -350,6 +351,18 @@ fn kernel_cmdline() -> String {
         c.push_str(&format!(" tsc_early_khz={k}"));
     }
     c
+}
+
+/// Closes a pidfd (if there is one) when dropped.
+struct PidFd(libc::c_int);
+
+impl Drop for PidFd {
+    fn drop(&mut self) {
+        if self.0 >= 0 {
+            // SAFETY: closing a descriptor we opened.
+            unsafe { libc::close(self.0) };
+        }
+    }
 }
 
 /// The folder in an environment's folder that belongs to QEMU's user.
@@ -716,15 +729,44 @@ impl VmEnv {
         listener: &UnixListener,
         deadline: Instant,
     ) -> io::Result<UnixStream> {
+        // Woken by the connection, or by QEMU's end (its pidfd), not by a
+        // timer; without a pidfd (kernels before 5.3), every 50 ms.
+        let pidfd = self.qemu.as_ref().map_or(-1, |c| {
+            // SAFETY: pidfd_open on our own child's pid.
+            unsafe { libc::syscall(libc::SYS_pidfd_open, c.id(), 0) as libc::c_int }
+        });
+        let _close = PidFd(pidfd);
         loop {
             match listener.accept() {
                 Ok((s, _)) => return Ok(s),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.check_alive("before connecting to the agent's port")?;
-                    if Instant::now() > deadline {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
                         return Err(io::Error::other("QEMU did not connect the agent's port"));
                     }
-                    std::thread::sleep(Duration::from_millis(2));
+                    let wait = if pidfd >= 0 {
+                        left
+                    } else {
+                        left.min(Duration::from_millis(50))
+                    };
+                    let mut fds = [
+                        libc::pollfd {
+                            fd: listener.as_raw_fd(),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        },
+                        libc::pollfd {
+                            fd: pidfd,
+                            events: libc::POLLIN,
+                            revents: 0,
+                        },
+                    ];
+                    // SAFETY: poll on two pollfds we own (a negative fd is
+                    // ignored by the kernel).
+                    unsafe {
+                        libc::poll(fds.as_mut_ptr(), 2, wait.as_millis().max(1) as libc::c_int)
+                    };
                 }
                 Err(e) => return Err(e),
             }
