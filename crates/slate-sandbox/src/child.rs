@@ -225,9 +225,11 @@ unsafe fn init(plan: &Plan) -> ! {
     // following symlinks: the image is untrusted, and a symlink such as
     // `/etc/resolv.conf -> /etc/nologin` followed from the host's root would
     // create or cover a host file.
+    let mut root = Root(-1);
     for p in &plan.preps {
-        prepare(plan, p);
+        prepare(plan, &mut root, p);
     }
+    root.forget();
     if libc::sethostname(plan.hostname.as_ptr(), plan.hostname.as_bytes().len()) != 0 {
         fail(plan, b"set hostname");
     }
@@ -247,28 +249,60 @@ unsafe fn init(plan: &Plan) -> ! {
 }
 
 /// Carries out one step of building the root filesystem.
-unsafe fn prepare(plan: &Plan, p: &Prep) {
+unsafe fn prepare(plan: &Plan, root: &mut Root, p: &Prep) {
     match p {
-        Prep::Mkdir(path, mode) => prep_mkdir(plan, path, *mode),
-        Prep::Touch(path) => prep_touch(plan, path),
-        Prep::Symlink(target, link) => prep_symlink(plan, target, link),
-        Prep::Mount(m) => prep_mount(plan, m),
+        Prep::Mkdir(path, mode) => prep_mkdir(plan, root, path, *mode),
+        Prep::Touch(path) => prep_touch(plan, root, path),
+        Prep::Symlink(target, link) => prep_symlink(plan, root, target, link),
+        Prep::Mount(m) => prep_mount(plan, root, m),
         Prep::Overlay {
             target,
             lower,
             upper,
             work,
             flags,
-        } => mount_overlay(plan, target, lower, upper, work, *flags),
-        Prep::RemountRo(target, extra) => prep_remount_ro(plan, target, *extra),
+        } => {
+            root.forget();
+            mount_overlay(plan, target, lower, upper, work, *flags);
+        }
+        Prep::RemountRo(target, extra) => prep_remount_ro(plan, root, target, *extra),
+    }
+}
+
+/// The new root, opened once and walked from by every step below it.
+///
+/// A descriptor of a folder sees mounts made later on folders below it, so
+/// one opening serves every step until something is mounted on the root
+/// itself; such a step calls [`Root::forget`].
+struct Root(libc::c_int);
+
+impl Root {
+    unsafe fn fd(&mut self, plan: &Plan) -> libc::c_int {
+        if self.0 < 0 {
+            self.0 = libc::open(
+                plan.root.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            );
+            if self.0 < 0 {
+                fail(plan, b"open the new root");
+            }
+        }
+        self.0
+    }
+
+    unsafe fn forget(&mut self) {
+        if self.0 >= 0 {
+            libc::close(self.0);
+            self.0 = -1;
+        }
     }
 }
 
 /// Makes a folder, walking to it when it is inside the new root.
-unsafe fn prep_mkdir(plan: &Plan, path: &CString, mode: libc::mode_t) {
+unsafe fn prep_mkdir(plan: &Plan, root: &mut Root, path: &CString, mode: libc::mode_t) {
     match in_root(plan, path) {
         Some(rel) => {
-            libc::close(walk(plan, path, rel, Create::Dir(mode)));
+            libc::close(walk(plan, root, path, rel, Create::Dir(mode)));
         }
         None => {
             if libc::mkdir(path.as_ptr(), mode) != 0 && *libc::__errno_location() != libc::EEXIST {
@@ -279,20 +313,20 @@ unsafe fn prep_mkdir(plan: &Plan, path: &CString, mode: libc::mode_t) {
 }
 
 /// Creates an empty file inside the new root, to bind a host file over it.
-unsafe fn prep_touch(plan: &Plan, path: &CString) {
+unsafe fn prep_touch(plan: &Plan, root: &mut Root, path: &CString) {
     let Some(rel) = in_root(plan, path) else {
         fail2(plan, b"create outside the root ", bytes(path));
     };
-    libc::close(walk(plan, path, rel, Create::File));
+    libc::close(walk(plan, root, path, rel, Create::File));
 }
 
 /// Makes `link` (inside the new root) point to `target`.
-unsafe fn prep_symlink(plan: &Plan, target: &CString, link: &CString) {
+unsafe fn prep_symlink(plan: &Plan, root: &mut Root, target: &CString, link: &CString) {
     let Some(rel) = in_root(plan, link) else {
         fail2(plan, b"symlink outside the root ", bytes(link));
     };
     let (dir, name) = split_last(rel);
-    let dfd = walk(plan, link, dir, Create::None);
+    let dfd = walk(plan, root, link, dir, Create::None);
     let mut buf = [0u8; COMPONENT_MAX + 1];
     let name = c_component(plan, link, name, &mut buf);
     if libc::symlinkat(target.as_ptr(), dfd, name) != 0 && *libc::__errno_location() != libc::EEXIST
@@ -303,7 +337,7 @@ unsafe fn prep_symlink(plan: &Plan, target: &CString, link: &CString) {
 }
 
 /// Mounts `m`, on a target inside the new root through its descriptor.
-unsafe fn prep_mount(plan: &Plan, m: &Mount) {
+unsafe fn prep_mount(plan: &Plan, root: &mut Root, m: &Mount) {
     let data = m.data.as_ref().map_or(ptr::null(), |d| d.as_ptr().cast());
     let fd = in_root(plan, &m.target).map(|rel| {
         let create = if m.optional {
@@ -311,8 +345,13 @@ unsafe fn prep_mount(plan: &Plan, m: &Mount) {
         } else {
             Create::None
         };
-        walk(plan, &m.target, rel, create)
+        walk(plan, root, &m.target, rel, create)
     });
+    if fd.is_none() {
+        // Mounted on the root itself (or outside it): an opened root
+        // would no longer show what is there.
+        root.forget();
+    }
     if fd == Some(-1) {
         // An optional mount whose target is not there.
         return;
@@ -329,10 +368,10 @@ unsafe fn prep_mount(plan: &Plan, m: &Mount) {
 }
 
 /// Remounts the bind mount on `target` read-only, with `extra` flags.
-unsafe fn prep_remount_ro(plan: &Plan, target: &CString, extra: libc::c_ulong) {
+unsafe fn prep_remount_ro(plan: &Plan, root: &mut Root, target: &CString, extra: libc::c_ulong) {
     let none = c"none";
     let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC | extra;
-    let fd = in_root(plan, target).map(|rel| walk(plan, target, rel, Create::None));
+    let fd = in_root(plan, target).map(|rel| walk(plan, root, target, rel, Create::None));
     let mut buf = [0u8; 40];
     let at = fd.map_or(target.as_ptr(), |fd| fd_path(fd, &mut buf));
     if libc::mount(none.as_ptr(), at, ptr::null(), flags, ptr::null()) != 0 {
@@ -410,11 +449,21 @@ fn c_component(
 
 /// Opens `rel` under the new root (O_PATH) one component at a time,
 /// refusing symlinks anywhere on the way, creating what `create` says.
-unsafe fn walk(plan: &Plan, path: &CString, rel: &[u8], create: Create) -> libc::c_int {
-    let mut fd = libc::open(
-        plan.root.as_ptr(),
-        libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-    );
+unsafe fn walk(
+    plan: &Plan,
+    root: &mut Root,
+    path: &CString,
+    rel: &[u8],
+    create: Create,
+) -> libc::c_int {
+    let root = root.fd(plan);
+    if !matches!(create, Create::File) {
+        let fd = open_beneath(root, rel);
+        if fd >= 0 {
+            return fd;
+        }
+    }
+    let mut fd = libc::fcntl(root, libc::F_DUPFD_CLOEXEC, 0);
     if fd < 0 {
         fail(plan, b"open the new root");
     }
@@ -479,6 +528,29 @@ unsafe fn walk(plan: &Plan, path: &CString, rel: &[u8], create: Create) -> libc:
         fd = next;
     }
     fd
+}
+
+/// `rel` opened (O_PATH) below `root` in one call, refusing symlinks and
+/// `..` anywhere on the way; -1 when that fails for any reason, and the
+/// caller walks component by component to make what is missing or to say
+/// which step failed.
+unsafe fn open_beneath(root: libc::c_int, rel: &[u8]) -> libc::c_int {
+    let mut buf = [0u8; 4096];
+    if rel.is_empty() || rel.len() >= buf.len() || rel.contains(&0) {
+        return -1;
+    }
+    buf[..rel.len()].copy_from_slice(rel);
+    let mut how: libc::open_how = std::mem::zeroed();
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    let fd = libc::syscall(
+        libc::SYS_openat2,
+        root,
+        buf.as_ptr(),
+        &how as *const libc::open_how,
+        std::mem::size_of::<libc::open_how>(),
+    );
+    fd as libc::c_int
 }
 
 /// Mounts the root overlay with its folders named by descriptor.
