@@ -145,16 +145,108 @@ fn stream_name(s: Stream) -> &'static str {
     }
 }
 
-/// What went wrong with one target; decides its status.
+/// What went wrong with one target. Its kind decides the target's status
+/// (the build's fault, the environment's, or a cancel); its text, with the
+/// causes below it, is made once, in [`Orchestrator::fail`].
+#[derive(Debug, thiserror::Error)]
 enum TargetError {
-    Script {
-        exit_code: Option<i32>,
-        message: String,
+    // The build's own doing: the target failed.
+    #[error("`{phase}` exited with code {code}{hint}")]
+    Exited {
+        phase: String,
+        code: i32,
+        /// Empty, or `; hint: ...` when the log suggests a fix.
+        hint: String,
     },
-    Infra(String),
-    /// The environment could not be made or entered; safe to retry.
-    Setup(String),
+    #[error("`{phase}` was killed by signal {signal}")]
+    Signaled { phase: String, signal: i32 },
+    #[error("timed out after {secs}s (`timeout` in the build)")]
+    TimedOut { secs: u64 },
+    #[error("artifact glob `{pattern}` is invalid")]
+    BadGlob {
+        pattern: String,
+        #[source]
+        source: globset::Error,
+    },
+    #[error("artifact glob `{pattern}` matched no file under `{workdir}`")]
+    NoMatch { pattern: String, workdir: String },
+    #[error(
+        "artifact `{rel}` is named like slate's own `{base}` beside the artifacts; rename it in the build"
+    )]
+    ReservedName { rel: String, base: String },
+    #[error("two artifacts are both named `{base}`; artifacts are stored by file name")]
+    SameName { base: String },
+    /// The environment refused what the build asked of it (an artifact
+    /// larger than allowed).
+    #[error(transparent)]
+    Refused(ProviderError),
+
+    // The environment's doing: an infrastructure failure.
+    #[error("the `{0}` provider is not available in this version of slate")]
+    Unavailable(&'static str),
+    /// The environment could not be made or entered; nothing of the build
+    /// ran, so a new one may be tried.
+    #[error(transparent)]
+    Setup(ProviderError),
+    #[error(transparent)]
+    Provider(ProviderError),
+    #[error(transparent)]
+    Inputs(#[from] inputs::InputError),
+    #[error("cannot hash the inputs")]
+    HashInputs(#[source] std::io::Error),
+    #[error("cannot read script `{}`", path.display())]
+    ReadScript {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot make the staging folder for the artifacts")]
+    Staging(#[source] std::io::Error),
+    #[error("artifact `{rel}`")]
+    Artifact {
+        rel: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("cancelled")]
     Cancelled,
+}
+
+impl TargetError {
+    /// The target's status and the exit code it reports.
+    fn status(&self) -> (TargetStatus, Option<i32>) {
+        use TargetError as E;
+        match self {
+            E::Exited { code, .. } => (TargetStatus::Failed, Some(*code)),
+            E::Signaled { signal, .. } => (TargetStatus::Failed, Some(128 + signal)),
+            E::TimedOut { .. }
+            | E::BadGlob { .. }
+            | E::NoMatch { .. }
+            | E::ReservedName { .. }
+            | E::SameName { .. }
+            | E::Refused(_) => (TargetStatus::Failed, None),
+            E::Unavailable(_)
+            | E::Setup(_)
+            | E::Provider(_)
+            | E::Inputs(_)
+            | E::HashInputs(_)
+            | E::ReadScript { .. }
+            | E::Staging(_)
+            | E::Artifact { .. } => (TargetStatus::InfraFailed, None),
+            E::Cancelled => (TargetStatus::Cancelled, None),
+        }
+    }
+
+    /// From a provider: refusals are the build's, failures to create or
+    /// enter the environment may be retried, the rest is infrastructure.
+    fn from_provider(e: ProviderError) -> Self {
+        match e {
+            ProviderError::Refused { .. } => TargetError::Refused(e),
+            ProviderError::Create { .. } => TargetError::Setup(e),
+            e => TargetError::Provider(e),
+        }
+    }
 }
 
 impl<P: Provider> Orchestrator<'_, P> {
@@ -459,34 +551,26 @@ impl<P: Provider> Orchestrator<'_, P> {
         let secret_values = secret_values(t);
         let started = events::now();
         let Some(kind) = targets::env_kind(t.provider) else {
-            return self.fail(
-                t,
-                TargetError::Setup(format!(
-                    "the `{}` provider is not available in this version of slate",
-                    t.provider.name()
-                )),
-            );
+            return self.fail(t, TargetError::Unavailable(t.provider.name()));
         };
         let spec = self.env_spec(t, img, kind);
         let mut attempt = 1;
         loop {
-            let retry = |attempt: u32, error: String| {
-                let error = mask(&error, &secret_values);
+            let retry = |attempt: u32, error: &TargetError| {
+                let error = mask(&error_chain(error), &secret_values);
                 self.sink.event(&Event::new(
                     Some(&t.name),
                     EventKind::Retry { attempt, error },
                 ));
             };
             let mut env = match self.phase(t, "create", || {
-                self.provider
-                    .create(&spec)
-                    .map_err(|e| TargetError::Setup(error_chain(&e)))
+                self.provider.create(&spec).map_err(TargetError::Setup)
             }) {
                 Ok(e) => e,
-                Err(TargetError::Setup(m))
+                Err(e @ TargetError::Setup(_))
                     if attempt < CREATE_ATTEMPTS && !self.cancel.is_cancelled() =>
                 {
-                    retry(attempt, m);
+                    retry(attempt, &e);
                     attempt += 1;
                     continue;
                 }
@@ -494,15 +578,14 @@ impl<P: Provider> Orchestrator<'_, P> {
             };
             let result = self.in_env(t, img, &mut env, &secrets, &secret_values, store);
             let destroyed = self.phase(t, "destroy", || {
-                env.destroy()
-                    .map_err(|e| TargetError::Infra(error_chain(&e)))
+                env.destroy().map_err(TargetError::Provider)
             });
             return match (result, destroyed) {
                 // The environment could not be entered: nothing of the build ran, so try a new one.
-                (Err(TargetError::Setup(m)), _)
+                (Err(e @ TargetError::Setup(_)), _)
                     if attempt < CREATE_ATTEMPTS && !self.cancel.is_cancelled() =>
                 {
-                    retry(attempt, m);
+                    retry(attempt, &e);
                     attempt += 1;
                     continue;
                 }
@@ -512,22 +595,11 @@ impl<P: Provider> Orchestrator<'_, P> {
         }
     }
 
+    /// Ends a target that did not build: the one place a [`TargetError`]
+    /// becomes the text users see.
     fn fail(&self, t: &TargetSpec, e: TargetError) -> TargetResult {
-        match e {
-            TargetError::Script { exit_code, message } => {
-                self.finish(t, TargetStatus::Failed, exit_code, Some(message), vec![])
-            }
-            TargetError::Infra(m) | TargetError::Setup(m) => {
-                self.finish(t, TargetStatus::InfraFailed, None, Some(m), vec![])
-            }
-            TargetError::Cancelled => self.finish(
-                t,
-                TargetStatus::Cancelled,
-                None,
-                Some("cancelled".into()),
-                vec![],
-            ),
-        }
+        let (status, exit_code) = e.status();
+        self.finish(t, status, exit_code, Some(error_chain(&e)), vec![])
     }
 
     fn in_env(
@@ -582,10 +654,9 @@ impl<P: Provider> Orchestrator<'_, P> {
                         },
                     ));
                 };
-                let outcome = env.exec(&exec, &mut out, &cancel).map_err(|e| match e {
-                    ProviderError::Create { .. } => TargetError::Setup(error_chain(&e)),
-                    e => infra(e),
-                })?;
+                let outcome = env
+                    .exec(&exec, &mut out, &cancel)
+                    .map_err(TargetError::from_provider)?;
                 outcome_result(t, &phase, outcome, tls_hint)
             })?;
         }
@@ -606,16 +677,15 @@ impl<P: Provider> Orchestrator<'_, P> {
         ];
         let mut sets = Vec::new();
         for input in &t.inputs {
-            let set = inputs::collect(input, &t.exclude, &skip)
-                .map_err(|e| TargetError::Infra(error_chain(&e)))?;
+            let set = inputs::collect(input, &t.exclude, &skip)?;
             env.put(&set.base, &set.entries, &t.workdir)
-                .map_err(infra)?;
+                .map_err(TargetError::Provider)?;
             sets.push(set);
         }
         // The workdir exists even when there are no inputs.
-        env.put(Path::new("/"), &[], &t.workdir).map_err(infra)?;
-        inputs::digest(&sets)
-            .map_err(|e| TargetError::Infra(format!("cannot hash the inputs: {e}")))
+        env.put(Path::new("/"), &[], &t.workdir)
+            .map_err(TargetError::Provider)?;
+        inputs::digest(&sets).map_err(TargetError::HashInputs)
     }
 
     /// Fetches the files the target's `artifacts` globs match into the
@@ -626,40 +696,30 @@ impl<P: Provider> Orchestrator<'_, P> {
         env: &mut P::Env,
         store: &ArtifactStore,
     ) -> Result<Vec<ArtifactRecord>, TargetError> {
-        let files = env.list(&t.workdir).map_err(infra)?;
+        let files = env.list(&t.workdir).map_err(TargetError::Provider)?;
         let picked = pick_artifacts(t, &files)?;
-        let staging = store
-            .staging_for(&t.name)
-            .map_err(|e| TargetError::Infra(e.to_string()))?;
+        let staging = store.staging_for(&t.name).map_err(TargetError::Staging)?;
         let mut out = Vec::new();
         for rel in picked {
             let base = rel.rsplit('/').next().unwrap_or(&rel).to_string();
             let dest = staging.join(&base);
             if base.starts_with("provenance.") && base.ends_with(".json") {
-                return Err(TargetError::Script { exit_code: None, message: format!("artifact `{rel}` is named like slate's own `{base}` beside the artifacts; rename it in the build") });
+                return Err(TargetError::ReservedName { rel, base });
             }
             if dest.exists() {
-                return Err(TargetError::Script {
-                    exit_code: None,
-                    message: format!(
-                        "two artifacts are both named `{base}`; artifacts are stored by file name"
-                    ),
-                });
+                return Err(TargetError::SameName { base });
             }
             let size = env
                 .fetch(&format!("{}/{rel}", t.workdir.trim_end_matches('/')), &dest)
-                .map_err(|e| match e {
-                    ProviderError::Refused { .. } => TargetError::Script {
-                        exit_code: None,
-                        message: error_chain(&e),
-                    },
-                    e => infra(e),
-                })?;
-            artifacts::make_plain(&dest)
-                .map_err(|e| TargetError::Infra(format!("artifact `{rel}`: {e}")))?;
+                .map_err(TargetError::from_provider)?;
+            let in_store = |source| TargetError::Artifact {
+                rel: rel.clone(),
+                source,
+            };
+            artifacts::make_plain(&dest).map_err(in_store)?;
             let sha256 = slate_layers::hash::sha256_file(&dest)
                 .map(|(sha, _)| sha)
-                .map_err(|e| TargetError::Infra(e.to_string()))?;
+                .map_err(in_store)?;
             let path = format!("{}/{base}", t.name);
             self.sink.event(&Event::new(
                 Some(&t.name),
@@ -673,10 +733,6 @@ impl<P: Provider> Orchestrator<'_, P> {
         }
         Ok(out)
     }
-}
-
-fn infra(e: ProviderError) -> TargetError {
-    TargetError::Infra(error_chain(&e))
 }
 
 /// The digest of what the target runs: its script's bytes, or its `run`
@@ -699,11 +755,12 @@ fn commands<E: Environment>(
 ) -> Result<Vec<(String, Vec<String>)>, TargetError> {
     Ok(match &t.command {
         BuildCommand::Script(path) => {
-            let data = std::fs::read(path).map_err(|e| {
-                TargetError::Infra(format!("cannot read script `{}`: {e}", path.display()))
+            let data = std::fs::read(path).map_err(|source| TargetError::ReadScript {
+                path: path.clone(),
+                source,
             })?;
             env.put_bytes(&data, "/.slate/build-script", 0o755)
-                .map_err(infra)?;
+                .map_err(TargetError::Provider)?;
             let argv = if data.starts_with(b"#!") {
                 vec!["/.slate/build-script".to_string()]
             } else {
@@ -736,20 +793,17 @@ fn outcome_result(
 ) -> Result<(), TargetError> {
     match outcome {
         ExecOutcome::Exited(0) => Ok(()),
-        ExecOutcome::Exited(c) => Err(TargetError::Script {
-            exit_code: Some(c),
-            message: format!("`{phase}` exited with code {c}{}", tls_hint()),
+        ExecOutcome::Exited(code) => Err(TargetError::Exited {
+            phase: phase.to_string(),
+            code,
+            hint: tls_hint(),
         }),
-        ExecOutcome::Signaled(s) => Err(TargetError::Script {
-            exit_code: Some(128 + s),
-            message: format!("`{phase}` was killed by signal {s}"),
+        ExecOutcome::Signaled(signal) => Err(TargetError::Signaled {
+            phase: phase.to_string(),
+            signal,
         }),
-        ExecOutcome::TimedOut => Err(TargetError::Script {
-            exit_code: None,
-            message: format!(
-                "timed out after {}s (`timeout` in the build)",
-                t.timeout.map(|d| d.as_secs()).unwrap_or(0)
-            ),
+        ExecOutcome::TimedOut => Err(TargetError::TimedOut {
+            secs: t.timeout.map(|d| d.as_secs()).unwrap_or(0),
         }),
         ExecOutcome::Cancelled => Err(TargetError::Cancelled),
     }
@@ -763,19 +817,16 @@ fn pick_artifacts(t: &TargetSpec, files: &[String]) -> Result<Vec<String>, Targe
         let glob = globset::GlobBuilder::new(pattern)
             .literal_separator(true)
             .build()
-            .map_err(|e| TargetError::Script {
-                exit_code: None,
-                message: format!("artifact glob `{pattern}` is invalid: {e}"),
+            .map_err(|source| TargetError::BadGlob {
+                pattern: pattern.clone(),
+                source,
             })?
             .compile_matcher();
         let matched: Vec<&String> = files.iter().filter(|f| glob.is_match(f.as_str())).collect();
         if matched.is_empty() {
-            return Err(TargetError::Script {
-                exit_code: None,
-                message: format!(
-                    "artifact glob `{pattern}` matched no file under `{}`",
-                    t.workdir
-                ),
+            return Err(TargetError::NoMatch {
+                pattern: pattern.clone(),
+                workdir: t.workdir.clone(),
             });
         }
         picked.extend(matched.into_iter().cloned());
