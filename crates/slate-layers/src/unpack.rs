@@ -14,11 +14,15 @@
 //! What is kept depends on where the archive comes from ([`Source`]); what
 //! is left out is returned ([`Dropped`]) for the caller to warn about.
 
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{self, FchmodatFlags, Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{self, Gid, Uid, UnlinkatFlags};
 use std::collections::HashSet;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read, Seek};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -138,8 +142,7 @@ pub fn unpack(reader: impl Read, root: &Path, source: Source) -> Result<Dropped,
     let mut u = Unpacker {
         root: root_fd,
         source,
-        // SAFETY: geteuid has no preconditions.
-        as_root: unsafe { libc::geteuid() } == 0,
+        as_root: unistd::geteuid().is_root(),
         written: HashSet::new(),
         dropped: Dropped::default(),
     };
@@ -373,9 +376,9 @@ impl Unpacker {
                 if other.is_some() {
                     remove_at(d, last).map_err(io("replace"))?;
                 }
-                // SAFETY: a valid fd and C string.
-                cvt(unsafe { libc::mkdirat(d.as_raw_fd(), last.as_ptr(), 0o700) })
-                    .and_then(|_| open_dir_at(d, last))
+                stat::mkdirat(d, last, Mode::S_IRWXU)
+                    .map_err(io::Error::from)
+                    .and_then(|()| open_dir_at(d, last))
             }
         }
         .map_err(io("create the folder"))?;
@@ -400,14 +403,17 @@ impl Unpacker {
             self.dropped.setid.push(rel.to_string_lossy().into_owned());
         }
         remove_at(d, last).map_err(io("replace"))?;
-        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
-        let mut f = File::from(open_at(d, last, flags, 0o600).map_err(io("create"))?);
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW;
+        let mut f = File::from(
+            open_at(d, last, flags, Mode::S_IRUSR | Mode::S_IWUSR).map_err(io("create"))?,
+        );
         io::copy(data, &mut f).map_err(io("write"))?;
         self.set_owner_mode(f.as_fd(), meta.owner, mode)
             .map_err(io("set the owner and mode of"))?;
-        let t = times(meta.mtime);
-        // SAFETY: a valid fd and two timespecs.
-        cvt(unsafe { libc::futimens(f.as_raw_fd(), t.as_ptr()) }).map_err(io("set the time of"))?;
+        let t = TimeSpec::new(meta.mtime, 0);
+        stat::futimens(&f, &t, &t)
+            .map_err(io::Error::from)
+            .map_err(io("set the time of"))?;
         Ok(())
     }
 
@@ -427,23 +433,17 @@ impl Unpacker {
         };
         let target = CString::new(target).map_err(|_| io("link")(invalid("NUL")))?;
         remove_at(d, last).map_err(io("replace"))?;
-        // SAFETY: valid C strings and fd.
-        cvt(unsafe { libc::symlinkat(target.as_ptr(), d.as_raw_fd(), last.as_ptr()) })
+        unistd::symlinkat(target.as_c_str(), d, last)
+            .map_err(io::Error::from)
             .map_err(io("create the symlink"))?;
         if self.as_root {
             chown_at(d, last, meta.owner).map_err(io("set the owner of"))?;
         }
-        let t = times(meta.mtime);
-        // SAFETY: as above; the link itself, not its target.
-        cvt(unsafe {
-            libc::utimensat(
-                d.as_raw_fd(),
-                last.as_ptr(),
-                t.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        })
-        .map_err(io("set the time of"))?;
+        // The link itself, not its target.
+        let t = TimeSpec::new(meta.mtime, 0);
+        stat::utimensat(d, last, &t, &t, UtimensatFlags::NoFollowSymlink)
+            .map_err(io::Error::from)
+            .map_err(io("set the time of"))?;
         Ok(())
     }
 
@@ -474,18 +474,11 @@ impl Unpacker {
             _ => return Err(not_there()),
         }
         remove_at(d, last).map_err(io("replace"))?;
-        // SAFETY: valid fds and C strings; flags 0 links a symlink
-        // itself rather than what it points at.
-        cvt(unsafe {
-            libc::linkat(
-                tdir.as_raw_fd(),
-                tlast.as_ptr(),
-                d.as_raw_fd(),
-                last.as_ptr(),
-                0,
-            )
-        })
-        .map_err(io("create the hard link"))?;
+        // No AT_SYMLINK_FOLLOW: a symlink is linked itself, not what it
+        // points at.
+        unistd::linkat(&tdir, tlast.as_c_str(), d, last, AtFlags::empty())
+            .map_err(io::Error::from)
+            .map_err(io("create the hard link"))?;
         Ok(())
     }
 
@@ -499,24 +492,24 @@ impl Unpacker {
         name: &str,
     ) -> Result<(), UnpackError> {
         let io = |op| io_error(op, name);
-        let mode = meta.mode;
+        let mode = mode_of(meta.mode);
         let ft = match kind {
-            tar::EntryType::Char => libc::S_IFCHR,
-            tar::EntryType::Block => libc::S_IFBLK,
-            _ => libc::S_IFIFO,
+            tar::EntryType::Char => SFlag::S_IFCHR,
+            tar::EntryType::Block => SFlag::S_IFBLK,
+            _ => SFlag::S_IFIFO,
         };
         remove_at(d, last).map_err(io("replace"))?;
-        let dev = libc::makedev(meta.device.0, meta.device.1);
-        // SAFETY: valid fd and C string.
-        cvt(unsafe { libc::mknodat(d.as_raw_fd(), last.as_ptr(), ft | mode, dev) })
+        let dev = stat::makedev(meta.device.0.into(), meta.device.1.into());
+        stat::mknodat(d, last, ft, mode, dev)
+            .map_err(io::Error::from)
             .map_err(io("create the node"))?;
         if self.as_root {
             chown_at(d, last, meta.owner).map_err(io("set the owner of"))?;
         }
         // mknod applied the umask; the node was made just now, so
         // this follows no symlink.
-        // SAFETY: as above.
-        cvt(unsafe { libc::fchmodat(d.as_raw_fd(), last.as_ptr(), mode, 0) })
+        stat::fchmodat(d, last, mode, FchmodatFlags::FollowSymlink)
+            .map_err(io::Error::from)
             .map_err(io("set the mode of"))?;
         Ok(())
     }
@@ -608,13 +601,12 @@ impl Unpacker {
                     });
                 }
                 None if create => {
-                    // SAFETY: valid fd and C string.
-                    cvt(unsafe { libc::mkdirat(fd.as_raw_fd(), c.as_ptr(), 0o755) })
-                        .and_then(|_| open_dir_at(fd.as_fd(), &c))
+                    stat::mkdirat(&fd, c.as_c_str(), mode_of(0o755))
+                        .map_err(io::Error::from)
+                        .and_then(|()| open_dir_at(fd.as_fd(), &c))
                         .and_then(|next| {
                             // The umask is not the image's business.
-                            // SAFETY: a valid fd.
-                            cvt(unsafe { libc::fchmod(next.as_raw_fd(), 0o755) })?;
+                            stat::fchmod(&next, mode_of(0o755))?;
                             Ok(next)
                         })
                         .map(|next| fd = next)
@@ -631,11 +623,13 @@ impl Unpacker {
     fn set_owner_mode(&self, fd: BorrowedFd, owner: (u32, u32), mode: u32) -> io::Result<()> {
         // The owner first: changing it clears setuid and setgid.
         if self.as_root {
-            // SAFETY: a valid fd.
-            cvt(unsafe { libc::fchown(fd.as_raw_fd(), owner.0, owner.1) })?;
+            unistd::fchown(
+                fd,
+                Some(Uid::from_raw(owner.0)),
+                Some(Gid::from_raw(owner.1)),
+            )?;
         }
-        // SAFETY: a valid fd.
-        cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }).map(drop)
+        Ok(stat::fchmod(fd, mode_of(mode))?)
     }
 }
 
@@ -674,61 +668,34 @@ fn cstring(s: &OsStr) -> io::Result<CString> {
     CString::new(s.as_bytes()).map_err(|_| invalid("a name with a NUL byte"))
 }
 
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
+/// The permission bits of `mode` (setuid, setgid and sticky included).
+fn mode_of(mode: u32) -> Mode {
+    Mode::from_bits_truncate(mode as libc::mode_t)
 }
 
-fn times(mtime: i64) -> [libc::timespec; 2] {
-    let t = libc::timespec {
-        tv_sec: mtime as libc::time_t,
-        tv_nsec: 0,
-    };
-    [t, t]
-}
-
-fn open_at(dir: BorrowedFd, name: &CStr, flags: libc::c_int, mode: u32) -> io::Result<OwnedFd> {
-    // SAFETY: a valid fd and C string; the result is a new fd we own.
-    let fd = cvt(unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            flags | libc::O_CLOEXEC,
-            mode as libc::c_uint,
-        )
-    })?;
-    // SAFETY: openat returned a new fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+fn open_at(dir: BorrowedFd, name: &CStr, flags: OFlag, mode: Mode) -> io::Result<OwnedFd> {
+    Ok(nix::fcntl::openat(
+        dir,
+        name,
+        flags | OFlag::O_CLOEXEC,
+        mode,
+    )?)
 }
 
 fn open_dir_at(dir: BorrowedFd, name: &CStr) -> io::Result<OwnedFd> {
     open_at(
         dir,
         name,
-        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-        0,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW,
+        Mode::empty(),
     )
 }
 
 fn lstat_at(dir: BorrowedFd, name: &CStr) -> io::Result<Option<libc::stat>> {
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: a valid fd, C string and buffer.
-    let r = unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            st.as_mut_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    match cvt(r) {
-        // SAFETY: fstatat succeeded, so it filled the buffer.
-        Ok(_) => Ok(Some(unsafe { st.assume_init() })),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-        Err(e) => Err(e),
+    match stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(st)),
+        Err(nix::errno::Errno::ENOENT) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -738,82 +705,52 @@ fn is_dir(st: &libc::stat) -> bool {
 
 /// Sets the owner of `name` in `dir` itself (a symlink, not its target).
 fn chown_at(dir: BorrowedFd, name: &CStr, owner: (u32, u32)) -> io::Result<()> {
-    // SAFETY: a valid fd and C string.
-    cvt(unsafe {
-        libc::fchownat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            owner.0,
-            owner.1,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })
-    .map(|_| ())
+    Ok(unistd::fchownat(
+        dir,
+        name,
+        Some(Uid::from_raw(owner.0)),
+        Some(Gid::from_raw(owner.1)),
+        AtFlags::AT_SYMLINK_NOFOLLOW,
+    )?)
 }
 
 /// Removes `name` in `dir`, a folder with all it holds; nothing there is fine.
 /// No symlink is followed.
 fn remove_at(dir: BorrowedFd, name: &CStr) -> io::Result<()> {
-    // SAFETY: a valid fd and C string.
-    match cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) }) {
-        Ok(_) => return Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EISDIR | libc::EPERM)) => {
+    use nix::errno::Errno;
+    match unistd::unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => return Ok(()),
+        Err(e @ (Errno::EISDIR | Errno::EPERM)) => {
             if !lstat_at(dir, name)?.is_some_and(|st| is_dir(&st)) {
-                return Err(e);
+                return Err(e.into());
             }
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     }
     let sub = open_dir_at(dir, name)?;
     for child in list(sub.as_fd())? {
         remove_at(sub.as_fd(), &child)?;
     }
-    // SAFETY: a valid fd and C string.
-    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) }).map(drop)
+    Ok(unistd::unlinkat(dir, name, UnlinkatFlags::RemoveDir)?)
 }
 
 /// The names in the folder `dir`, without `.` and `..`.
 fn list(dir: BorrowedFd) -> io::Result<Vec<CString>> {
-    // fdopendir takes the fd it is given: hand it a new one to the same folder.
-    let fd = open_at(
+    let mut d = nix::dir::Dir::openat(
         dir,
         c".",
-        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-        0,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
     )?;
-    let raw = fd.into_raw_fd();
-    // SAFETY: a valid fd, owned by the stream from here on.
-    let stream = unsafe { libc::fdopendir(raw) };
-    if stream.is_null() {
-        let e = io::Error::last_os_error();
-        // SAFETY: fdopendir failed, so the fd is still ours to close.
-        unsafe { libc::close(raw) };
-        return Err(e);
-    }
     let mut names = Vec::new();
-    let res = loop {
-        // SAFETY: errno is thread-local; readdir reports errors only there.
-        unsafe { *libc::__errno_location() = 0 };
-        // SAFETY: a valid stream.
-        let ent = unsafe { libc::readdir(stream) };
-        if ent.is_null() {
-            let e = io::Error::last_os_error();
-            break if e.raw_os_error() == Some(0) {
-                Ok(())
-            } else {
-                Err(e)
-            };
-        }
-        // SAFETY: readdir returned an entry with a NUL-terminated name.
-        let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) };
+    for ent in d.iter() {
+        let ent = ent?;
+        let name = ent.file_name();
         if name != c"." && name != c".." {
             names.push(name.to_owned());
         }
-    };
-    // SAFETY: the stream from fdopendir, closed once.
-    unsafe { libc::closedir(stream) };
-    res.map(|()| names)
+    }
+    Ok(names)
 }
 
 #[cfg(test)]
