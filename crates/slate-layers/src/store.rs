@@ -37,7 +37,7 @@ pub struct LayerStore {
 
 /// Holds an exclusive lock on one key until dropped.
 pub struct KeyLock {
-    _file: fs::File,
+    _file: crate::lock::Lock,
 }
 
 impl LayerStore {
@@ -47,8 +47,7 @@ impl LayerStore {
         if let Some(p) = std::env::var_os("SLATE_CACHE") {
             return PathBuf::from(p);
         }
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
+        if nix::unistd::geteuid().is_root() {
             return PathBuf::from("/var/cache/slate");
         }
         if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {

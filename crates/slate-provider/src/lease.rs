@@ -6,21 +6,21 @@
 use std::path::Path;
 
 /// Creates and locks the lease file; the lock lasts as long as the handle.
-pub fn take_lease(path: &Path) -> std::io::Result<std::fs::File> {
+pub fn take_lease(path: &Path) -> std::io::Result<Lock> {
     use std::io::Write;
-    use std::os::fd::AsRawFd;
-    let mut f = std::fs::File::create(path)?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    writeln!(f, "{}", std::process::id())?;
-    Ok(f)
+    let f = std::fs::File::create(path)?;
+    let Some(mut lease) = slate_layers::lock::try_lock(f)? else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            format!("{} is held by another process", path.display()),
+        ));
+    };
+    writeln!(lease, "{}", std::process::id())?;
+    Ok(lease)
 }
 
 /// Whether some live process holds the lease at `path`.
 pub fn lease_held(path: &Path) -> bool {
-    use std::os::fd::AsRawFd;
     let Ok(f) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -34,8 +34,8 @@ pub fn lease_held(path: &Path) -> bool {
             .and_then(|t| t.elapsed().ok());
         return age.is_none_or(|a| a.as_secs() < 60);
     };
-    // SAFETY: flock on a descriptor we own; dropping `f` releases it.
-    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+    // Taken means nobody held it; dropping the lock releases it at once.
+    !matches!(slate_layers::lock::try_lock(f), Ok(Some(_)))
 }
 
-pub use slate_layers::lock::lock_file;
+pub use slate_layers::lock::{lock_file, Lock};

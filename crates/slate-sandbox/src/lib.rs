@@ -298,7 +298,7 @@ pub struct SandboxEnv {
     cgroup: Option<cgroup::Cgroup>,
     destroyed: bool,
     /// Held (locked) for the environment's lifetime; none when ephemeral.
-    _lease: Option<std::fs::File>,
+    _lease: Option<slate_provider::lease::Lock>,
 }
 
 fn cstr(s: impl AsRef<[u8]>) -> CString {

@@ -183,8 +183,7 @@ impl ArtifactStore {
 /// The user who ran `sudo slate …`: artifacts are theirs, not root's.
 /// `None` when slate runs as root by itself (or not as root at all).
 pub fn invoking_user() -> Option<(u32, u32)> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         return None;
     }
     let id = |k: &str| std::env::var(k).ok()?.parse::<u32>().ok();

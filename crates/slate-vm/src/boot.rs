@@ -27,7 +27,7 @@ const WANTED_NET: [&str; 1] = ["virtio_net"];
 
 /// Holds an exclusive lock on `path` (its folder made) while alive.
 pub struct Lock {
-    _file: fs::File,
+    _file: slate_layers::lock::Lock,
 }
 
 impl Lock {

@@ -30,7 +30,7 @@ pub struct Identity {
     /// `None` when slate is not root: QEMU then runs as slate's user.
     ids: Option<(u32, u32)>,
     groups: Vec<u32>,
-    _slot: Option<File>,
+    _slot: Option<slate_layers::lock::Lock>,
 }
 
 impl Identity {

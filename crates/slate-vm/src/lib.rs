@@ -574,7 +574,7 @@ pub struct VmEnv {
     to_guest: Option<UnixStream>,
     from_guest: Option<Receiver<Frame>>,
     destroyed: bool,
-    _lease: std::fs::File,
+    _lease: slate_provider::lease::Lock,
     /// The host's proxy (and CA) variables, for every command.
     network_env: Vec<(String, String)>,
     /// The most one `fetch` may copy: the guest's disk size.

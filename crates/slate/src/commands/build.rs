@@ -163,7 +163,7 @@ fn summarize(
 
 /// One run at a time writes an artifacts folder: two would interleave
 /// their manifests and checksums. Held until the run ends.
-fn lock_artifacts(dir: &std::path::Path) -> Result<std::fs::File, CliError> {
+fn lock_artifacts(dir: &std::path::Path) -> Result<slate_layers::lock::Lock, CliError> {
     let infra = |e: std::io::Error| {
         CliError::new(
             Exit::Infra,
