@@ -16,7 +16,7 @@ pub fn load(dir: &Path, file: Option<&Path>) -> Result<Project, ConfigError> {
         Some(f) => dir.join(f),
         None => find_config(dir)?,
     };
-    let src = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+    let src = fs_err::read_to_string(&path).map_err(|source| ConfigError::Read {
         path: path.clone(),
         source,
     })?;

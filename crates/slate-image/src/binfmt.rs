@@ -99,7 +99,7 @@ pub struct Entry {
 }
 
 fn read_entry(name: &str) -> Option<Entry> {
-    let text = fs::read_to_string(Path::new(BINFMT).join(name)).ok()?;
+    let text = fs_err::read_to_string(Path::new(BINFMT).join(name)).ok()?;
     let field = |key: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(key))
@@ -262,11 +262,11 @@ pub fn ensure(arch: &str) -> Result<(), String> {
     let name = entry_name(q);
     // A stale entry of ours (disabled, or its interpreter gone) is replaced.
     if Path::new(BINFMT).join(&name).exists() {
-        let _ = fs::write(Path::new(BINFMT).join(&name), "-1");
+        let _ = fs_err::write(Path::new(BINFMT).join(&name), "-1");
     }
     let (magic, mask) = magic(q).expect("every qemu name has a magic");
     let rule = format!(":{name}:M::{magic}:{mask}:{}:{flags}", interp.display());
-    fs::write(Path::new(BINFMT).join("register"), &rule).map_err(|e| {
+    fs_err::write(Path::new(BINFMT).join("register"), &rule).map_err(|e| {
         format!(
             "cannot register {} for `{arch}` with binfmt_misc: {e}; run slate as root",
             interp.display()

@@ -6,7 +6,7 @@
 //! with sorted keys — the same layers always give the same digests.
 
 use serde_json::json;
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
@@ -22,14 +22,14 @@ fn write_blob(
     write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
 ) -> io::Result<(String, u64)> {
     let dir = layout.join("blobs/sha256");
-    fs::create_dir_all(&dir)?;
+    fs_err::create_dir_all(&dir)?;
     let tmp = dir.join(format!(".tmp-{}", std::process::id()));
     let mut w = HashingWriter::new(io::BufWriter::new(File::create(&tmp)?));
     write(&mut w)?;
     w.flush()?;
     let size = w.size;
     let digest = w.hex();
-    fs::rename(&tmp, dir.join(&digest))?;
+    fs_err::rename(&tmp, dir.join(&digest))?;
     Ok((format!("sha256:{digest}"), size))
 }
 
@@ -73,8 +73,8 @@ pub fn export_oci(
     } else {
         dest.to_path_buf()
     };
-    let _ = fs::remove_dir_all(&layout);
-    fs::create_dir_all(&layout)?;
+    let _ = fs_err::remove_dir_all(&layout);
+    fs_err::create_dir_all(&layout)?;
     let mut layers = Vec::new();
     for fs_dir in &image.layers {
         let (digest, size) =
@@ -121,8 +121,8 @@ pub fn export_oci(
             "annotations": { "org.opencontainers.image.ref.name": image.name },
         }],
     });
-    fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
-    fs::write(
+    fs_err::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
+    fs_err::write(
         layout.join("oci-layout"),
         br#"{"imageLayoutVersion":"1.0.0"}"#,
     )?;
@@ -134,8 +134,8 @@ pub fn export_oci(
             t.entry(&rel, &layout.join(&rel), &m)?;
         }
         t.finish()?.flush()?;
-        fs::rename(&tmp, dest)?;
-        fs::remove_dir_all(&layout)?;
+        fs_err::rename(&tmp, dest)?;
+        fs_err::remove_dir_all(&layout)?;
     }
     Ok(manifest_digest)
 }
@@ -145,7 +145,7 @@ pub fn export_tar(image: &BakedImage, dest: &Path, clamp: u64) -> io::Result<()>
     let tmp = dest.with_extension("tmp");
     let f = io::BufWriter::new(File::create(&tmp)?);
     write_flat(&image.layers, f, clamp)?.flush()?;
-    fs::rename(&tmp, dest)
+    fs_err::rename(&tmp, dest)
 }
 
 /// Writes the image as a VM disk: an ext4 filesystem (made without mounting,
@@ -163,7 +163,7 @@ pub fn export_disk(image: &BakedImage, dest: &Path, clamp: u64) -> io::Result<Ve
         ] {
             if let Some(src) = src {
                 let to = PathBuf::from(format!("{}.{ext}", dest.display()));
-                fs::copy(&src, &to)?;
+                fs_err::copy(&src, &to)?;
                 kernel_files.push(to);
             }
         }
@@ -308,7 +308,7 @@ pub fn push_image(
                     source,
                 })
         });
-    let _ = fs::remove_dir_all(&layout);
+    let _ = fs_err::remove_dir_all(&layout);
     let (digest, sent, skipped) = res?;
     Ok(Pushed {
         digest,

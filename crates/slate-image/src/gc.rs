@@ -63,11 +63,11 @@ pub fn register(store: &LayerStore, project: &Project) {
 
 fn write_root(store: &LayerStore, root: &Root) {
     let file = root_file(store, &root.config);
-    let _ = std::fs::create_dir_all(roots_dir(store));
+    let _ = fs_err::create_dir_all(roots_dir(store));
     if let Ok(json) = serde_json::to_vec_pretty(root) {
         let tmp = file.with_extension(format!("tmp{}", std::process::id()));
-        if std::fs::write(&tmp, json).is_ok() {
-            let _ = std::fs::rename(&tmp, &file);
+        if fs_err::write(&tmp, json).is_ok() {
+            let _ = fs_err::rename(&tmp, &file);
         }
     }
 }
@@ -124,7 +124,7 @@ pub fn plan(
             }
             if !root.config.is_file() {
                 if !dry_run {
-                    let _ = std::fs::remove_file(&file);
+                    let _ = fs_err::remove_file(&file);
                 }
                 out.forgotten.push(root.config);
                 continue;
@@ -179,13 +179,13 @@ pub fn plan(
 
 /// Every registered root, with its file.
 fn roots(store: &LayerStore) -> Vec<(PathBuf, Root)> {
-    let mut out: Vec<(PathBuf, Root)> = std::fs::read_dir(roots_dir(store))
+    let mut out: Vec<(PathBuf, Root)> = fs_err::read_dir(roots_dir(store))
         .into_iter()
         .flatten()
         .flatten()
         .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
         .filter_map(|e| {
-            let root = serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok()?;
+            let root = serde_json::from_slice(&fs_err::read(e.path()).ok()?).ok()?;
             Some((e.path(), root))
         })
         .collect();

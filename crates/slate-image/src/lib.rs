@@ -247,14 +247,14 @@ impl<P: Provider> Baker<'_, P> {
                 let r = registry::Reference::parse(reference).map_err(perr)?;
                 let mut client = registry::Client::new(&r, *insecure);
                 let tmp = fs.with_file_name("blobs");
-                std::fs::create_dir_all(&tmp).map_err(|source| ImageError::Store {
+                fs_err::create_dir_all(&tmp).map_err(|source| ImageError::Store {
                     image: plan.name.clone(),
                     op: "create download folder".into(),
                     source,
                 })?;
                 let arch = export::oci_arch(None).0;
                 let pulled = client.pull_into(arch, fs, &tmp).map_err(perr)?;
-                let _ = std::fs::remove_dir_all(&tmp);
+                let _ = fs_err::remove_dir_all(&tmp);
                 self.reporter.output(
                     &plan.name,
                     Stream::Stdout,
@@ -273,9 +273,9 @@ impl<P: Provider> Baker<'_, P> {
                     let to = fs.join(dest.trim_start_matches('/'));
                     let res = (|| {
                         if let Some(p) = to.parent() {
-                            std::fs::create_dir_all(p)?;
+                            fs_err::create_dir_all(p)?;
                         }
-                        std::fs::copy(host, &to).map(|_| ())
+                        fs_err::copy(host, &to).map(|_| ())
                     })();
                     res.map_err(|source| ImageError::Read {
                         path: host.clone(),
@@ -430,7 +430,7 @@ impl<P: Provider> Baker<'_, P> {
         // image, and drop host-specific files the bootstrapper copied in.
         let conf: String = opts.iter().map(|o| format!("{o};\n")).collect();
         let w = |rel: &str, data: &str| {
-            std::fs::write(fs.join(rel), data).map_err(|source| ImageError::Read {
+            fs_err::write(fs.join(rel), data).map_err(|source| ImageError::Read {
                 path: fs.join(rel),
                 source,
             })

@@ -89,7 +89,7 @@ pub use slate_layers::hash::{hash, hex};
 /// on every run.
 pub fn file_digest(path: &Path, digests: Option<&Path>) -> std::io::Result<String> {
     use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path)?;
+    let m = fs_err::metadata(path)?;
     let id = format!(
         "{}\n{}\n{}\n{}\n{}",
         path.display(),
@@ -99,12 +99,12 @@ pub fn file_digest(path: &Path, digests: Option<&Path>) -> std::io::Result<Strin
         m.ino()
     );
     let slot = digests.map(|d| d.join(hash(&[id.as_bytes()])));
-    if let Some(cached) = slot.as_ref().and_then(|s| std::fs::read_to_string(s).ok()) {
+    if let Some(cached) = slot.as_ref().and_then(|s| fs_err::read_to_string(s).ok()) {
         return Ok(cached);
     }
     let (d, _) = slate_layers::hash::sha256_file(path)?;
     if let Some(s) = slot {
-        let _ = std::fs::write(s, &d);
+        let _ = fs_err::write(s, &d);
     }
     Ok(d)
 }
@@ -122,7 +122,7 @@ pub fn plan_cached(
     store: &crate::LayerStore,
 ) -> Result<ImagePlan, ImageError> {
     let digests = store.root().join("digests");
-    let _ = std::fs::create_dir_all(&digests);
+    let _ = fs_err::create_dir_all(&digests);
     plan_inner(project, name, 0, Some(&digests))
 }
 
@@ -307,7 +307,7 @@ fn files_content(
             source,
         })?;
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(host)
+        let mode = fs_err::metadata(host)
             .map(|m| m.permissions().mode() & 0o7777)
             .unwrap_or(0o644);
         content.push_str(&format!("{dest}\n{d}\n{mode:o}\n"));

@@ -24,7 +24,7 @@
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::Path;
 
@@ -211,7 +211,7 @@ fn credentials(registry: &str) -> Option<(String, String)> {
     }
     let home = std::env::var_os("HOME")?;
     let cfg: Value =
-        serde_json::from_slice(&fs::read(Path::new(&home).join(".docker/config.json")).ok()?)
+        serde_json::from_slice(&fs_err::read(Path::new(&home).join(".docker/config.json")).ok()?)
             .ok()?;
     let auth = cfg["auths"][registry]["auth"].as_str()?;
     let decoded = String::from_utf8(b64_decode(auth)?).ok()?;
@@ -474,7 +474,7 @@ impl Client {
                     }
                 })?,
             );
-            let _ = fs::remove_file(&blob);
+            let _ = fs_err::remove_file(&blob);
         }
         Ok(Pulled { digest, dropped })
     }
@@ -516,7 +516,7 @@ impl Client {
     /// Pushes an OCI layout (as written by `export_oci`) under this reference.
     pub fn push_layout(&mut self, layout: &Path) -> Result<(String, u64, u64), RegistryError> {
         let index: Value = serde_json::from_slice(
-            &fs::read(layout.join("index.json")).map_err(ioe("read index.json"))?,
+            &fs_err::read(layout.join("index.json")).map_err(ioe("read index.json"))?,
         )
         .map_err(|e| self.http_err(e.to_string()))?;
         let mdigest =
@@ -526,7 +526,7 @@ impl Client {
                 .join("blobs/sha256")
                 .join(d.trim_start_matches("sha256:"))
         };
-        let manifest_bytes = fs::read(blob_path(&mdigest)).map_err(ioe("read manifest"))?;
+        let manifest_bytes = fs_err::read(blob_path(&mdigest)).map_err(ioe("read manifest"))?;
         let manifest: Value =
             serde_json::from_slice(&manifest_bytes).map_err(|e| self.http_err(e.to_string()))?;
         let mut blobs: Vec<String> = vec![manifest["config"]["digest"]
@@ -546,7 +546,7 @@ impl Client {
         let (mut sent, mut skipped) = (0u64, 0u64);
         for d in blobs {
             let path = blob_path(&d);
-            let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            let size = fs_err::metadata(&path).map(|m| m.len()).unwrap_or(0);
             let head = self.url(&format!("blobs/{d}"));
             if self.send("HEAD", &head, &[], Body::None, true).is_ok() {
                 skipped += size;
@@ -589,6 +589,7 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn parses_references() {

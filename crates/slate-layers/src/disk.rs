@@ -1,7 +1,7 @@
 //! A stack of layers as a VM disk: ext4 made without mounting
 //! (`mkfs.ext4 -d`), in a qcow2 file.
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,9 +11,9 @@ use std::process::Command;
 /// The file appears only when complete.
 pub fn write_disk(layers: &[PathBuf], dest: &Path, clamp: u64, free_mib: u64) -> io::Result<()> {
     let work = dest.with_extension("disk-tmp");
-    let _ = fs::remove_dir_all(&work);
+    let _ = fs_err::remove_dir_all(&work);
     let root = work.join("root");
-    fs::create_dir_all(&root)?;
+    fs_err::create_dir_all(&root)?;
     let res = (|| {
         let flat = work.join("rootfs.tar");
         crate::tree::write_flat(layers, io::BufWriter::new(File::create(&flat)?), clamp)?
@@ -21,7 +21,7 @@ pub fn write_disk(layers: &[PathBuf], dest: &Path, clamp: u64, free_mib: u64) ->
         let rootfs = io::BufReader::new(File::open(&flat)?);
         crate::unpack::unpack(rootfs, &root, crate::unpack::Source::Slate)
             .map_err(io::Error::other)?;
-        fs::remove_file(&flat)?;
+        fs_err::remove_file(&flat)?;
         let used = crate::store::slate_size(&root);
         let mib = (used + used / 4) / (1 << 20) + free_mib;
         let raw = work.join("disk.raw");
@@ -44,9 +44,9 @@ pub fn write_disk(layers: &[PathBuf], dest: &Path, clamp: u64, free_mib: u64) ->
                 .arg(&tmp),
             "qemu-img (qemu-utils)",
         )?;
-        fs::rename(&tmp, dest)
+        fs_err::rename(&tmp, dest)
     })();
-    let _ = fs::remove_dir_all(&work);
+    let _ = fs_err::remove_dir_all(&work);
     res
 }
 

@@ -62,7 +62,7 @@ impl LayerStore {
     pub fn open(cache: &Path) -> io::Result<LayerStore> {
         let root = cache.join("v1");
         for d in ["layers", "tmp", "locks", "envs", "apt"] {
-            fs::create_dir_all(root.join(d)).map_err(|e| {
+            fs_err::create_dir_all(root.join(d)).map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!("create `{}`: {e}", root.join(d).display()),
@@ -82,8 +82,8 @@ impl LayerStore {
     /// (archives, lists). Bakes of one suite share them under a lock.
     pub fn apt_dirs(&self, key: &str) -> io::Result<(PathBuf, PathBuf)> {
         let dir = self.root.join("apt").join(key);
-        fs::create_dir_all(dir.join("archives/partial"))?;
-        fs::create_dir_all(dir.join("lists/partial"))?;
+        fs_err::create_dir_all(dir.join("archives/partial"))?;
+        fs_err::create_dir_all(dir.join("lists/partial"))?;
         Ok((dir.join("archives"), dir.join("lists")))
     }
 
@@ -98,13 +98,13 @@ impl LayerStore {
     }
 
     pub fn meta(&self, key: &str) -> Option<LayerMeta> {
-        let text = fs::read_to_string(self.layer_dir(key).join("layer.json")).ok()?;
+        let text = fs_err::read_to_string(self.layer_dir(key).join("layer.json")).ok()?;
         serde_json::from_str(&text).ok()
     }
 
     /// Every complete layer in the store.
     pub fn layers(&self) -> Vec<LayerMeta> {
-        let mut out: Vec<LayerMeta> = fs::read_dir(self.root.join("layers"))
+        let mut out: Vec<LayerMeta> = fs_err::read_dir(self.root.join("layers"))
             .into_iter()
             .flatten()
             .flatten()
@@ -116,13 +116,13 @@ impl LayerStore {
 
     /// When a layer was last used by a bake or a build.
     pub fn last_used(&self, key: &str) -> Option<SystemTime> {
-        fs::metadata(self.layer_dir(key).join("used"))
+        fs_err::metadata(self.layer_dir(key).join("used"))
             .and_then(|m| m.modified())
             .ok()
     }
 
     pub fn touch_used(&self, key: &str) {
-        let _ = fs::write(self.layer_dir(key).join("used"), b"");
+        let _ = fs_err::write(self.layer_dir(key).join("used"), b"");
     }
 
     /// Waits for, then holds, the lock of `key`.
@@ -143,7 +143,7 @@ impl LayerStore {
             .root
             .join("tmp")
             .join(format!("{key}-{}-{nanos}", std::process::id()));
-        fs::create_dir_all(dir.join("fs"))?;
+        fs_err::create_dir_all(dir.join("fs"))?;
         Ok(dir)
     }
 
@@ -154,11 +154,11 @@ impl LayerStore {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        fs::write(
+        fs_err::write(
             staging.join("layer.json"),
             serde_json::to_vec_pretty(&meta).map_err(io::Error::other)?,
         )?;
-        fs::rename(staging, self.layer_dir(&meta.key))?;
+        fs_err::rename(staging, self.layer_dir(&meta.key))?;
         self.touch_used(&meta.key);
         Ok(())
     }
@@ -172,7 +172,7 @@ impl LayerStore {
             .root
             .join("tmp")
             .join(format!("trash-{key}-{}", std::process::id()));
-        fs::rename(&dir, &trash)?;
+        fs_err::rename(&dir, &trash)?;
         remove_tree(&trash)?;
         Ok(size)
     }
@@ -180,7 +180,7 @@ impl LayerStore {
     /// Removes staging folders left by killed bakes; returns the bytes freed.
     pub fn clean_tmp(&self) -> u64 {
         let mut freed = 0;
-        for e in fs::read_dir(self.root.join("tmp"))
+        for e in fs_err::read_dir(self.root.join("tmp"))
             .into_iter()
             .flatten()
             .flatten()
@@ -202,11 +202,11 @@ impl LayerStore {
 
 /// Bytes used by a tree (apparent sizes of regular files).
 pub fn slate_size(p: &Path) -> u64 {
-    let Ok(m) = fs::symlink_metadata(p) else {
+    let Ok(m) = fs_err::symlink_metadata(p) else {
         return 0;
     };
     if m.is_dir() {
-        fs::read_dir(p)
+        fs_err::read_dir(p)
             .map(|rd| rd.flatten().map(|e| slate_size(&e.path())).sum())
             .unwrap_or(0)
     } else if m.is_file() {
@@ -219,12 +219,12 @@ pub fn slate_size(p: &Path) -> u64 {
 /// Removes a tree, making read-only folders writable on the way (a build
 /// may leave `chmod 0500` folders behind).
 pub fn remove_tree(p: &Path) -> io::Result<()> {
-    match fs::remove_dir_all(p) {
+    match fs_err::remove_dir_all(p) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(_) => {
             make_writable(p);
-            match fs::remove_dir_all(p) {
+            match fs_err::remove_dir_all(p) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io::Error::new(
                     e.kind(),
                     format!("remove `{}`: {e}", p.display()),
@@ -237,10 +237,10 @@ pub fn remove_tree(p: &Path) -> io::Result<()> {
 
 fn make_writable(p: &Path) {
     use std::os::unix::fs::PermissionsExt;
-    if let Ok(m) = fs::symlink_metadata(p) {
+    if let Ok(m) = fs_err::symlink_metadata(p) {
         if m.is_dir() {
-            let _ = fs::set_permissions(p, fs::Permissions::from_mode(0o755));
-            if let Ok(rd) = fs::read_dir(p) {
+            let _ = fs_err::set_permissions(p, fs::Permissions::from_mode(0o755));
+            if let Ok(rd) = fs_err::read_dir(p) {
                 for e in rd.flatten() {
                     make_writable(&e.path());
                 }

@@ -6,7 +6,7 @@
 //! give the same bytes.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::{self, File, Metadata};
+use std::fs::{File, Metadata};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -27,13 +27,13 @@ pub fn walk(root: &Path) -> io::Result<Vec<(PathBuf, Metadata)>> {
 }
 
 fn walk_into(root: &Path, rel: &Path, out: &mut Vec<(PathBuf, Metadata)>) -> io::Result<()> {
-    let mut names: Vec<_> = fs::read_dir(root.join(rel))?
+    let mut names: Vec<_> = fs_err::read_dir(root.join(rel))?
         .map(|e| e.map(|e| e.file_name()))
         .collect::<Result<_, _>>()?;
     names.sort();
     for n in names {
         let r = rel.join(&n);
-        let m = fs::symlink_metadata(root.join(&r))?;
+        let m = fs_err::symlink_metadata(root.join(&r))?;
         let is_dir = m.is_dir();
         out.push((r.clone(), m));
         if is_dir {
@@ -120,7 +120,7 @@ impl<W: Write> TarWriter<W> {
         }
         if ft.is_symlink() {
             let mut h = self.header(m, tar::EntryType::Symlink);
-            let target = fs::read_link(src)?;
+            let target = fs_err::read_link(src)?;
             return self.b.append_link(&mut h, rel, target);
         }
         if ft.is_file() {
@@ -234,7 +234,7 @@ pub struct Kernel {
 pub fn layer_file(layers: &[PathBuf], rel: &str) -> Option<PathBuf> {
     for l in layers.iter().rev() {
         let p = l.join(rel);
-        if let Ok(m) = fs::symlink_metadata(&p) {
+        if let Ok(m) = fs_err::symlink_metadata(&p) {
             if m.file_type().is_char_device() && m.rdev() == 0 {
                 return None;
             }
@@ -248,7 +248,7 @@ pub fn layer_file(layers: &[PathBuf], rel: &str) -> Option<PathBuf> {
 pub fn kernel_in(layers: &[PathBuf]) -> Option<Kernel> {
     let mut versions: BTreeSet<String> = BTreeSet::new();
     for l in layers {
-        if let Ok(rd) = fs::read_dir(l.join("boot")) {
+        if let Ok(rd) = fs_err::read_dir(l.join("boot")) {
             for e in rd.flatten() {
                 if let Some(v) = e.file_name().to_string_lossy().strip_prefix("vmlinuz-") {
                     versions.insert(v.to_string());

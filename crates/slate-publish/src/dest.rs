@@ -99,7 +99,7 @@ impl Destination {
 
     /// The folder `root` of the `file://` URL `url`, created if missing.
     fn folder(url: &str, root: PathBuf) -> Result<Destination, DestinationError> {
-        std::fs::create_dir_all(&root).map_err(|source| DestinationError::Folder {
+        fs_err::create_dir_all(&root).map_err(|source| DestinationError::Folder {
             path: root.clone(),
             source,
         })?;
@@ -339,11 +339,10 @@ impl AwsSettings {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| home.join(default))
         };
-        let creds =
-            std::fs::read_to_string(file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials"))
-                .unwrap_or_default();
+        let creds = fs_err::read_to_string(file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials"))
+            .unwrap_or_default();
         let config =
-            std::fs::read_to_string(file("AWS_CONFIG_FILE", ".aws/config")).unwrap_or_default();
+            fs_err::read_to_string(file("AWS_CONFIG_FILE", ".aws/config")).unwrap_or_default();
         AwsSettings::from_sources(env, &creds, &config)
     }
 

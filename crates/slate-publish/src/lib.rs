@@ -185,7 +185,7 @@ struct Item {
 /// body (artifacts, provenance), then `SHA256SUMS`, then `manifest.json`.
 fn read_run(artifacts: &Path, wanted: Option<&str>) -> Result<(String, Vec<Item>), PublishError> {
     let path = artifacts.join(MANIFEST);
-    let text = std::fs::read(&path).map_err(|source| PublishError::NoManifest {
+    let text = fs_err::read(&path).map_err(|source| PublishError::NoManifest {
         path: path.clone(),
         source,
     })?;

@@ -107,12 +107,12 @@ pub fn digest(sets: &[InputSet]) -> std::io::Result<String> {
     for set in sets {
         for rel in &set.entries {
             let p = set.base.join(rel);
-            let m = std::fs::symlink_metadata(&p)?;
+            let m = fs_err::symlink_metadata(&p)?;
             h.update(rel.to_string_lossy().as_bytes());
             h.update([0]);
             if m.file_type().is_symlink() {
                 h.update(b"l\0");
-                h.update(std::fs::read_link(&p)?.to_string_lossy().as_bytes());
+                h.update(fs_err::read_link(&p)?.to_string_lossy().as_bytes());
             } else if m.is_dir() {
                 h.update(b"d\0");
             } else {

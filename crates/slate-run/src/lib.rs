@@ -739,7 +739,7 @@ impl<P: Provider> Orchestrator<'_, P> {
 /// lines.
 fn script_digest(command: &BuildCommand) -> String {
     match command {
-        BuildCommand::Script(path) => std::fs::read(path)
+        BuildCommand::Script(path) => fs_err::read(path)
             .map(|d| slate_layers::hash::sha256(&d))
             .unwrap_or_default(),
         BuildCommand::Run(lines) => slate_layers::hash::sha256(lines.join("\n").as_bytes()),
@@ -755,7 +755,7 @@ fn commands<E: Environment>(
 ) -> Result<Vec<(String, Vec<String>)>, TargetError> {
     Ok(match &t.command {
         BuildCommand::Script(path) => {
-            let data = std::fs::read(path).map_err(|source| TargetError::ReadScript {
+            let data = fs_err::read(path).map_err(|source| TargetError::ReadScript {
                 path: path.clone(),
                 source,
             })?;

@@ -36,7 +36,7 @@ pub struct Cgroup {
 }
 
 fn write(path: &Path, value: &str) -> io::Result<()> {
-    std::fs::write(path, value).map_err(|e| {
+    fs_err::write(path, value).map_err(|e| {
         io::Error::new(
             e.kind(),
             format!("write `{value}` to `{}`: {e}", path.display()),
@@ -58,12 +58,12 @@ impl Cgroup {
 
     fn create_v2(root: &Path, id: &str, l: &Limits) -> io::Result<Cgroup> {
         let base = root.join(GROUP);
-        std::fs::create_dir_all(&base)?;
+        fs_err::create_dir_all(&base)?;
         // Controllers must be enabled top-down; "already enabled" is fine.
         let _ = write(&root.join("cgroup.subtree_control"), "+cpu +memory +pids");
         let _ = write(&base.join("cgroup.subtree_control"), "+cpu +memory +pids");
         let dir = base.join(id);
-        std::fs::create_dir(&dir)?;
+        fs_err::create_dir(&dir)?;
         let cg = Cgroup {
             dirs: vec![dir.clone()],
         };
@@ -85,7 +85,7 @@ impl Cgroup {
         let mut cg = Cgroup { dirs: Vec::new() };
         let mut make = |ctrl: &str| -> io::Result<PathBuf> {
             let dir = root.join(ctrl).join(GROUP).join(id);
-            std::fs::create_dir_all(&dir)?;
+            fs_err::create_dir_all(&dir)?;
             cg.dirs.push(dir.clone());
             Ok(dir)
         };
@@ -118,7 +118,7 @@ impl Cgroup {
         let Some(d) = self.dirs.first() else {
             return vec![];
         };
-        std::fs::read_to_string(d.join("cgroup.procs"))
+        fs_err::read_to_string(d.join("cgroup.procs"))
             .unwrap_or_default()
             .lines()
             .filter_map(|l| l.trim().parse().ok())
@@ -192,7 +192,7 @@ pub fn reap_env(id: &str) -> bool {
 pub fn reap_leftovers() -> usize {
     let mut n = 0;
     for b in bases() {
-        let Ok(rd) = std::fs::read_dir(&b) else {
+        let Ok(rd) = fs_err::read_dir(&b) else {
             continue;
         };
         for e in rd.flatten() {
@@ -200,7 +200,7 @@ pub fn reap_leftovers() -> usize {
             if owner_alive(&name.to_string_lossy()) {
                 continue;
             }
-            if e.path().is_dir() && std::fs::remove_dir(e.path()).is_ok() {
+            if e.path().is_dir() && fs_err::remove_dir(e.path()).is_ok() {
                 n += 1;
             }
         }

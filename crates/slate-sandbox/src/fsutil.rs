@@ -14,28 +14,28 @@ use std::path::{Path, PathBuf};
 /// where a folder is needed is an error; one where a file or link goes is
 /// replaced, as a later input replaces an earlier one's file.
 pub fn copy_entries(base: &Path, entries: &[PathBuf], to: &Path) -> io::Result<u64> {
-    fs::create_dir_all(to).map_err(|e| with_path(e, to))?;
+    fs_err::create_dir_all(to)?;
     let mut bytes = 0;
     for rel in entries {
         let src = base.join(rel);
         let dst = to.join(rel);
-        let meta = fs::symlink_metadata(&src).map_err(|e| with_path(e, &src))?;
+        let meta = fs_err::symlink_metadata(&src)?;
         if let Some(parent) = rel.parent() {
             make_dirs_no_follow(to, parent)?;
         }
-        match fs::symlink_metadata(&dst) {
+        match fs_err::symlink_metadata(&dst) {
             Ok(m) if m.file_type().is_symlink() || (m.is_file() && meta.is_dir()) => {
-                fs::remove_file(&dst).map_err(|e| with_path(e, &dst))?
+                fs_err::remove_file(&dst)?
             }
             _ => {}
         }
         let ft = meta.file_type();
         if ft.is_dir() {
             make_dirs_no_follow(to, rel)?;
-            fs::set_permissions(&dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+            fs_err::set_permissions(&dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
         } else if ft.is_symlink() {
-            let target = fs::read_link(&src)?;
-            let _ = fs::remove_file(&dst);
+            let target = fs_err::read_link(&src)?;
+            let _ = fs_err::remove_file(&dst);
             std::os::unix::fs::symlink(target, &dst).map_err(|e| with_path(e, &dst))?;
         } else if ft.is_file() {
             bytes += copy_file(&src, &dst).map_err(|e| with_path(e, &src))?;
@@ -50,7 +50,7 @@ fn make_dirs_no_follow(root: &Path, rel: &Path) -> io::Result<()> {
     let mut cur = root.to_path_buf();
     for c in rel.components() {
         cur.push(c);
-        match fs::symlink_metadata(&cur) {
+        match fs_err::symlink_metadata(&cur) {
             Ok(m) if m.is_dir() => {}
             Ok(m) if m.file_type().is_symlink() => {
                 return Err(io::Error::other(format!(
@@ -65,9 +65,9 @@ fn make_dirs_no_follow(root: &Path, rel: &Path) -> io::Result<()> {
                 )))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir(&cur).map_err(|e| with_path(e, &cur))?
+                fs_err::create_dir(&cur)?
             }
-            Err(e) => return Err(with_path(e, &cur)),
+            Err(e) => return Err(e),
         }
     }
     Ok(())
@@ -86,7 +86,7 @@ pub fn list_files(base: &Path) -> io::Result<Vec<String>> {
     }
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
-        for e in fs::read_dir(base.join(&rel))? {
+        for e in fs_err::read_dir(base.join(&rel))? {
             let e = e?;
             let ft = e.file_type()?;
             let r = rel.join(e.file_name());
@@ -110,7 +110,7 @@ pub fn copy_no_follow(root: &Path, from: &Path, dest: &Path) -> io::Result<u64> 
     let mut cur = root.to_path_buf();
     for c in rel.components() {
         cur.push(c);
-        if fs::symlink_metadata(&cur)?.file_type().is_symlink() {
+        if fs_err::symlink_metadata(&cur)?.file_type().is_symlink() {
             return Err(io::Error::other(format!(
                 "`{}` is a symlink; artifacts must be regular files",
                 rel.display()
@@ -118,7 +118,7 @@ pub fn copy_no_follow(root: &Path, from: &Path, dest: &Path) -> io::Result<u64> 
         }
     }
     if let Some(p) = dest.parent() {
-        fs::create_dir_all(p)?;
+        fs_err::create_dir_all(p)?;
     }
     copy_file(from, dest)
 }

@@ -72,7 +72,7 @@ fn proc_masks(r: &dyn Fn(&str) -> CString) -> Vec<Prep> {
     let mut preps = Vec::new();
     let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     for p in MASKED {
-        let Ok(meta) = std::fs::symlink_metadata(Path::new("/").join(p)) else {
+        let Ok(meta) = fs_err::symlink_metadata(Path::new("/").join(p)) else {
             continue;
         };
         let (source, fstype, mflags, data) = if meta.is_dir() {
@@ -95,7 +95,7 @@ fn proc_masks(r: &dyn Fn(&str) -> CString) -> Vec<Prep> {
         }));
     }
     for p in READ_ONLY {
-        if std::fs::symlink_metadata(Path::new("/").join(p)).is_err() {
+        if fs_err::symlink_metadata(Path::new("/").join(p)).is_err() {
             continue;
         }
         preps.push(Prep::Mount(Mount {
@@ -127,7 +127,7 @@ impl SandboxProvider {
         if unsafe { libc::geteuid() } != 0 {
             return Err("the sandbox provider needs root (run slate with sudo)".into());
         }
-        let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+        let fs = fs_err::read_to_string("/proc/filesystems").unwrap_or_default();
         if !fs.contains("overlay") {
             return Err("the kernel has no overlayfs (try `modprobe overlay`)".into());
         }
@@ -209,7 +209,7 @@ impl Provider for SandboxProvider {
         };
         std::fs::create_dir_all(&env.upper)
             .map_err(|e| cerr(format!("create `{}`", env.upper.display()), e))?;
-        std::fs::create_dir_all(dir.join("work"))
+        fs_err::create_dir_all(dir.join("work"))
             .map_err(|e| cerr("create overlay workdir".into(), e))?;
         env.cgroup =
             limits_cgroup(&id, &spec.limits).map_err(|e| cerr("set up cgroup limits".into(), e))?;
@@ -267,7 +267,7 @@ pub struct Reaped {
 /// others are still removed.
 pub fn reap(state_dir: &Path) -> Reaped {
     let mut r = Reaped::default();
-    let Ok(rd) = std::fs::read_dir(state_dir) else {
+    let Ok(rd) = fs_err::read_dir(state_dir) else {
         return r;
     };
     for e in rd.flatten() {
@@ -845,10 +845,10 @@ impl Environment for SandboxEnv {
         let to = self.upper_path(dest)?;
         let res = (|| {
             if let Some(p) = to.parent() {
-                std::fs::create_dir_all(p)?;
+                fs_err::create_dir_all(p)?;
             }
-            std::fs::write(&to, data)?;
-            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))
+            fs_err::write(&to, data)?;
+            fs_err::set_permissions(&to, std::fs::Permissions::from_mode(mode))
         })();
         res.map_err(|e| self.err(format!("write `{dest}`"), e))
     }

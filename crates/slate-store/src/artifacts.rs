@@ -76,8 +76,8 @@ impl ArtifactStore {
     /// Where a target's artifacts are fetched to before they are checked.
     pub fn staging_for(&self, target: &str) -> io::Result<PathBuf> {
         let p = self.staging.join(target);
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).map_err(|e| ioerr(e, "create", &p))?;
+        let _ = fs_err::remove_dir_all(&p);
+        fs_err::create_dir_all(&p)?;
         Ok(p)
     }
 
@@ -97,9 +97,9 @@ impl ArtifactStore {
 
     fn write_beside(&self, target: &str, name: &str, value: &serde_json::Value) -> io::Result<()> {
         let dir = self.staging.join(target);
-        std::fs::create_dir_all(&dir).map_err(|e| ioerr(e, "create", &dir))?;
+        fs_err::create_dir_all(&dir)?;
         let path = dir.join(name);
-        std::fs::write(
+        fs_err::write(
             &path,
             serde_json::to_vec_pretty(value).map_err(io::Error::other)?,
         )
@@ -112,15 +112,15 @@ impl ArtifactStore {
         let dest = self.dir.join(&t.name);
         if dest.exists() {
             let old = self.staging.join(format!("{}.old", t.name));
-            let _ = std::fs::remove_dir_all(&old);
-            std::fs::rename(&dest, &old).map_err(|e| ioerr(e, "move away", &dest))?;
-            let _ = std::fs::remove_dir_all(&old);
+            let _ = fs_err::remove_dir_all(&old);
+            fs_err::rename(&dest, &old)?;
+            let _ = fs_err::remove_dir_all(&old);
         }
         if staged.exists() {
             give_to_invoking_user(&staged)?;
-            std::fs::rename(&staged, &dest).map_err(|e| ioerr(e, "move into place", &dest))?;
+            fs_err::rename(&staged, &dest)?;
         } else {
-            std::fs::create_dir_all(&dest).map_err(|e| ioerr(e, "create", &dest))?;
+            fs_err::create_dir_all(&dest)?;
         }
         t.status = "succeeded".into();
         let mut done = self.done.lock().unwrap();
@@ -152,7 +152,7 @@ impl ArtifactStore {
         if let Some((uid, gid)) = invoking_user() {
             // The folder too, when slate made it: its owner must be able
             // to remove what is in it.
-            let meta = std::fs::metadata(&self.dir).map_err(|e| ioerr(e, "read", &self.dir))?;
+            let meta = fs_err::metadata(&self.dir)?;
             if std::os::unix::fs::MetadataExt::uid(&meta) == 0 {
                 std::os::unix::fs::lchown(&self.dir, Some(uid), Some(gid))
                     .map_err(|e| ioerr(e, "give to the invoking user", &self.dir))?;
@@ -166,17 +166,17 @@ impl ArtifactStore {
     }
 
     fn write_atomic(&self, name: &str, data: &[u8]) -> io::Result<()> {
-        std::fs::create_dir_all(&self.staging).map_err(|e| ioerr(e, "create", &self.staging))?;
+        fs_err::create_dir_all(&self.staging)?;
         let tmp = self.staging.join(name);
-        std::fs::write(&tmp, data).map_err(|e| ioerr(e, "write", &tmp))?;
+        fs_err::write(&tmp, data)?;
         give_to_invoking_user(&tmp)?;
-        std::fs::rename(&tmp, self.dir.join(name))
+        fs_err::rename(&tmp, self.dir.join(name))
             .map_err(|e| ioerr(e, "move into place", &self.dir.join(name)))
     }
 
     /// Removes the staging folder (what failed targets fetched).
     pub fn finish(&self) {
-        let _ = std::fs::remove_dir_all(&self.staging);
+        let _ = fs_err::remove_dir_all(&self.staging);
     }
 }
 
@@ -203,8 +203,8 @@ fn give_to_invoking_user(path: &Path) -> io::Result<()> {
     while let Some(p) = todo.pop() {
         std::os::unix::fs::lchown(&p, Some(uid), Some(gid))
             .map_err(|e| ioerr(e, "give to the invoking user", &p))?;
-        if std::fs::symlink_metadata(&p)?.is_dir() {
-            for e in std::fs::read_dir(&p)? {
+        if fs_err::symlink_metadata(&p)?.is_dir() {
+            for e in fs_err::read_dir(&p)? {
                 todo.push(e?.path());
             }
         }
@@ -217,13 +217,30 @@ fn give_to_invoking_user(path: &Path) -> io::Result<()> {
 /// `artifacts/`).
 pub fn make_plain(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::symlink_metadata(path)?;
+    let meta = fs_err::symlink_metadata(path)?;
     if !meta.is_file() {
         return Err(io::Error::other("not a regular file"));
     }
     let mode = meta.permissions().mode();
     if mode & 0o7000 != 0 {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o777))?;
+        fs_err::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o777))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_io_error_names_the_path_it_is_about() {
+        let t = tempfile::tempdir().unwrap();
+        // The artifacts folder is a file: nothing can be made below it.
+        let dir = t.path().join("artifacts");
+        std::fs::write(&dir, "not a folder").unwrap();
+        let store = ArtifactStore::new(dir.clone(), "run1");
+        let err = store.staging_for("t").unwrap_err().to_string();
+        let staging = dir.join(".slate-tmp-run1").join("t");
+        assert!(err.contains(&staging.display().to_string()), "{err}");
+    }
 }

@@ -65,7 +65,7 @@ impl std::fmt::Debug for Signer {
 impl Signer {
     /// Loads a private key from a PKCS#8 PEM file.
     pub fn load(path: &Path) -> Result<Signer, DsseError> {
-        let pem = std::fs::read_to_string(path).map_err(|source| DsseError::ReadKey {
+        let pem = fs_err::read_to_string(path).map_err(|source| DsseError::ReadKey {
             path: path.into(),
             source,
         })?;
@@ -128,14 +128,14 @@ pub fn generate(private: &Path) -> Result<(PathBuf, String), DsseError> {
     let pub_pem = vk
         .to_public_key_pem(LineEnding::LF)
         .map_err(|e| write(&public, std::io::Error::other(e.to_string())))?;
-    std::fs::write(&public, pub_pem).map_err(|e| write(&public, e))?;
+    fs_err::write(&public, pub_pem).map_err(|e| write(&public, e))?;
     Ok((public, keyid(&vk)))
 }
 
 /// Loads a public key from a PEM file (SubjectPublicKeyInfo), or the public
 /// half of a private key file.
 pub fn load_public(path: &Path) -> Result<VerifyingKey, DsseError> {
-    let pem = std::fs::read_to_string(path).map_err(|source| DsseError::ReadKey {
+    let pem = fs_err::read_to_string(path).map_err(|source| DsseError::ReadKey {
         path: path.into(),
         source,
     })?;

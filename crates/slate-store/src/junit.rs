@@ -85,7 +85,7 @@ fn case(x: &mut String, t: &TargetRecord, run_dir: &Path) {
             let _ = writeln!(x, "      <skipped message=\"{message}\"/>");
         }
     }
-    let log = std::fs::read_to_string(run_dir.join(format!("{}.log", t.name))).unwrap_or_default();
+    let log = fs_err::read_to_string(run_dir.join(format!("{}.log", t.name))).unwrap_or_default();
     let lines: Vec<&str> = log.lines().collect();
     let tail = lines[lines.len().saturating_sub(LOG_TAIL)..].join("\n");
     let _ = writeln!(x, "      <system-out>{}</system-out>", escape(&tail));

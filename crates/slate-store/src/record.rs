@@ -121,8 +121,8 @@ impl RunRecorder {
     fn save(&self, r: &RunRecord) {
         let tmp = self.dir.join("run.json.tmp");
         if let Ok(data) = serde_json::to_vec_pretty(r) {
-            if std::fs::write(&tmp, data).is_ok() {
-                let _ = std::fs::rename(&tmp, self.dir.join("run.json"));
+            if fs_err::write(&tmp, data).is_ok() {
+                let _ = fs_err::rename(&tmp, self.dir.join("run.json"));
             }
         }
     }
@@ -357,13 +357,13 @@ impl EventSink for RunRecorder {
 
 /// Reads a run's record.
 pub fn read_record(runs_dir: &Path, run_id: &str) -> std::io::Result<RunRecord> {
-    let text = std::fs::read_to_string(runs_dir.join(run_id).join("run.json"))?;
+    let text = fs_err::read_to_string(runs_dir.join(run_id).join("run.json"))?;
     serde_json::from_str(&text).map_err(std::io::Error::other)
 }
 
 /// Run ids, oldest first (ids sort by time).
 pub fn list_runs(runs_dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(runs_dir)
+    let mut v: Vec<String> = fs_err::read_dir(runs_dir)
         .into_iter()
         .flatten()
         .flatten()

@@ -33,7 +33,7 @@ pub struct Lock {
 impl Lock {
     pub fn take(path: &Path) -> io::Result<Lock> {
         if let Some(d) = path.parent() {
-            fs::create_dir_all(d)?;
+            fs_err::create_dir_all(d)?;
         }
         Ok(Lock {
             _file: slate_layers::lock::lock_file(path)?,
@@ -61,7 +61,7 @@ pub fn prepare(cache: &Path, layers: &[PathBuf], agent: &Path) -> io::Result<Boo
     // Layers never change once made, and the agent changes only with slate:
     // their path, size and time name them without reading them.
     let stamp = |p: &Path| -> io::Result<String> {
-        let m = fs::metadata(p)
+        let m = std::fs::metadata(p)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot read `{}`: {e}", p.display())))?;
         let t = m
             .modified()?
@@ -72,10 +72,10 @@ pub fn prepare(cache: &Path, layers: &[PathBuf], agent: &Path) -> io::Result<Boo
     let kernel_id = stamp(&kernel.path)?;
     let agent_id = stamp(agent)?;
     let kdir = cache.join("kernels").join(sha_of(&[kernel_id.as_bytes()]));
-    fs::create_dir_all(&kdir)?;
+    fs_err::create_dir_all(&kdir)?;
     let _lock = Lock::take(&kdir.join("lock"))?;
     // What `gc` checks: the folder goes when its kernel's layer is gone.
-    fs::write(
+    fs_err::write(
         kdir.join("source"),
         kernel.path.as_os_str().as_encoded_bytes(),
     )?;
@@ -88,7 +88,7 @@ pub fn prepare(cache: &Path, layers: &[PathBuf], agent: &Path) -> io::Result<Boo
     } else if vmlinuz.exists() {
         vmlinuz
     } else {
-        let bz = fs::read(&kernel.path)?;
+        let bz = fs_err::read(&kernel.path)?;
         match extract_vmlinux(&bz) {
             Some(elf) => {
                 write_atomic(&vmlinux, &elf)?;
@@ -122,7 +122,7 @@ pub fn prepare(cache: &Path, layers: &[PathBuf], agent: &Path) -> io::Result<Boo
         if !disk.exists() {
             // What `gc` checks: the disk goes when one of its layers is gone.
             let list: Vec<String> = layers.iter().map(|l| l.display().to_string()).collect();
-            fs::write(disk.with_extension("layers"), list.join("\n"))?;
+            fs_err::write(disk.with_extension("layers"), list.join("\n"))?;
             // 4 GiB free for builds: the file is sparse, so it costs nothing.
             slate_layers::disk::write_disk(layers, &disk, 0, 4096)?;
         }
@@ -139,8 +139,8 @@ pub fn prepare(cache: &Path, layers: &[PathBuf], agent: &Path) -> io::Result<Boo
 
 fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
-    fs::write(&tmp, data)?;
-    fs::rename(&tmp, path)
+    fs_err::write(&tmp, data)?;
+    fs_err::rename(&tmp, path)
 }
 
 /// The ELF kernel inside a bzImage: the payload the boot header points at,
@@ -264,13 +264,13 @@ fn build_initramfs(layers: &[PathBuf], version: &str, agent: &Path) -> io::Resul
     c.node("dev/console", 0o020600, (5, 1));
     let agent_bytes = match stripped(agent) {
         Some(b) => b,
-        None => fs::read(agent)?,
+        None => fs_err::read(agent)?,
     };
     c.file("init", 0o755, &agent_bytes);
     for lib in shared_libs(agent)? {
         let rel = lib.trim_start_matches('/');
         c.parents(rel);
-        c.file(rel, 0o755, &fs::read(&lib)?);
+        c.file(rel, 0o755, &fs_err::read(&lib)?);
     }
     let mdir = modules_dir(layers, version).ok_or_else(|| {
         io::Error::new(
@@ -280,7 +280,7 @@ fn build_initramfs(layers: &[PathBuf], version: &str, agent: &Path) -> io::Resul
     })?;
     let depfile =
         slate_layers::tree::layer_file(layers, &format!("{mdir}/modules.dep")).expect("checked");
-    let dep = parse_modules_dep(&fs::read_to_string(depfile)?);
+    let dep = parse_modules_dep(&fs_err::read_to_string(depfile)?);
     let (base, net) = module_order(&dep);
     let mut orders = [String::new(), String::new()];
     for (i, rel) in base
@@ -295,7 +295,7 @@ fn build_initramfs(layers: &[PathBuf], version: &str, agent: &Path) -> io::Resul
                     format!("module `{rel}` is listed but missing"),
                 )
             })?;
-        let raw = fs::read(&src)?;
+        let raw = fs_err::read(&src)?;
         // Compressed modules are unpacked here, so the guest needs no decompressor.
         let ko = if rel.ends_with(".xz") {
             decompress("xz", &raw)?
@@ -331,8 +331,8 @@ fn stripped(agent: &Path) -> Option<Vec<u8>> {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    let out = if ok { fs::read(&tmp).ok() } else { None };
-    let _ = fs::remove_file(&tmp);
+    let out = if ok { fs_err::read(&tmp).ok() } else { None };
+    let _ = fs_err::remove_file(&tmp);
     out
 }
 
@@ -436,38 +436,38 @@ pub fn gc(cache: &Path) -> (usize, u64) {
     let (mut n, mut bytes) = (0, 0);
     let size = |p: &Path| -> u64 {
         use std::os::unix::fs::MetadataExt;
-        fs::symlink_metadata(p)
+        fs_err::symlink_metadata(p)
             .map(|m| m.blocks() * 512)
             .unwrap_or(0)
     };
-    if let Ok(rd) = fs::read_dir(cache.join("disks")) {
+    if let Ok(rd) = fs_err::read_dir(cache.join("disks")) {
         for e in rd.flatten() {
             let p = e.path();
             if p.extension().is_none_or(|x| x != "qcow2") {
                 continue;
             }
-            let list = fs::read_to_string(p.with_extension("layers")).unwrap_or_default();
+            let list = fs_err::read_to_string(p.with_extension("layers")).unwrap_or_default();
             let alive = !list.is_empty() && list.lines().all(|l| Path::new(l).is_dir());
             if !alive {
                 if let Ok(_lock) = Lock::take(&p.with_extension("lock")) {
                     bytes += size(&p);
-                    let _ = fs::remove_file(&p);
-                    let _ = fs::remove_file(p.with_extension("layers"));
+                    let _ = fs_err::remove_file(&p);
+                    let _ = fs_err::remove_file(p.with_extension("layers"));
                     n += 1;
                 }
-                let _ = fs::remove_file(p.with_extension("lock"));
+                let _ = fs_err::remove_file(p.with_extension("lock"));
             }
         }
     }
-    if let Ok(rd) = fs::read_dir(cache.join("kernels")) {
+    if let Ok(rd) = fs_err::read_dir(cache.join("kernels")) {
         for e in rd.flatten() {
-            let source = fs::read_to_string(e.path().join("source")).unwrap_or_default();
+            let source = fs_err::read_to_string(e.path().join("source")).unwrap_or_default();
             if source.is_empty() || !Path::new(&source).exists() {
                 let _lock = Lock::take(&e.path().join("lock"));
-                if let Ok(files) = fs::read_dir(e.path()) {
+                if let Ok(files) = fs_err::read_dir(e.path()) {
                     bytes += files.flatten().map(|f| size(&f.path())).sum::<u64>();
                 }
-                let _ = fs::remove_dir_all(e.path());
+                let _ = fs_err::remove_dir_all(e.path());
                 n += 1;
             }
         }
@@ -483,7 +483,7 @@ pub fn find_agent() -> io::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let agent = exe.with_file_name("slate-agent");
     if agent.exists() {
-        let _ = fs::set_permissions(&agent, fs::Permissions::from_mode(0o755));
+        let _ = fs_err::set_permissions(&agent, fs::Permissions::from_mode(0o755));
         return Ok(agent);
     }
     Err(io::Error::new(

@@ -45,7 +45,7 @@ impl Identity {
                 _slot: None,
             });
         }
-        std::fs::create_dir_all(locks)?;
+        fs_err::create_dir_all(locks)?;
         let start = std::process::id().wrapping_mul(31) + NEXT.fetch_add(1, Ordering::Relaxed);
         for i in 0..SLOTS {
             let slot = (start + i) % SLOTS;
@@ -55,7 +55,7 @@ impl Identity {
             let id = ID_BASE + 1 + slot;
             let mut groups = vec![ID_BASE];
             if kvm {
-                if let Ok(m) = std::fs::metadata("/dev/kvm") {
+                if let Ok(m) = fs_err::metadata("/dev/kvm") {
                     groups.push(m.gid());
                 }
             }
@@ -75,7 +75,7 @@ impl Identity {
 /// Why QEMU must stay root to use KVM, if it must: /dev/kvm opens for
 /// root alone (no group may read and write it, as udev's `kvm` group does).
 pub fn kvm_is_roots() -> Option<String> {
-    let m = std::fs::metadata("/dev/kvm").ok()?;
+    let m = fs_err::metadata("/dev/kvm").ok()?;
     let mode = m.mode() & 0o777;
     if m.gid() != 0 && mode & 0o060 == 0o060 || mode & 0o006 == 0o006 {
         return None;
@@ -157,13 +157,13 @@ impl Handed {
 
 /// Lets QEMU's group read a boot file (and nobody else who is not root).
 pub fn grant_read(path: &Path) -> io::Result<()> {
-    let m = std::fs::metadata(path)?;
+    let m = fs_err::metadata(path)?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 || (m.gid() == ID_BASE && m.mode() & 0o777 == 0o640) {
         return Ok(());
     }
     std::os::unix::fs::chown(path, Some(0), Some(ID_BASE))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o640))
+    fs_err::set_permissions(path, std::fs::Permissions::from_mode(0o640))
 }
 
 /// Gives `path` (a folder slate made) to QEMU's user.

@@ -194,9 +194,8 @@ impl VmProvider {
     /// Whether KVM works, probed once per host boot and QEMU binary (the
     /// answer is kept in the cache).
     fn kvm_works(&self, boot: &boot::BootFiles) -> Result<(), String> {
-        let boot_id =
-            std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-        let qemu_time = std::fs::metadata(&self.qemu)
+        let boot_id = fs_err::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        let qemu_time = fs_err::metadata(&self.qemu)
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
@@ -209,7 +208,7 @@ impl VmProvider {
             self.qemu.display()
         );
         let memo = self.cache.join("kvm-probe");
-        if let Some(answer) = std::fs::read_to_string(&memo)
+        if let Some(answer) = fs_err::read_to_string(&memo)
             .ok()
             .and_then(|t| t.strip_prefix(&key).map(str::to_string))
         {
@@ -227,8 +226,8 @@ impl VmProvider {
             Ok(()) => "ok".to_string(),
             Err(why) => format!("broken: {why}"),
         };
-        let _ = std::fs::create_dir_all(&self.cache);
-        let _ = std::fs::write(&memo, format!("{key}{answer}\n"));
+        let _ = fs_err::create_dir_all(&self.cache);
+        let _ = fs_err::write(&memo, format!("{key}{answer}\n"));
         res
     }
 
@@ -330,7 +329,7 @@ fn machine_args() -> [&'static str; 13] {
 /// The host's TSC frequency: given to the guest, its early calibration does
 /// not fail when the host is busy.
 fn tsc_khz() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let info = fs_err::read_to_string("/proc/cpuinfo").ok()?;
     let mhz: f64 = info
         .lines()
         .find(|l| l.starts_with("cpu MHz"))?
@@ -499,7 +498,7 @@ impl Provider for VmProvider {
                     env: spec.name.clone(),
                     what,
                 })?;
-            Some(std::fs::read(&bundle).map_err(|e| {
+            Some(fs_err::read(&bundle).map_err(|e| {
                 cerr(format!(
                     "cannot read the host's CA bundle `{}`: {e}",
                     bundle.display()
@@ -546,7 +545,7 @@ const FATAL_CONSOLE: [&str; 4] = [
 
 /// The first fatal line in the guest's console so far, if any.
 fn fatal_console(path: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(path).ok()?;
+    let text = fs_err::read_to_string(path).ok()?;
     text.lines()
         .find(|l| FATAL_CONSOLE.iter().any(|m| l.contains(m)))
         .map(|l| l.trim().to_string())
@@ -554,7 +553,7 @@ fn fatal_console(path: &Path) -> Option<String> {
 
 /// The last lines the guest printed, for an error message.
 fn console_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let text = fs_err::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     if lines.is_empty() {
         return String::new();
@@ -919,7 +918,7 @@ impl VmEnv {
             let _ = c.wait();
         }
         self.identity = None;
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = fs_err::remove_dir_all(&self.dir);
     }
 }
 
@@ -944,7 +943,7 @@ impl Environment for VmEnv {
             b.follow_symlinks(false);
             for e in entries {
                 let src = base.join(e);
-                let packed = std::fs::symlink_metadata(&src).and_then(|meta| {
+                let packed = fs_err::symlink_metadata(&src).and_then(|meta| {
                     if meta.is_file() {
                         bytes += meta.len();
                     }
@@ -1099,7 +1098,7 @@ impl Environment for VmEnv {
             // The file first: a host-side failure must not leave the guest's
             // data unread in the stream.
             if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent)?;
+                fs_err::create_dir_all(parent)?;
             }
             let mut f = std::fs::File::create(dest)?;
             self.ask(proto::FETCH, src, 0)?;
@@ -1108,7 +1107,7 @@ impl Environment for VmEnv {
                 Some((proto::RESULT, p)) => proto::parse::<proto::FileSize>(&p)?.size,
                 Some((proto::ERR, m)) => {
                     drop(f);
-                    let _ = std::fs::remove_file(dest);
+                    let _ = fs_err::remove_file(dest);
                     return Err(io::Error::other(String::from_utf8_lossy(&m).into_owned()));
                 }
                 Some((k, _)) => {
@@ -1121,7 +1120,7 @@ impl Environment for VmEnv {
             };
             if size > self.max_fetch {
                 drop(f);
-                let _ = std::fs::remove_file(dest);
+                let _ = fs_err::remove_file(dest);
                 // The data is on its way: the machine goes instead.
                 overflow = true;
                 return Err(io::Error::new(
@@ -1135,7 +1134,7 @@ impl Environment for VmEnv {
             let mut data = proto::DataReader::new(&mut frames);
             let copied = copy_capped(&mut data, &mut f, size).and_then(|n| f.flush().map(|()| n));
             if let Err(e) = &copied {
-                let _ = std::fs::remove_file(dest);
+                let _ = fs_err::remove_file(dest);
                 // A guest sending more than its disk holds may never stop:
                 // no draining, the machine goes instead.
                 overflow = e.kind() == io::ErrorKind::FileTooLarge;
@@ -1197,9 +1196,9 @@ mod fetch_tests {
         let mut head = b"QFI\xfb".to_vec();
         head.extend([0u8; 20]);
         head.extend((5u64 << 30).to_be_bytes());
-        std::fs::write(&disk, &head).unwrap();
+        fs_err::write(&disk, &head).unwrap();
         assert_eq!(qcow2_size(&disk), Some(5 << 30));
-        std::fs::write(&disk, b"not a disk at all, not qcow2 in any way").unwrap();
+        fs_err::write(&disk, b"not a disk at all, not qcow2 in any way").unwrap();
         assert_eq!(qcow2_size(&disk), None);
     }
 }

@@ -155,7 +155,7 @@ fn main() -> ExitCode {
         Some(d) => d.clone(),
         None => std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
     };
-    let cwd = std::fs::canonicalize(&cwd).unwrap_or(cwd);
+    let cwd = fs_err::canonicalize(&cwd).unwrap_or(cwd);
     let ctx = Ctx { cli, cwd };
     let color = ctx.color()
         || (matches!(ctx.cli.color, Color::Auto)

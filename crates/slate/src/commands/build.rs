@@ -114,7 +114,7 @@ fn write_junit(
     };
     let record = slate_store::record::read_record(runs_dir, run_id).map_err(fail)?;
     let xml = slate_store::junit::render(&record, &runs_dir.join(run_id));
-    std::fs::write(path, xml).map_err(fail)
+    fs_err::write(path, xml).map_err(fail)
 }
 
 /// Prints what the run did; returns the exit it ends with.
@@ -170,7 +170,7 @@ fn lock_artifacts(dir: &std::path::Path) -> Result<slate_layers::lock::Lock, Cli
             format!("cannot lock the artifacts folder `{}`: {e}", dir.display()),
         )
     };
-    std::fs::create_dir_all(dir).map_err(infra)?;
+    fs_err::create_dir_all(dir).map_err(infra)?;
     match slate_layers::lock::try_lock_file(&dir.join(".slate-lock")).map_err(infra)? {
         Some(file) => Ok(file),
         None => Err(CliError::new(

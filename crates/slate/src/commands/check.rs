@@ -92,7 +92,7 @@ pub fn init(ctx: &Ctx) -> CmdResult {
                 .hint("edit it, or remove it first to start over"),
         );
     }
-    std::fs::write(&path, slate_config::STARTER)
+    fs_err::write(&path, slate_config::STARTER)
         .map_err(|e| CliError::from_error(Exit::Usage, &e))?;
     ctx.say(&format!(
         "wrote {}; next: `slate check`, then `slate build`",

@@ -227,7 +227,7 @@ fn prune_runs(runs_dir: &std::path::Path, keep: usize) -> (usize, u64) {
     for r in &runs[..runs.len().saturating_sub(keep)] {
         let p = runs_dir.join(r);
         bytes += slate_image::store::slate_size(&p);
-        let _ = std::fs::remove_dir_all(&p);
+        let _ = fs_err::remove_dir_all(&p);
         removed += 1;
     }
     (removed, bytes)

@@ -48,7 +48,7 @@ pub fn verify(ctx: &Ctx, artifact: &Path, key: &Path, envelope: Option<&Path>) -
             .join(dsse::ENVELOPE),
     };
     let vk = dsse::load_public(&ctx.cwd.join(key)).map_err(key_error)?;
-    let bytes = std::fs::read(&envelope).map_err(|e| {
+    let bytes = fs_err::read(&envelope).map_err(|e| {
         CliError::new(
             Exit::Usage,
             format!("cannot read the envelope `{}`: {e}", envelope.display()),

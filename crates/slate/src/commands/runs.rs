@@ -50,7 +50,7 @@ pub fn logs(ctx: &Ctx, target: &str, run: Option<&str>) -> CmdResult {
             })?,
     };
     let path = dir.join(&id).join(format!("{target}.log"));
-    let text = std::fs::read_to_string(&path).map_err(|e| {
+    let text = fs_err::read_to_string(&path).map_err(|e| {
         CliError::from_error(Exit::Usage, &e).hint(format!(
             "no log `{}`; `slate runs` lists the runs",
             path.display()

@@ -15,7 +15,7 @@ fn inputs_epoch(t: &slate_config::TargetSpec, skip: &[std::path::PathBuf]) -> u6
     for input in &t.inputs {
         if let Ok(set) = slate_run::inputs::collect(input, &t.exclude, skip) {
             for rel in &set.entries {
-                if let Ok(m) = std::fs::symlink_metadata(set.base.join(rel)) {
+                if let Ok(m) = fs_err::symlink_metadata(set.base.join(rel)) {
                     use std::os::unix::fs::MetadataExt;
                     newest = newest.max(m.mtime().max(0) as u64);
                 }
@@ -26,7 +26,7 @@ fn inputs_epoch(t: &slate_config::TargetSpec, skip: &[std::path::PathBuf]) -> u6
 }
 
 fn files(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
+    let mut v: Vec<String> = fs_err::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
@@ -120,7 +120,7 @@ pub fn verify(ctx: &Ctx, name: &str) -> CmdResult {
     }
     if slate_image::which("diffoscope") {
         for f in fa.iter().filter(|f| fb.contains(f)) {
-            if std::fs::read(a.join(f)).ok() != std::fs::read(b.join(f)).ok() {
+            if fs_err::read(a.join(f)).ok() != fs_err::read(b.join(f)).ok() {
                 diffoscope(f, &a.join(f), &b.join(f));
             }
         }
@@ -133,7 +133,7 @@ pub fn verify(ctx: &Ctx, name: &str) -> CmdResult {
 fn differences(a: &Path, b: &Path, fa: &[String], fb: &[String]) -> Vec<String> {
     let mut differ = Vec::new();
     for f in fa.iter().chain(fb.iter().filter(|f| !fa.contains(f))) {
-        let (x, y) = (std::fs::read(a.join(f)).ok(), std::fs::read(b.join(f)).ok());
+        let (x, y) = (fs_err::read(a.join(f)).ok(), fs_err::read(b.join(f)).ok());
         match (x, y) {
             (Some(x), Some(y)) if x == y => {}
             (Some(_), Some(_)) => differ.push(format!("{f}: contents differ")),
