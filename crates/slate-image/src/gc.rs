@@ -63,8 +63,16 @@ pub fn register(store: &LayerStore, project: &Project) {
 
 fn write_root(store: &LayerStore, root: &Root) {
     let file = root_file(store, &root.config);
+    let Ok(json) = serde_json::to_vec_pretty(root) else {
+        return;
+    };
+    // A rebake of an unchanged project registers what is already there:
+    // reading it back is cheaper than writing and renaming it again.
+    if std::fs::read(&file).is_ok_and(|old| old == json) {
+        return;
+    }
     let _ = fs_err::create_dir_all(roots_dir(store));
-    if let Ok(json) = serde_json::to_vec_pretty(root) {
+    {
         let tmp = file.with_extension(format!("tmp{}", std::process::id()));
         if fs_err::write(&tmp, json).is_ok() {
             let _ = fs_err::rename(&tmp, &file);
