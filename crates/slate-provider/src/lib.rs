@@ -15,6 +15,8 @@
 pub mod fake;
 pub mod hostnet;
 pub mod lease;
+pub mod session;
+pub mod wire;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

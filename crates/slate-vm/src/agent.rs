@@ -7,7 +7,7 @@
 //! `slate.net=1` (configure `eth0` for QEMU's user-mode network) and
 //! `slate.probe=1` (print a marker and power off: the KVM probe).
 
-use crate::proto::{self, DataReader};
+use slate_provider::wire::{self as proto, DataReader};
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Write};

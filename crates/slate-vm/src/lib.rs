@@ -17,18 +17,19 @@ pub mod agent;
 pub mod boot;
 pub mod jail;
 mod net;
-pub mod proto;
 
 use slate_provider::lease::take_lease;
+use slate_provider::session::{self, Carrier, Session};
+use slate_provider::wire;
 use slate_provider::*;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -507,22 +508,24 @@ impl Provider for VmProvider {
         } else {
             None
         };
+        let mut session = Session::new(&id, "the guest's agent");
+        // Nothing the guest holds is larger than its disk.
+        session.max_fetch = qcow2_size(&boot.disk).unwrap_or(MAX_FETCH_FALLBACK);
+        session.oversize = oversize;
+        session.no_interactive = "interactive shells are not available with the vm provider yet; use the sandbox provider for `slate shell`";
+        if spec.network {
+            // The host's proxy (and CA) variables, for every command.
+            session.base_env = net::guest_env(slate_provider::hostnet::env(spec.host_ca));
+        }
         let mut env = VmEnv {
-            id: id.clone(),
-            dir: dir.clone(),
-            qemu: None,
-            identity: None,
-            to_guest: None,
-            from_guest: None,
-            destroyed: false,
-            _lease: lease,
-            // Nothing the guest holds is larger than its disk.
-            max_fetch: qcow2_size(&boot.disk).unwrap_or(MAX_FETCH_FALLBACK),
-            network_env: if spec.network {
-                net::guest_env(slate_provider::hostnet::env(spec.host_ca))
-            } else {
-                vec![]
+            session,
+            machine: Machine {
+                dir: dir.clone(),
+                qemu: None,
+                identity: None,
+                _lease: lease,
             },
+            destroyed: false,
         };
         env.boot(self, spec, &boot, accel)
             .map_err(|e| cerr(format!("{e}{}", console_tail(&dir.join("console.log")))))?;
@@ -562,22 +565,39 @@ fn console_tail(path: &Path) -> String {
     format!("; the guest's console ended with:\n  {}", tail.join("\n  "))
 }
 
-type Frame = (u8, Vec<u8>);
-
 pub struct VmEnv {
-    id: String,
+    session: Session,
+    machine: Machine,
+    destroyed: bool,
+}
+
+/// What carries a VM's session: QEMU, the ids it runs as, its folder.
+struct Machine {
     dir: PathBuf,
     qemu: Option<Child>,
     /// The ids QEMU runs as, held while it runs.
     identity: Option<jail::Identity>,
-    to_guest: Option<UnixStream>,
-    from_guest: Option<Receiver<Frame>>,
-    destroyed: bool,
     _lease: slate_provider::lease::Lock,
-    /// The host's proxy (and CA) variables, for every command.
-    network_env: Vec<(String, String)>,
-    /// The most one `fetch` may copy: the guest's disk size.
-    max_fetch: u64,
+}
+
+impl Carrier for Machine {
+    fn stop(&mut self) {
+        if let Some(mut c) = self.qemu.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.identity = None;
+        let _ = fs_err::remove_dir_all(&self.dir);
+    }
+
+    fn check_alive(&mut self, when: &str) -> io::Result<()> {
+        if let Some(c) = &mut self.qemu {
+            if let Some(st) = c.try_wait()? {
+                return Err(io::Error::other(format!("QEMU exited {when} ({st})")));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The cap on a fetch when the disk's size cannot be read.
@@ -590,46 +610,11 @@ fn qcow2_size(path: &Path) -> Option<u64> {
     (head[..4] == *b"QFI\xfb").then(|| u64::from_be_bytes(head[24..32].try_into().unwrap()))
 }
 
-/// Copies at most `cap` bytes (what the guest announced, never more than
-/// its disk holds); a source with more is an error, whatever it claims.
-fn copy_capped(from: &mut impl Read, to: &mut impl Write, cap: u64) -> io::Result<u64> {
-    let n = io::copy(&mut from.take(cap), to)?;
-    if n == cap && from.read(&mut [0u8; 1])? > 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::FileTooLarge,
-            format!("the guest sent more than the {cap} bytes it announced; the copy was stopped"),
-        ));
-    }
-    Ok(n)
-}
-
-struct HostFrames<'a>(&'a Receiver<Frame>);
-
-/// Frames read ahead from the agent.
-const FRAMES_IN_FLIGHT: usize = 64;
-/// How long the agent may take to answer a request (or send the next
-/// frame of an answer) before the VM counts as stuck.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
-/// The largest file listing the agent may send.
-const MAX_LISTING: u64 = 64 << 20;
-
-impl proto::FrameSource for HostFrames<'_> {
-    fn next_frame(&mut self) -> io::Result<Option<Frame>> {
-        match self.0.recv_timeout(REQUEST_TIMEOUT) {
-            Ok(f) => Ok(Some(f)),
-            Err(RecvTimeoutError::Timeout) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "the guest's agent did not answer within {} s",
-                    REQUEST_TIMEOUT.as_secs()
-                ),
-            )),
-            Err(RecvTimeoutError::Disconnected) => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the VM went away",
-            )),
-        }
-    }
+/// Why an artifact larger than the guest's disk is refused.
+fn oversize(size: u64, cap: u64) -> String {
+    format!(
+        "it is {size} bytes, more than the guest's disk holds ({cap} bytes), so it is mostly holes (a sparse file); shrink it in the build (compress it, or `qemu-img convert` a disk image) or use the sandbox provider"
+    )
 }
 
 impl VmEnv {
@@ -649,8 +634,8 @@ impl VmEnv {
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("cannot start QEMU: {e}")))?;
         drop(files);
-        self.qemu = Some(child);
-        self.identity = Some(who);
+        self.machine.qemu = Some(child);
+        self.machine.identity = Some(who);
 
         let deadline = Instant::now() + p.settings.boot_timeout;
         let stream = self.accept_agent(&listener, deadline)?;
@@ -663,7 +648,7 @@ impl VmEnv {
     fn agent_listener(&self, who: &jail::Identity) -> io::Result<(PathBuf, UnixListener)> {
         // QEMU's own folder: its socket, and the temporary overlay of
         // `snapshot=on` (TMPDIR).
-        let qdir = self.dir.join(QEMU_DIR);
+        let qdir = self.machine.dir.join(QEMU_DIR);
         std::fs::DirBuilder::new().mode(0o700).create(&qdir)?;
         jail::give(&qdir, who)?;
         let sock = qdir.join("agent.sock");
@@ -700,9 +685,9 @@ impl VmEnv {
         if spec.network {
             append.push_str(" slate.net=1");
         }
-        let console = std::fs::File::create(self.dir.join("console.log"))?;
+        let console = std::fs::File::create(self.machine.dir.join("console.log"))?;
         let mut cmd = Command::new(qemu);
-        add_machine_args(&mut cmd, &self.id, accel, cpus, mem_mib);
+        add_machine_args(&mut cmd, self.session.id(), accel, cpus, mem_mib);
         add_boot_args(&mut cmd, files, &append);
         if spec.network {
             cmd.args([
@@ -730,7 +715,7 @@ impl VmEnv {
     ) -> io::Result<UnixStream> {
         // Woken by the connection, or by QEMU's end (its pidfd), not by a
         // timer; without a pidfd (kernels before 5.3), every 50 ms.
-        let pidfd = self.qemu.as_ref().map_or(-1, |c| {
+        let pidfd = self.machine.qemu.as_ref().map_or(-1, |c| {
             // SAFETY: pidfd_open on our own child's pid.
             unsafe { libc::syscall(libc::SYS_pidfd_open, c.id(), 0) as libc::c_int }
         });
@@ -739,7 +724,8 @@ impl VmEnv {
             match listener.accept() {
                 Ok((s, _)) => return Ok(s),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.check_alive("before connecting to the agent's port")?;
+                    self.machine
+                        .check_alive("before connecting to the agent's port")?;
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         return Err(io::Error::other("QEMU did not connect the agent's port"));
@@ -775,21 +761,10 @@ impl VmEnv {
     /// Talks to the agent over `stream`: frames are read ahead by a thread.
     fn connect_agent(&mut self, stream: UnixStream) -> io::Result<()> {
         stream.set_nonblocking(false)?;
-        let mut reader = stream.try_clone()?;
-        // Bounded: a guest that floods output waits for slate (TCP
-        // back-pressure) instead of filling slate's memory.
-        let (tx, rx) = mpsc::sync_channel(FRAMES_IN_FLIGHT);
-        std::thread::spawn(move || {
-            while let Ok(Some(f)) = proto::read_frame(&mut reader) {
-                if tx.send(f).is_err() {
-                    return;
-                }
-            }
-        });
+        let reader = stream.try_clone()?;
         // A guest that stops reading cannot hold slate forever.
-        stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
-        self.to_guest = Some(stream);
-        self.from_guest = Some(rx);
+        stream.set_write_timeout(Some(session::REQUEST_TIMEOUT))?;
+        self.session.connect(reader, stream);
         Ok(())
     }
 
@@ -797,17 +772,17 @@ impl VmEnv {
     /// console shows a guest that will not come up.
     fn wait_for_hello(&mut self, deadline: Instant, timeout: Duration) -> io::Result<()> {
         loop {
-            match self.recv(Duration::from_millis(100)) {
-                Ok(Some((proto::HELLO, payload))) => {
-                    proto::parse::<proto::Hello>(&payload)?;
+            match self.session.recv(Duration::from_millis(100)) {
+                Ok(Some((wire::HELLO, payload))) => {
+                    wire::parse::<wire::Hello>(&payload)?;
                     return Ok(());
                 }
                 Ok(Some((k, _))) => {
                     return Err(io::Error::other(format!("the agent said {k} before hello")))
                 }
                 Ok(None) => {
-                    self.check_alive("while booting")?;
-                    if let Some(line) = fatal_console(&self.dir.join("console.log")) {
+                    self.machine.check_alive("while booting")?;
+                    if let Some(line) = fatal_console(&self.machine.dir.join("console.log")) {
                         return Err(io::Error::other(format!(
                             "the guest failed to boot ({line})"
                         )));
@@ -820,162 +795,25 @@ impl VmEnv {
                     }
                 }
                 Err(e) => {
-                    self.check_alive("while booting")?;
+                    self.machine.check_alive("while booting")?;
                     return Err(e);
                 }
             }
         }
     }
-
-    fn check_alive(&mut self, when: &str) -> io::Result<()> {
-        if let Some(c) = &mut self.qemu {
-            if let Some(st) = c.try_wait()? {
-                return Err(io::Error::other(format!("QEMU exited {when} ({st})")));
-            }
-        }
-        Ok(())
-    }
-
-    /// The next frame from the agent; `None` when `wait` passes first.
-    fn recv(&self, wait: Duration) -> io::Result<Option<Frame>> {
-        let rx = self
-            .from_guest
-            .as_ref()
-            .ok_or_else(|| io::Error::other("not booted"))?;
-        match rx.recv_timeout(wait) {
-            Ok(f) => Ok(Some(f)),
-            Err(RecvTimeoutError::Timeout) => Ok(None),
-            Err(RecvTimeoutError::Disconnected) => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the VM went away (its agent port closed)",
-            )),
-        }
-    }
-
-    fn send(&mut self, kind: u8, payload: &[u8]) -> io::Result<()> {
-        let s = self
-            .to_guest
-            .as_mut()
-            .ok_or_else(|| io::Error::other("not booted"))?;
-        proto::write_frame(s, kind, payload)
-    }
-
-    fn send_json(&mut self, kind: u8, v: &impl serde::Serialize) -> io::Result<()> {
-        self.send(kind, &serde_json::to_vec(v).map_err(io::Error::other)?)
-    }
-
-    /// A request about one path.
-    fn ask(&mut self, kind: u8, path: &str, mode: u32) -> io::Result<()> {
-        self.send_json(
-            kind,
-            &proto::PathArg {
-                path: path.into(),
-                mode,
-            },
-        )
-    }
-
-    /// The agent's answers, as a source of frames (data, errors).
-    fn answers(&self) -> io::Result<HostFrames<'_>> {
-        self.from_guest
-            .as_ref()
-            .map(HostFrames)
-            .ok_or_else(|| io::Error::other("not booted"))
-    }
-
-    /// A request about `path` followed by `data`, answered by OK.
-    fn send_with_data(&mut self, kind: u8, path: &str, mode: u32, data: &[u8]) -> io::Result<()> {
-        self.ask(kind, path, mode)?;
-        let s = self
-            .to_guest
-            .as_mut()
-            .ok_or_else(|| io::Error::other("not booted"))?;
-        proto::send_data(s, &mut &data[..])?;
-        self.expect_ok()
-    }
-
-    /// Waits for OK (or the agent's error).
-    fn expect_ok(&mut self) -> io::Result<()> {
-        match proto::FrameSource::next_frame(&mut self.answers()?)? {
-            Some((proto::OK, _)) => Ok(()),
-            Some((proto::ERR, m)) => {
-                Err(io::Error::other(String::from_utf8_lossy(&m).into_owned()))
-            }
-            Some((k, _)) => Err(io::Error::other(format!(
-                "unexpected answer {k} from the agent"
-            ))),
-            None => Err(io::ErrorKind::UnexpectedEof.into()),
-        }
-    }
-
-    fn err(&self, op: impl Into<String>, e: io::Error) -> ProviderError {
-        ProviderError::op(&self.id, op, e)
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.qemu.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        self.identity = None;
-        let _ = fs_err::remove_dir_all(&self.dir);
-    }
 }
 
 impl Environment for VmEnv {
     fn id(&self) -> &str {
-        &self.id
+        self.session.id()
     }
 
     fn put(&mut self, base: &Path, entries: &[PathBuf], dest: &str) -> Result<u64, ProviderError> {
-        // Streamed as it is packed: the inputs are never held in memory.
-        // Each entry is archived alone (a folder without its contents):
-        // the list is what `exclude` and .gitignore left.
-        let mut bytes = 0u64;
-        let mut failed: Option<ProviderError> = None;
-        let res = (|| {
-            self.ask(proto::PUT_TAR, dest, 0)?;
-            let s = self
-                .to_guest
-                .as_mut()
-                .ok_or_else(|| io::Error::other("not booted"))?;
-            let mut b = tar::Builder::new(proto::DataWriter::new(&mut *s));
-            b.follow_symlinks(false);
-            for e in entries {
-                let src = base.join(e);
-                let packed = fs_err::symlink_metadata(&src).and_then(|meta| {
-                    if meta.is_file() {
-                        bytes += meta.len();
-                    }
-                    b.append_path_with_name(&src, e)
-                });
-                if let Err(er) = packed {
-                    // The guest is mid-stream: it cannot be told apart from
-                    // a short archive, so the environment is not used again.
-                    failed = Some(ProviderError::op(
-                        &self.id,
-                        format!("pack `{}`", src.display()),
-                        er,
-                    ));
-                    return Err(io::Error::other("packing failed"));
-                }
-            }
-            b.into_inner()?.finish()?;
-            self.expect_ok()
-        })();
-        match (res, failed) {
-            (_, Some(e)) => {
-                self.stop();
-                Err(e)
-            }
-            (Err(e), None) => Err(self.err(format!("copy into `{dest}`"), e)),
-            (Ok(()), None) => Ok(bytes),
-        }
+        self.session.put(&mut self.machine, base, entries, dest)
     }
 
     fn put_bytes(&mut self, data: &[u8], dest: &str, mode: u32) -> Result<(), ProviderError> {
-        self.send_with_data(proto::PUT_FILE, dest, mode, data)
-            .map_err(|e| self.err(format!("write `{dest}`"), e))
+        self.session.put_bytes(data, dest, mode)
     }
 
     fn exec(
@@ -984,183 +822,22 @@ impl Environment for VmEnv {
         out: &mut dyn OutputSink,
         cancel: &Cancel,
     ) -> Result<ExecOutcome, ProviderError> {
-        if spec.interactive {
-            return Err(ProviderError::Other {
-                env: self.id.clone(),
-                what: "interactive shells are not available with the vm provider yet; use the sandbox provider for `slate shell`".into(),
-            });
-        }
-        let what = spec.argv.first().cloned().unwrap_or_default();
-        let req = proto::Exec {
-            argv: spec.argv.clone(),
-            env: self.network_env.iter().chain(&spec.env).cloned().collect(),
-            cwd: spec.cwd.clone(),
-        };
-        self.send_json(proto::EXEC, &req)
-            .map_err(|e| self.err(format!("run `{what}`"), e))?;
-        let mut outs = [LineSplitter::default(), LineSplitter::default()];
-        let mut stopped: Option<ExecOutcome> = None;
-        let mut killed_at: Option<Instant> = None;
-        loop {
-            // Checked on every frame, not only when the guest is quiet: a
-            // command that floods output still times out and is cancelled.
-            match (stopped, killed_at) {
-                // The guest did not answer a kill in time: the machine
-                // goes, and the command with it.
-                (Some(s), Some(at)) if at.elapsed() > Duration::from_secs(10) => {
-                    self.stop();
-                    return Ok(s);
-                }
-                (Some(_), _) => {}
-                (None, _) => {
-                    let s = if cancel.is_cancelled() {
-                        Some(ExecOutcome::Cancelled)
-                    } else if cancel.timed_out() {
-                        Some(ExecOutcome::TimedOut)
-                    } else {
-                        None
-                    };
-                    if let Some(s) = s {
-                        stopped = Some(s);
-                        killed_at = Some(Instant::now());
-                        if self.send(proto::KILL, b"").is_err() {
-                            self.stop();
-                            return Ok(s);
-                        }
-                    }
-                }
-            }
-            let frame = match self.recv(Duration::from_millis(50)) {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = self.check_alive("while a command ran");
-                    return Err(self.err(format!("run `{what}`"), e));
-                }
-            };
-            match frame {
-                // After a kill, output still in flight is dropped.
-                Some((proto::STDOUT | proto::STDERR, _)) if stopped.is_some() => {}
-                Some((proto::STDOUT, d)) => outs[0].push(&d, |l| out.line(Stream::Stdout, l)),
-                Some((proto::STDERR, d)) => outs[1].push(&d, |l| out.line(Stream::Stderr, l)),
-                Some((proto::EXIT, d)) => {
-                    outs[0].finish(|l| out.line(Stream::Stdout, l));
-                    outs[1].finish(|l| out.line(Stream::Stderr, l));
-                    if let Some(s) = stopped {
-                        return Ok(s);
-                    }
-                    let exit: proto::Exit =
-                        proto::parse(&d).map_err(|e| self.err("read the exit status", e))?;
-                    return Ok(match (exit.code, exit.signal) {
-                        (Some(c), _) => ExecOutcome::Exited(c),
-                        (None, Some(s)) => ExecOutcome::Signaled(s),
-                        _ => ExecOutcome::Exited(-1),
-                    });
-                }
-                Some((proto::ERR, m)) => {
-                    return Err(self.err(
-                        format!("run `{what}`"),
-                        io::Error::other(String::from_utf8_lossy(&m).into_owned()),
-                    ))
-                }
-                Some((k, _)) => {
-                    return Err(self.err(
-                        format!("run `{what}`"),
-                        io::Error::other(format!("unexpected frame {k}")),
-                    ))
-                }
-                None => {}
-            }
-        }
+        self.session.exec(&mut self.machine, spec, out, cancel)
     }
 
     fn list(&mut self, dir: &str) -> Result<Vec<String>, ProviderError> {
-        let res = (|| {
-            self.ask(proto::LIST, dir, 0)?;
-            let mut json = Vec::new();
-            let mut frames = self.answers()?;
-            let mut data = proto::DataReader::new(&mut frames);
-            (&mut data).take(MAX_LISTING).read_to_end(&mut json)?;
-            if json.len() as u64 == MAX_LISTING {
-                let _ = data.drain();
-                return Err(io::Error::other(format!(
-                    "the listing is larger than {} MiB",
-                    MAX_LISTING >> 20
-                )));
-            }
-            proto::parse::<Vec<String>>(&json)
-        })();
-        res.map_err(|e| self.err(format!("list `{dir}`"), e))
+        self.session.list(dir)
     }
 
     fn fetch(&mut self, src: &str, dest: &Path) -> Result<u64, ProviderError> {
-        let mut overflow = false;
-        let res = (|| {
-            // The file first: a host-side failure must not leave the guest's
-            // data unread in the stream.
-            if let Some(parent) = dest.parent() {
-                fs_err::create_dir_all(parent)?;
-            }
-            let mut f = std::fs::File::create(dest)?;
-            self.ask(proto::FETCH, src, 0)?;
-            let mut frames = self.answers()?;
-            let size = match proto::FrameSource::next_frame(&mut frames)? {
-                Some((proto::RESULT, p)) => proto::parse::<proto::FileSize>(&p)?.size,
-                Some((proto::ERR, m)) => {
-                    drop(f);
-                    let _ = fs_err::remove_file(dest);
-                    return Err(io::Error::other(String::from_utf8_lossy(&m).into_owned()));
-                }
-                Some((k, _)) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("expected the file's size, got a frame of kind {k}"),
-                    ))
-                }
-                None => return Err(io::ErrorKind::UnexpectedEof.into()),
-            };
-            if size > self.max_fetch {
-                drop(f);
-                let _ = fs_err::remove_file(dest);
-                // The data is on its way: the machine goes instead.
-                overflow = true;
-                return Err(io::Error::new(
-                    io::ErrorKind::FileTooLarge,
-                    format!(
-                        "it is {size} bytes, more than the guest's disk holds ({} bytes), so it is mostly holes (a sparse file); shrink it in the build (compress it, or `qemu-img convert` a disk image) or use the sandbox provider",
-                        self.max_fetch
-                    ),
-                ));
-            }
-            let mut data = proto::DataReader::new(&mut frames);
-            let copied = copy_capped(&mut data, &mut f, size).and_then(|n| f.flush().map(|()| n));
-            if let Err(e) = &copied {
-                let _ = fs_err::remove_file(dest);
-                // A guest sending more than its disk holds may never stop:
-                // no draining, the machine goes instead.
-                overflow = e.kind() == io::ErrorKind::FileTooLarge;
-                if !overflow {
-                    let _ = data.drain();
-                }
-            }
-            copied
-        })();
-        if overflow {
-            self.stop();
-            if let Err(e) = res {
-                return Err(ProviderError::Refused {
-                    env: self.id.clone(),
-                    what: format!("artifact `{src}`: {e}"),
-                });
-            }
-        }
-        res.map_err(|e| self.err(format!("copy `{src}` out"), e))
+        self.session.fetch(&mut self.machine, src, dest)
     }
 
     fn destroy(mut self) -> Result<(), ProviderError> {
         // Nothing in the guest outlives it (its disk is a throwaway overlay),
         // so there is no clean shutdown to wait for: QEMU just goes.
         self.destroyed = true;
-        self.stop();
+        self.machine.stop();
         Ok(())
     }
 }
@@ -1168,7 +845,7 @@ impl Environment for VmEnv {
 impl Drop for VmEnv {
     fn drop(&mut self) {
         if !self.destroyed {
-            self.stop();
+            self.machine.stop();
         }
     }
 }
@@ -1176,18 +853,6 @@ impl Drop for VmEnv {
 #[cfg(test)]
 mod fetch_tests {
     use super::*;
-
-    #[test]
-    fn a_copy_stops_at_the_cap_and_says_so() {
-        let mut out = Vec::new();
-        let n = copy_capped(&mut &[7u8; 100][..], &mut out, 100).unwrap();
-        assert_eq!((n, out.len()), (100, 100));
-        let mut out = Vec::new();
-        let e = copy_capped(&mut io::repeat(1), &mut out, 1000).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::FileTooLarge);
-        assert!(e.to_string().contains("more than the 1000 bytes"), "{e}");
-        assert_eq!(out.len(), 1000);
-    }
 
     #[test]
     fn the_size_of_a_qcow2_disk_is_read_from_its_header() {

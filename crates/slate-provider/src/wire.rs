@@ -1,11 +1,17 @@
-//! The wire between slate and its guest agent, over one virtio-serial port:
+//! The wire between slate and an agent that runs commands for it (the
+//! guest agent over a VM's virtio-serial port, a slate on an ssh host over
+//! the connection):
 //! frames of `kind: u8`, `len: u32` (little endian), then `len` bytes.
-//! The host ends a machine by ending QEMU. Requests go one at a time; bulk data follows a request as `DATA` frames
-//! ended by an empty one. The port has no end of its own (the host sees EOF
-//! only when QEMU exits), so every answer is framed.
+//! Requests go one at a time; bulk data follows a request as `DATA` frames
+//! ended by an empty one. A VM's port has no end of its own (the host sees
+//! EOF only when QEMU exits), so every answer is framed; slate ends a
+//! session by ending what carries it (QEMU, the ssh connection).
 
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
+
+/// One frame: its kind and its payload.
+pub type Frame = (u8, Vec<u8>);
 
 // Host to guest.
 pub const EXEC: u8 = 1;
