@@ -503,7 +503,8 @@ for probe in 'bwrap --version' 'skopeo --version' 'umoci --version' 'aws --versi
     'openssl version' 'curl --version' 'pgrep -V' 'busybox true' 'arch-test amd64' \
     'qemu-aarch64-static --version' 'test -x /usr/bin/docker-registry' \
     '/usr/bin/python3 -c "import junitparser"' \
-    '/usr/bin/python3 -c "import jsonschema"' 'groff --version'; do
+    '/usr/bin/python3 -c "import jsonschema"' 'groff --version' 'ssh -V' \
+    'test -x /usr/sbin/sshd' 'test ! -e /usr/sbin/policy-rc.d'; do
     out=$(in_chroot_sh "$probe" 2>&1) || { echo "$out" | prefix; die "\`$probe\` fails after install-deps test"; }
     note "$probe: $(head -n 1 <<<"$out")"
 done

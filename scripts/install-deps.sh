@@ -69,6 +69,8 @@ wanted=(
     "python3-junitparser|test|reads the JUnit XML slate writes, as a CI server would"
     "groff-base|test|renders the manual page \`slate man\` prints"
     "python3-jsonschema|test|checks --log-format json events against docs/events.schema.json"
+    "openssh-client|core|ssh: the ssh provider's connections to build hosts"
+    "openssh-server|test|sshd: the ssh provider's tests start their own build hosts on loopback"
 )
 
 in_groups() {
@@ -132,8 +134,19 @@ if [ ${#plain[@]} -gt 0 ]; then
     done
     plain=("${kept[@]}")
 fi
+# What is installed here starts no service (openssh-server, docker-registry
+# would listen on every address): slate's tests start their own servers, on
+# loopback, and stop them. Debian's policy-rc.d says so to the packages.
+policy=/usr/sbin/policy-rc.d
+policy_cleanup() { [ "${own_policy:-0}" = 0 ] || rm -f "$policy"; }
 if [ ${#plain[@]} -gt 0 ]; then
-    apt_install "${plain[@]}" || die "apt cannot install ${plain[*]} (see above); nothing was changed"
+    if [ ! -e "$policy" ]; then
+        own_policy=1
+        printf '#!/bin/sh\n# slate install-deps: no service starts while it installs\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+    fi
+    apt_install "${plain[@]}" || { policy_cleanup; die "apt cannot install ${plain[*]} (see above); nothing was changed"; }
+    policy_cleanup
 fi
 
 # 3. QEMU as one set. Packages of one QEMU build depend on each other by exact

@@ -110,6 +110,11 @@ pub struct VmConfig {
 pub struct SshConfig {
     #[serde(default)]
     pub hosts: Vec<String>,
+    pub user: Option<String>,
+    pub identity: Option<String>,
+    pub known_hosts: Option<Spanned<String>>,
+    pub known_hosts_file: Option<String>,
+    pub slots: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -164,6 +164,7 @@ impl Resolver<'_> {
             images,
             targets,
             vm: vm_spec(file),
+            ssh: ssh_spec(file, self.dir),
         }
     }
 
@@ -264,6 +265,22 @@ impl Resolver<'_> {
                         format!("unknown init `{}`", i.get_ref()),
                         Some("use `slate` or `systemd`".into()),
                     );
+                }
+            }
+        }
+        if let Some(ssh) = &file.providers.ssh {
+            if let Some(k) = &ssh.known_hosts {
+                if !["strict", "accept-new"].contains(&k.get_ref().as_str()) {
+                    self.err(
+                        k,
+                        format!("unknown known_hosts policy `{}`", k.get_ref()),
+                        Some("use `strict` (the default) or `accept-new`".into()),
+                    );
+                }
+            }
+            if let Some(n) = &ssh.slots {
+                if *n.get_ref() == 0 {
+                    self.err(n, "`slots` must be at least 1".into(), None);
                 }
             }
         }
@@ -831,6 +848,40 @@ fn vm_spec(file: &ConfigFile) -> VmSpec {
                 .unwrap_or_else(|| "slate".into()),
         })
         .unwrap_or_default()
+}
+
+/// `[providers.ssh]`, with defaults for what the file leaves out.
+fn ssh_spec(file: &ConfigFile, dir: &std::path::Path) -> SshSpec {
+    let Some(ssh) = &file.providers.ssh else {
+        return SshSpec {
+            user: "root".into(),
+            known_hosts: "strict".into(),
+            slots: 4,
+            ..Default::default()
+        };
+    };
+    let path = |p: &String| {
+        let p = match (p.strip_prefix("~/"), std::env::var_os("HOME")) {
+            (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
+            _ => PathBuf::from(p),
+        };
+        dir.join(p)
+    };
+    SshSpec {
+        hosts: ssh.hosts.clone(),
+        user: ssh.user.clone().unwrap_or_else(|| "root".into()),
+        identity: ssh.identity.as_ref().map(path),
+        known_hosts: ssh
+            .known_hosts
+            .as_ref()
+            .map(|k| k.get_ref().clone())
+            .unwrap_or_else(|| "strict".into()),
+        known_hosts_file: ssh.known_hosts_file.as_ref().map(path),
+        slots: ssh
+            .slots
+            .as_ref()
+            .map_or(4, |n| (*n.get_ref()).max(1) as usize),
+    }
 }
 
 /// The most targets one build's matrix may make; each is built in its own

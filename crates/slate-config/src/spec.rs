@@ -13,6 +13,26 @@ pub struct Project {
     pub targets: Vec<TargetSpec>,
     /// `[providers.vm]`.
     pub vm: VmSpec,
+    /// `[providers.ssh]`.
+    pub ssh: SshSpec,
+}
+
+/// The ssh provider's pool of hosts and how to log in to them.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SshSpec {
+    /// `host`, `host:port` or `[address]:port`.
+    pub hosts: Vec<String>,
+    /// `root` unless the file says otherwise (another user runs slate
+    /// there through `sudo -n`).
+    pub user: String,
+    /// The private key; `~/` is the invoking user's home, a relative path
+    /// the project folder's.
+    pub identity: Option<PathBuf>,
+    /// `strict` (only known host keys) or `accept-new`.
+    pub known_hosts: String,
+    pub known_hosts_file: Option<PathBuf>,
+    /// Environments at once per host.
+    pub slots: usize,
 }
 
 /// How the vm provider runs its machines.

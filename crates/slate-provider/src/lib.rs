@@ -72,6 +72,8 @@ pub enum EnvKind {
     Sandbox,
     /// A virtual machine with the image's own kernel.
     Vm,
+    /// A sandbox made on one of a pool of ssh hosts.
+    Ssh,
 }
 
 impl EnvKind {
@@ -79,6 +81,7 @@ impl EnvKind {
         match self {
             EnvKind::Sandbox => "sandbox",
             EnvKind::Vm => "vm",
+            EnvKind::Ssh => "ssh",
         }
     }
 }
@@ -201,6 +204,11 @@ pub enum ProviderError {
     /// copy, say): the build's fault, not the environment's.
     #[error("environment `{env}`: {what}")]
     Refused { env: String, what: String },
+    /// The environment went with the machine that held it (an ssh host
+    /// that went down mid-build): nothing of it is left to use, and the
+    /// target may be run again in a new one.
+    #[error("environment `{env}` was lost: {what}")]
+    Lost { env: String, what: String },
 }
 
 impl ProviderError {

@@ -91,6 +91,13 @@ impl Session {
         &self.id
     }
 
+    /// Closes the stream to the agent (its end of input) and stops
+    /// listening; the session is not used again.
+    pub fn disconnect(&mut self) {
+        self.to = None;
+        self.from = None;
+    }
+
     /// The next frame from the agent; `None` when `wait` passes first.
     pub fn recv(&self, wait: Duration) -> io::Result<Option<Frame>> {
         let rx = self.from.as_ref().ok_or_else(not_connected)?;

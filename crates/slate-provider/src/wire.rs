@@ -21,6 +21,8 @@ pub const PUT_FILE: u8 = 4;
 pub const DATA: u8 = 5;
 pub const LIST: u8 = 6;
 pub const FETCH: u8 = 7;
+/// The environment to make, to a slate serving one over ssh (its first frame).
+pub const CREATE: u8 = 8;
 // Guest to host.
 pub const HELLO: u8 = 20;
 pub const STDOUT: u8 = 21;

@@ -243,7 +243,7 @@ impl TargetError {
     fn from_provider(e: ProviderError) -> Self {
         match e {
             ProviderError::Refused { .. } => TargetError::Refused(e),
-            ProviderError::Create { .. } => TargetError::Setup(e),
+            ProviderError::Create { .. } | ProviderError::Lost { .. } => TargetError::Setup(e),
             e => TargetError::Provider(e),
         }
     }

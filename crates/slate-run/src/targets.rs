@@ -24,7 +24,8 @@ pub fn env_kind(p: ProviderKind) -> Option<EnvKind> {
     match p {
         ProviderKind::Sandbox => Some(EnvKind::Sandbox),
         ProviderKind::Vm => Some(EnvKind::Vm),
-        ProviderKind::Ssh | ProviderKind::Ec2 => None,
+        ProviderKind::Ssh => Some(EnvKind::Ssh),
+        ProviderKind::Ec2 => None,
     }
 }
 
@@ -87,6 +88,28 @@ pub fn need_vm(targets: &[TargetSpec]) -> bool {
         .any(|t| env_kind(t.provider) == Some(EnvKind::Vm))
 }
 
+/// The providers beyond the sandbox that a command must set up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    pub vm: bool,
+    pub ssh: bool,
+}
+
+/// What `targets` need set up.
+pub fn needs(targets: &[TargetSpec]) -> Needs {
+    Needs {
+        vm: need_vm(targets),
+        ssh: need_ssh(targets),
+    }
+}
+
+/// Whether any of `targets` runs on an ssh host.
+pub fn need_ssh(targets: &[TargetSpec]) -> bool {
+    targets
+        .iter()
+        .any(|t| env_kind(t.provider) == Some(EnvKind::Ssh))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,7 +121,7 @@ mod tests {
     const CONFIG: &str = "[images.base]\nfrom = \"debian:bookworm\"\n\
         [builds.a]\nimage = \"base\"\nrun = [\"true\"]\n\
         [builds.m]\nimage = \"base\"\nrun = [\"true\"]\nprovider = \"vm\"\nmatrix = { n = [\"1\", \"2\"] }\n\
-        [builds.far]\nimage = \"base\"\nrun = [\"true\"]\nprovider = \"ssh\"\n";
+        [builds.far]\nimage = \"base\"\nrun = [\"true\"]\nprovider = \"ec2\"\n";
 
     #[test]
     fn every_target_gets_its_provider_or_an_error() {
@@ -113,7 +136,7 @@ mod tests {
             select(&p, &["far".into()], None).unwrap_err(),
             SelectError::Unavailable {
                 target: "far".into(),
-                provider: "ssh".into()
+                provider: "ec2".into()
             }
         );
         // Forcing a provider that exists makes every target runnable.

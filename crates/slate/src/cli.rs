@@ -134,6 +134,9 @@ pub enum Command {
     },
     /// Print the manual page (roff), e.g. `slate man | man -l -`
     Man,
+    /// What slate on another machine runs here over ssh
+    #[command(hide = true, subcommand)]
+    Remote(RemoteCommand),
     /// History of runs
     Runs,
     /// The full log of one target
@@ -142,6 +145,17 @@ pub enum Command {
         #[arg(long)]
         run: Option<String>,
     },
+}
+
+/// The requests of the ssh provider, run on a build host.
+#[derive(Subcommand, Debug)]
+pub enum RemoteCommand {
+    /// Make one environment and serve it on standard input and output
+    Env,
+    /// Print the layer keys this host's store lacks, one per line
+    MissingLayers { keys: Vec<String> },
+    /// Receive one layer (a tar of its folder) on standard input
+    ReceiveLayer { key: String },
 }
 
 #[derive(Subcommand, Debug)]

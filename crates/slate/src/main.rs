@@ -12,6 +12,7 @@ use cli::{Cli, Color, Command, LogFormat};
 use error::{CliError, Exit, Result};
 use slate_config::Project;
 use slate_image::LayerStore;
+use slate_run::targets::Needs;
 use slate_sandbox::SandboxProvider;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -67,13 +68,15 @@ impl Ctx {
         Ok(SandboxProvider::new(store.envs_dir()))
     }
 
-    /// The sandbox, and the vm provider when `vm` (a target asks for it).
+    /// The sandbox, and the vm and ssh providers when `needs` says a
+    /// target asks for them.
     pub fn providers(
         &self,
         store: &LayerStore,
         project: &Project,
-        vm: bool,
+        needs: Needs,
     ) -> Result<providers::Providers> {
+        let vm = needs.vm;
         if let Some(fake) = providers::fake_from_env().map_err(CliError::usage)? {
             eprintln!(
                 "warning: {} is set: commands are scripted, nothing runs",
@@ -82,9 +85,17 @@ impl Ctx {
             return Ok(providers::Providers {
                 sandbox: SandboxProvider::new(store.envs_dir()),
                 vm: None,
+                ssh: None,
                 fake: Some(fake),
             });
         }
+        // A provider the config cannot set up is refused before the host is
+        // asked what it can do.
+        let ssh = if needs.ssh {
+            Some(self.ssh_provider(store, project)?)
+        } else {
+            None
+        };
         let sandbox = self.sandbox(store)?;
         let vm = if vm {
             if project.vm.init != "slate" {
@@ -116,8 +127,42 @@ impl Ctx {
         Ok(providers::Providers {
             sandbox,
             vm,
+            ssh,
             fake: None,
         })
+    }
+
+    /// The ssh provider over `[providers.ssh]`'s hosts.
+    fn ssh_provider(
+        &self,
+        store: &LayerStore,
+        project: &Project,
+    ) -> Result<slate_ssh::SshProvider> {
+        let s = &project.ssh;
+        let settings = slate_ssh::SshSettings {
+            hosts: s.hosts.clone(),
+            user: s.user.clone(),
+            identity: s.identity.clone(),
+            known_hosts: if s.known_hosts == "accept-new" {
+                slate_ssh::KnownHosts::AcceptNew
+            } else {
+                slate_ssh::KnownHosts::Strict
+            },
+            known_hosts_file: s.known_hosts_file.clone(),
+            slots: s.slots,
+        };
+        let ssh = slate_ssh::SshProvider::new(settings, store.root()).map_err(|why| {
+            CliError::usage(format!("the ssh provider cannot be used: {why}")).hint(
+                "list the build hosts under [providers.ssh] `hosts = [\"host\", \"host:port\"]`",
+            )
+        })?;
+        let quiet = self.cli.quiet;
+        ssh.on_note(move |m| {
+            if !quiet {
+                eprintln!("note: {m}");
+            }
+        });
+        Ok(ssh)
     }
 
     pub fn color(&self) -> bool {
@@ -217,6 +262,7 @@ fn main() -> ExitCode {
         Command::Init => commands::check::init(&ctx),
         Command::Completions { shell } => commands::check::completions(*shell),
         Command::Man => commands::check::man(),
+        Command::Remote(what) => commands::remote::remote(what),
         Command::Runs => commands::runs::runs(&ctx),
         Command::Logs { target, run } => commands::runs::logs(&ctx, target, run.as_deref()),
     };

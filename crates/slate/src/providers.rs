@@ -6,6 +6,7 @@
 use slate_provider::fake::{FakeAction, FakeEnv, FakeProvider};
 use slate_provider::*;
 use slate_sandbox::{SandboxEnv, SandboxProvider};
+use slate_ssh::{SshEnv, SshProvider};
 use slate_vm::{VmEnv, VmProvider};
 use std::path::{Path, PathBuf};
 
@@ -13,6 +14,8 @@ pub struct Providers {
     pub sandbox: SandboxProvider,
     /// Made only when a target needs it.
     pub vm: Option<VmProvider>,
+    /// Made only when a target needs it.
+    pub ssh: Option<SshProvider>,
     /// In place of every other, when `SLATE_FAKE_PROVIDER` is set.
     pub fake: Option<FakeProvider>,
 }
@@ -20,6 +23,7 @@ pub struct Providers {
 pub enum AnyEnv {
     Sandbox(SandboxEnv),
     Vm(VmEnv),
+    Ssh(SshEnv),
     Fake(FakeEnv),
 }
 
@@ -94,6 +98,13 @@ impl Provider for Providers {
                     why: "it was not set up for this command".into(),
                 }),
             },
+            EnvKind::Ssh => match &self.ssh {
+                Some(ssh) => ssh.create(spec).map(AnyEnv::Ssh),
+                None => Err(ProviderError::Unavailable {
+                    provider: "ssh".into(),
+                    why: "it was not set up for this command".into(),
+                }),
+            },
         }
     }
 }
@@ -103,6 +114,7 @@ macro_rules! each {
         match $self {
             AnyEnv::Sandbox($e) => $body,
             AnyEnv::Vm($e) => $body,
+            AnyEnv::Ssh($e) => $body,
             AnyEnv::Fake($e) => $body,
         }
     };

@@ -51,7 +51,7 @@ fn hostile_build_name_is_refused_and_the_folder_beside_is_untouched() {
 #[test]
 fn a_provider_this_slate_lacks_is_refused_before_anything_runs() {
     let p = Project::config_only(
-        "[images.bb]\nfrom = \"tar:bb.tar.gz\"\n[builds.far]\nimage = \"bb\"\nprovider = \"ssh\"\nrun = [\"true\"]\n",
+        "[images.bb]\nfrom = \"tar:bb.tar.gz\"\n[builds.far]\nimage = \"bb\"\nprovider = \"ec2\"\nrun = [\"true\"]\n",
     );
     for args in [
         &["build"][..],
@@ -64,7 +64,7 @@ fn a_provider_this_slate_lacks_is_refused_before_anything_runs() {
         assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
         assert!(
             err.contains(
-                "target `far`: the `ssh` provider is not available in this version of slate"
+                "target `far`: the `ec2` provider is not available in this version of slate"
             ),
             "{args:?}: {err}"
         );
@@ -1519,4 +1519,18 @@ fn the_manual_page_renders_with_every_command() {
     ] {
         assert!(shown.contains(cmd), "{cmd} is not in the page");
     }
+}
+
+/// An ssh target with no hosts to go to is refused before anything runs,
+/// saying where to name them.
+#[test]
+fn an_ssh_target_without_hosts_is_refused_naming_the_section() {
+    let p = Project::config_only(
+        "[images.bb]\nfrom = \"tar:bb.tar.gz\"\n[builds.far]\nimage = \"bb\"\nprovider = \"ssh\"\nrun = [\"true\"]\n",
+    );
+    let o = p.run(&["build"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("[providers.ssh] names no hosts"), "{err}");
+    assert!(err.contains("hosts = ["), "{err}");
 }

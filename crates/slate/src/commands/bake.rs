@@ -99,7 +99,7 @@ fn bake_images(
     store: &slate_image::LayerStore,
     names: &[String],
 ) -> Result<(), CliError> {
-    let provider = ctx.providers(store, project, false)?;
+    let provider = ctx.providers(store, project, Default::default())?;
     let reporter = ctx.reporter();
     let run = super::start_run(project, || eprintln!("cancelling the bake"))?;
     let tee = Tee(vec![&run.recorder, &reporter]);

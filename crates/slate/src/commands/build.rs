@@ -24,13 +24,13 @@ pub fn up(ctx: &Ctx, target: &str, provider: Option<String>) -> CmdResult {
 pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
     let project = ctx.project()?;
     let selected = slate_run::targets::select(&project, &args.targets, args.provider.as_deref())?;
-    let needs_vm = slate_run::targets::need_vm(&selected);
+    let needs = slate_run::targets::needs(&selected);
     let selected: Vec<&TargetSpec> = selected.iter().collect();
     let signer = super::provenance::signer(&project)?;
     let artifacts_dir = project.dir.join(&project.settings.artifacts);
     let _artifacts_lock = lock_artifacts(&artifacts_dir)?;
     let store = ctx.store_for(&project)?;
-    let provider = ctx.providers(&store, &project, needs_vm)?;
+    let provider = ctx.providers(&store, &project, needs)?;
     // Environments a killed run left behind go first.
     let _ = slate_sandbox::reap(&store.envs_dir());
 

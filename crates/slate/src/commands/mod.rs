@@ -6,6 +6,7 @@ pub mod check;
 pub mod images;
 pub mod provenance;
 pub mod publish;
+pub mod remote;
 pub mod run;
 pub mod runs;
 pub mod verify;

@@ -122,7 +122,14 @@ fn run_in_vm(
     network: bool,
     command: &[String],
 ) -> CmdResult {
-    let providers = ctx.providers(store, project, true)?;
+    let providers = ctx.providers(
+        store,
+        project,
+        slate_run::targets::Needs {
+            vm: true,
+            ssh: false,
+        },
+    )?;
     let img = image(ctx, project, store, &providers.sandbox, name)?;
     let spec = EnvSpec {
         name: name.to_string(),

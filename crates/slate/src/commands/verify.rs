@@ -50,7 +50,7 @@ pub fn verify(ctx: &Ctx, name: &str) -> CmdResult {
     let chosen = slate_run::targets::select(&project, std::slice::from_ref(&target.name), None)?;
     let target = &chosen[0];
     let store = ctx.store_for(&project)?;
-    let provider = ctx.providers(&store, &project, slate_run::targets::need_vm(&chosen))?;
+    let provider = ctx.providers(&store, &project, slate_run::targets::needs(&chosen))?;
     let run = super::start_run(&project, || eprintln!("cancelling the verification"))?;
     let (run_id, runs_dir) = (&run.id, super::runs_dir(&project));
     let reporter = ctx.reporter();

@@ -475,3 +475,152 @@ impl Drop for S3Server {
         let _ = self.child.wait();
     }
 }
+
+/// Build hosts for the ssh provider: real OpenSSH servers on free loopback
+/// ports of this machine, each with its own host key and its own slate
+/// cache (sshd's `SetEnv SLATE_CACHE`), so each holds what was shipped to it
+/// alone. One client key logs in to all of them. Stopped when dropped.
+pub struct SshHosts {
+    dir: PathBuf,
+    pub hosts: Vec<SshHost>,
+}
+
+pub struct SshHost {
+    child: Option<Child>,
+    pub port: u16,
+    /// The host's slate cache.
+    pub cache: PathBuf,
+    config: PathBuf,
+}
+
+impl SshHosts {
+    /// Starts `n` servers keeping their files under `dir`; fails the test
+    /// when OpenSSH is not installed.
+    #[track_caller]
+    pub fn start(dir: &Path, n: usize) -> SshHosts {
+        let sshd = require_tool("sshd", "openssh-server");
+        require_tool("ssh", "openssh-client");
+        let keygen = require_tool("ssh-keygen", "openssh-client");
+        std::fs::create_dir_all(dir).unwrap();
+        // sshd's privilege separation folder.
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let gen = |path: &Path| {
+            let o = Command::new(&keygen)
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(path)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "ssh-keygen: {}", text(&o));
+        };
+        gen(&dir.join("client_key"));
+        let client_pub = std::fs::read_to_string(dir.join("client_key.pub")).unwrap();
+        let mut known = String::new();
+        let mut hosts = Vec::new();
+        for i in 0..n {
+            let h = dir.join(format!("host{i}"));
+            std::fs::create_dir_all(&h).unwrap();
+            gen(&h.join("host_key"));
+            std::fs::write(h.join("authorized_keys"), &client_pub).unwrap();
+            let port = free_port();
+            let cache = h.join("cache");
+            let config = h.join("sshd_config");
+            std::fs::write(
+                &config,
+                format!(
+                    "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
+                     PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+                     StrictModes no\nPermitRootLogin prohibit-password\nPidFile {pid}\n\
+                     MaxSessions 64\nMaxStartups 64\nSetEnv SLATE_CACHE={cache}\n",
+                    hk = h.join("host_key").display(),
+                    ak = h.join("authorized_keys").display(),
+                    pid = h.join("sshd.pid").display(),
+                    cache = cache.display(),
+                ),
+            )
+            .unwrap();
+            let host_pub = std::fs::read_to_string(h.join("host_key.pub")).unwrap();
+            let mut fields = host_pub.split_whitespace();
+            known.push_str(&format!(
+                "[127.0.0.1]:{port} {} {}\n",
+                fields.next().unwrap(),
+                fields.next().unwrap()
+            ));
+            let mut host = SshHost {
+                child: None,
+                port,
+                cache,
+                config,
+            };
+            host.start(&sshd);
+            hosts.push(host);
+        }
+        std::fs::write(dir.join("known_hosts"), known).unwrap();
+        SshHosts {
+            dir: dir.to_path_buf(),
+            hosts,
+        }
+    }
+
+    /// The `[providers.ssh]` section naming these hosts.
+    pub fn config(&self, slots: usize) -> String {
+        let hosts: Vec<String> = self
+            .hosts
+            .iter()
+            .map(|h| format!("\"127.0.0.1:{}\"", h.port))
+            .collect();
+        format!(
+            "[providers.ssh]\nhosts = [{}]\nidentity = \"{}\"\nknown_hosts_file = \"{}\"\nslots = {slots}\n",
+            hosts.join(", "),
+            self.dir.join("client_key").display(),
+            self.dir.join("known_hosts").display()
+        )
+    }
+}
+
+impl SshHost {
+    fn start(&mut self, sshd: &Path) {
+        let child = Command::new(sshd)
+            .args(["-D", "-e", "-f"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        // Ready when the port answers with sshd's banner (bounded: 10 s).
+        for _ in 0..500 {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                let mut banner = [0u8; 4];
+                if s.read_exact(&mut banner).is_ok() && &banner == b"SSH-" {
+                    return;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("sshd did not start on port {}", self.port);
+    }
+
+    /// The pid of the listening sshd.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+}
+
+impl Drop for SshHost {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -1,0 +1,853 @@
+//! The ssh provider: each environment is made on one host of a pool of
+//! existing Linux machines, by slate's own sandbox there, and driven over
+//! an OpenSSH connection with the same requests a VM's guest agent answers
+//! ([`slate_provider::session`]).
+//!
+//! What a host lacks is shipped once and by content: slate's own binary
+//! (`$SLATE_CACHE/bin/slate-<sha256>` there) and the image's layers (only
+//! the keys the host's store does not hold). One OpenSSH master connection
+//! per host carries every session of a run (`ControlMaster`), so an
+//! environment costs a new channel, not a new handshake.
+//!
+//! Faults: a host that cannot be reached, or whose connection ends while a
+//! target runs, is set aside for the rest of the run (said once); the
+//! target's environment counts as lost, which the orchestrator retries on
+//! another host. When slate dies, the connection goes with it and the host's
+//! slate destroys the environment (the standard input ends); a host that
+//! went down mid-build keeps a leased folder that its next run (or
+//! `slate gc` there) removes.
+
+pub mod serve;
+
+use serde::{Deserialize, Serialize};
+use slate_provider::session::{Carrier, Session};
+use slate_provider::wire;
+use slate_provider::{
+    Cancel, EnvSpec, Environment, ExecOutcome, ExecSpec, OutputSink, Provider, ProviderError,
+};
+use std::collections::{HashSet, VecDeque};
+use std::io::{self, BufRead, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// What slate asks a host's slate to make: the layers by key (the host's
+/// own store holds them), the rest as in an [`EnvSpec`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemoteSpec {
+    pub name: String,
+    pub layers: Vec<String>,
+    pub network: bool,
+    pub host_ca: bool,
+    pub cpus: Option<f64>,
+    pub memory: Option<u64>,
+    pub pids: Option<u64>,
+    pub limits_best_effort: bool,
+}
+
+/// How host keys are checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KnownHosts {
+    /// Only hosts whose key is already known (OpenSSH's `yes`).
+    #[default]
+    Strict,
+    /// A new host's key is learnt, a changed one refused.
+    AcceptNew,
+}
+
+#[derive(Debug, Clone)]
+pub struct SshSettings {
+    /// `host`, `host:port` or `[v6-address]:port`.
+    pub hosts: Vec<String>,
+    pub user: String,
+    pub identity: Option<PathBuf>,
+    pub known_hosts: KnownHosts,
+    /// In place of OpenSSH's own `~/.ssh/known_hosts`.
+    pub known_hosts_file: Option<PathBuf>,
+    /// Environments at once per host.
+    pub slots: usize,
+}
+
+/// One host of the pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostAddr {
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+impl HostAddr {
+    pub fn parse(s: &str) -> Result<HostAddr, String> {
+        let bad = || format!("`{s}` is not a host: use `name`, `name:port` or `[address]:port`");
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (h, after) = rest.split_once(']').ok_or_else(bad)?;
+            match after.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None if after.is_empty() => (h, None),
+                None => return Err(bad()),
+            }
+        } else {
+            match s.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (s, None),
+            }
+        };
+        let port = port
+            .map(|p| p.parse::<u16>().ok().filter(|&p| p > 0).ok_or_else(bad))
+            .transpose()?;
+        let valid = !host.is_empty()
+            && !host.starts_with('-')
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-_:".contains(&b));
+        if !valid {
+            return Err(bad());
+        }
+        Ok(HostAddr {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for HostAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match (self.port, self.host.contains(':')) {
+            (Some(p), true) => write!(f, "[{}]:{p}", self.host),
+            (Some(p), false) => write!(f, "{}:{p}", self.host),
+            (None, _) => write!(f, "{}", self.host),
+        }
+    }
+}
+
+/// The pool's state: who is busy, who is set aside.
+struct Pool {
+    busy: Vec<usize>,
+    down: Vec<Option<String>>,
+}
+
+/// What a host is known to hold, learnt once per run.
+#[derive(Default)]
+struct Shipped {
+    binary: bool,
+    layers: HashSet<String>,
+}
+
+struct Shared {
+    settings: SshSettings,
+    hosts: Vec<HostAddr>,
+    pool: Mutex<Pool>,
+    freed: Condvar,
+    shipped: Vec<Mutex<Shipped>>,
+    /// Where the master connections' sockets live (this run's own folder).
+    control_dir: PathBuf,
+    /// The local layer store's folder, whose layers are shipped.
+    layers_root: PathBuf,
+    binary: OnceLock<Result<(PathBuf, String), String>>,
+    note: Mutex<Option<Note>>,
+}
+
+/// Told what the user should know once.
+type Note = Box<dyn FnMut(&str) + Send>;
+
+pub struct SshProvider {
+    shared: Arc<Shared>,
+}
+
+static RUNS: AtomicU64 = AtomicU64::new(0);
+
+impl SshProvider {
+    /// A pool over `settings.hosts`; layers are shipped from the store at
+    /// `layers_root` (its `layers/` folder).
+    pub fn new(settings: SshSettings, layers_root: &Path) -> Result<SshProvider, String> {
+        if settings.hosts.is_empty() {
+            return Err("[providers.ssh] names no hosts".into());
+        }
+        let hosts = settings
+            .hosts
+            .iter()
+            .map(|h| HostAddr::parse(h))
+            .collect::<Result<Vec<_>, _>>()?;
+        let control_dir = std::env::temp_dir().join(format!(
+            "slate-ssh-{}-{}",
+            std::process::id(),
+            RUNS.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::DirBuilder::new()
+            .mode_0700()
+            .create(&control_dir)
+            .map_err(|e| format!("cannot create `{}`: {e}", control_dir.display()))?;
+        let n = hosts.len();
+        Ok(SshProvider {
+            shared: Arc::new(Shared {
+                settings: SshSettings {
+                    slots: settings.slots.max(1),
+                    ..settings
+                },
+                hosts,
+                pool: Mutex::new(Pool {
+                    busy: vec![0; n],
+                    down: vec![None; n],
+                }),
+                freed: Condvar::new(),
+                shipped: (0..n).map(|_| Mutex::new(Shipped::default())).collect(),
+                control_dir,
+                layers_root: layers_root.to_path_buf(),
+                binary: OnceLock::new(),
+                note: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// Called with what the user should know once (a host set aside).
+    pub fn on_note(&self, f: impl FnMut(&str) + Send + 'static) {
+        *self.shared.note.lock().unwrap() = Some(Box::new(f));
+    }
+
+    /// Whether each host answers and can make environments: `(host, Ok or
+    /// why not)`.
+    pub fn check(&self) -> Vec<(String, Result<String, String>)> {
+        (0..self.shared.hosts.len())
+            .map(|i| {
+                let h = self.shared.hosts[i].to_string();
+                (h, self.shared.probe(i))
+            })
+            .collect()
+    }
+}
+
+trait DirBuilderExt0700 {
+    fn mode_0700(&mut self) -> &mut Self;
+}
+
+impl DirBuilderExt0700 for std::fs::DirBuilder {
+    fn mode_0700(&mut self) -> &mut Self {
+        use std::os::unix::fs::DirBuilderExt;
+        self.mode(0o700)
+    }
+}
+
+impl Drop for SshProvider {
+    fn drop(&mut self) {
+        // Ends the master connections this run opened.
+        for i in 0..self.shared.hosts.len() {
+            let _ = self
+                .shared
+                .ssh(i)
+                .args(["-O", "exit"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&self.shared.control_dir);
+    }
+}
+
+/// Quotes `s` for a POSIX shell.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The last lines a command wrote to its standard error.
+fn tail(text: &[u8]) -> String {
+    let text = String::from_utf8_lossy(text);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(4)..].join("; ")
+}
+
+impl Shared {
+    /// `ssh` to host `i` with this pool's options, the command to follow.
+    fn ssh(&self, i: usize) -> Command {
+        let s = &self.settings;
+        let h = &self.hosts[i];
+        let mut c = Command::new("ssh");
+        let check = match s.known_hosts {
+            KnownHosts::Strict => "yes",
+            KnownHosts::AcceptNew => "accept-new",
+        };
+        c.arg("-T")
+            .args(["-o", "BatchMode=yes"])
+            .args(["-o", &format!("StrictHostKeyChecking={check}")])
+            .args(["-o", "ConnectTimeout=10"])
+            .args(["-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"])
+            .args(["-o", "ControlMaster=auto", "-o", "ControlPersist=60"])
+            .arg("-o")
+            .arg(format!("ControlPath={}/%C", self.control_dir.display()))
+            .args(["-o", "LogLevel=ERROR"]);
+        if let Some(f) = &s.known_hosts_file {
+            c.arg("-o")
+                .arg(format!("UserKnownHostsFile={}", f.display()));
+        }
+        if let Some(id) = &s.identity {
+            c.arg("-i").arg(id).args(["-o", "IdentitiesOnly=yes"]);
+        }
+        if let Some(p) = h.port {
+            c.args(["-p", &p.to_string()]);
+        }
+        c.args(["-l", &s.user, "--", &h.host]);
+        c
+    }
+
+    /// The remote command line that runs `script` as root there, with `c`
+    /// the host's slate cache and `f` slate's binary in it.
+    fn remote(&self, script: &str) -> Result<String, String> {
+        let (_, sha) = self.binary()?;
+        let full = format!(
+            "set -e; c=\"${{SLATE_CACHE:-/var/cache/slate}}\"; f=\"$c/bin/slate-{sha}\"; {script}"
+        );
+        Ok(if self.settings.user == "root" {
+            format!("sh -c {}", sh_quote(&full))
+        } else {
+            format!("sudo -n sh -c {}", sh_quote(&full))
+        })
+    }
+
+    /// This slate's own binary and the start of its sha256.
+    fn binary(&self) -> Result<(PathBuf, String), String> {
+        self.binary
+            .get_or_init(|| {
+                let exe = std::env::current_exe()
+                    .map_err(|e| format!("cannot find slate's own binary: {e}"))?;
+                let (sha, _) = slate_layers::hash::sha256_file(&exe)
+                    .map_err(|e| format!("cannot read slate's own binary: {e}"))?;
+                Ok((exe, sha[..32].to_string()))
+            })
+            .clone()
+    }
+
+    /// Runs `script` on host `i`, `input` on its standard input; its
+    /// standard output, or why it failed.
+    fn run(&self, i: usize, script: &str, input: Option<&mut dyn Read>) -> Result<Vec<u8>, String> {
+        let mut child = self
+            .ssh(i)
+            .arg(self.remote(script)?)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run ssh: {e}"))?;
+        let copied = match (input, child.stdin.take()) {
+            (Some(r), Some(mut w)) => io::copy(r, &mut w).map(drop),
+            _ => Ok(()),
+        };
+        let out = child.wait_with_output().map_err(|e| format!("ssh: {e}"))?;
+        if !out.status.success() {
+            return Err(self.failed(i, out.status.code(), &out.stderr));
+        }
+        copied.map_err(|e| format!("sending to {}: {e}", self.hosts[i]))?;
+        Ok(out.stdout)
+    }
+
+    /// What a failed ssh command says, ssh's own failures (exit 255) told
+    /// apart from the command's.
+    fn failed(&self, i: usize, code: Option<i32>, stderr: &[u8]) -> String {
+        let h = &self.hosts[i];
+        match code {
+            Some(255) | None => format!("cannot reach {h} over ssh: {}", tail(stderr)),
+            Some(c) => format!("on {h}: exit {c}: {}", tail(stderr)),
+        }
+    }
+
+    /// Whether host `i` answers and has what slate needs, in words.
+    fn probe(&self, i: usize) -> Result<String, String> {
+        let out = self.run(
+            i,
+            "uname -m; id -u; grep -qw overlay /proc/filesystems && echo overlay || echo none",
+            None,
+        )?;
+        let text = String::from_utf8_lossy(&out);
+        let lines: Vec<&str> = text.lines().collect();
+        match lines.as_slice() {
+            [arch, uid, fs, ..] => {
+                if *arch != std::env::consts::ARCH {
+                    return Err(format!(
+                        "it is {arch}, this slate is {}",
+                        std::env::consts::ARCH
+                    ));
+                }
+                if *uid != "0" {
+                    return Err("commands there do not run as root".into());
+                }
+                if *fs != "overlay" {
+                    return Err("its kernel has no overlayfs".into());
+                }
+                Ok(format!("{arch}, root, overlayfs"))
+            }
+            _ => Err(format!("unexpected answer: {}", text.trim())),
+        }
+    }
+
+    /// Ships slate's binary and the layers `keys` to host `i`, what it
+    /// lacks only.
+    fn prepare(&self, i: usize, keys: &[String]) -> Result<(), String> {
+        let mut shipped = self.shipped[i].lock().unwrap();
+        if !shipped.binary {
+            let out = self.run(
+                i,
+                "if [ -x \"$f\" ]; then echo have; else echo need; fi",
+                None,
+            )?;
+            if String::from_utf8_lossy(&out).trim() == "need" {
+                let (exe, _) = self.binary()?;
+                let mut f = std::fs::File::open(&exe)
+                    .map_err(|e| format!("cannot read `{}`: {e}", exe.display()))?;
+                self.run(
+                    i,
+                    "mkdir -p \"$c/bin\"; t=\"$f.tmp.$$\"; cat > \"$t\"; chmod 755 \"$t\"; mv -f \"$t\" \"$f\"",
+                    Some(&mut f),
+                )?;
+            }
+            shipped.binary = true;
+        }
+        let unknown: Vec<&String> = keys
+            .iter()
+            .filter(|k| !shipped.layers.contains(*k))
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<String> = unknown.iter().map(|k| sh_quote(k)).collect();
+        let out = self.run(
+            i,
+            &format!("exec \"$f\" remote missing-layers {}", list.join(" ")),
+            None,
+        )?;
+        let missing: Vec<String> = String::from_utf8_lossy(&out)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        for key in &missing {
+            self.send_layer(i, key)?;
+        }
+        shipped.layers.extend(unknown.into_iter().cloned());
+        Ok(())
+    }
+
+    /// Sends one layer folder with GNU tar.
+    fn send_layer(&self, i: usize, key: &str) -> Result<(), String> {
+        let dir = self.layers_root.join("layers").join(key);
+        let mut tar = Command::new("tar")
+            .args(serve::TAR_FLAGS)
+            .arg("-C")
+            .arg(&dir)
+            .args(["-cf", "-", "fs", "layer.json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run tar: {e}"))?;
+        let mut data = tar.stdout.take().expect("piped");
+        let sent = self.run(
+            i,
+            &format!("exec \"$f\" remote receive-layer {}", sh_quote(key)),
+            Some(&mut data),
+        );
+        drop(data);
+        let out = tar.wait_with_output().map_err(|e| format!("tar: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "cannot pack the layer `{key}`: {}",
+                tail(&out.stderr)
+            ));
+        }
+        sent.map(drop)
+    }
+
+    /// Takes a slot on the least busy host that is not set aside, waiting
+    /// while all are full.
+    fn take_slot(&self) -> Result<usize, String> {
+        let mut pool = self.pool.lock().unwrap();
+        loop {
+            let live: Vec<usize> = (0..self.hosts.len())
+                .filter(|&i| pool.down[i].is_none())
+                .collect();
+            if live.is_empty() {
+                let why: Vec<String> = (0..self.hosts.len())
+                    .filter_map(|i| {
+                        pool.down[i]
+                            .as_ref()
+                            .map(|w| format!("{}: {w}", self.hosts[i]))
+                    })
+                    .collect();
+                return Err(format!("no ssh host is usable ({})", why.join("; ")));
+            }
+            let free = live
+                .into_iter()
+                .filter(|&i| pool.busy[i] < self.settings.slots)
+                .min_by_key(|&i| pool.busy[i]);
+            if let Some(i) = free {
+                pool.busy[i] += 1;
+                return Ok(i);
+            }
+            pool = self.freed.wait(pool).unwrap();
+        }
+    }
+
+    fn release(&self, i: usize) {
+        let mut pool = self.pool.lock().unwrap();
+        pool.busy[i] = pool.busy[i].saturating_sub(1);
+        self.freed.notify_all();
+    }
+
+    /// Sets host `i` aside for the rest of the run, saying so once.
+    fn set_aside(&self, i: usize, why: &str) {
+        let first = {
+            let mut pool = self.pool.lock().unwrap();
+            let first = pool.down[i].is_none();
+            if first {
+                pool.down[i] = Some(why.to_string());
+            }
+            self.freed.notify_all();
+            first
+        };
+        if first {
+            if let Some(f) = &mut *self.note.lock().unwrap() {
+                f(&format!(
+                    "ssh host {} is set aside for the rest of this run: {why}",
+                    self.hosts[i]
+                ));
+            }
+        }
+    }
+}
+
+impl Provider for SshProvider {
+    type Env = SshEnv;
+
+    fn name(&self) -> &'static str {
+        "ssh"
+    }
+
+    fn create(&self, spec: &EnvSpec) -> Result<SshEnv, ProviderError> {
+        let shared = &self.shared;
+        let cerr = |what: String| ProviderError::Create {
+            env: spec.name.clone(),
+            what,
+            source: None,
+        };
+        let i = shared.take_slot().map_err(|w| ProviderError::Unavailable {
+            provider: "ssh".into(),
+            why: w,
+        })?;
+        let slot = Slot {
+            shared: shared.clone(),
+            host: i,
+        };
+        let keys = layer_keys(&spec.layers).map_err(cerr)?;
+        if let Err(why) = shared.prepare(i, &keys) {
+            shared.set_aside(i, &why);
+            return Err(cerr(why));
+        }
+        let remote = RemoteSpec {
+            name: spec.name.clone(),
+            layers: keys,
+            network: spec.network,
+            host_ca: spec.host_ca,
+            cpus: spec.limits.cpus,
+            memory: spec.limits.memory,
+            pids: spec.limits.pids,
+            limits_best_effort: spec.limits.best_effort,
+        };
+        let link = Link::open(slot).map_err(cerr)?;
+        let id = format!("{}@{}", spec.name, shared.hosts[i]);
+        let mut env = SshEnv {
+            session: Session::new(&id, "the host's slate"),
+            link,
+            destroyed: false,
+        };
+        env.session.no_interactive =
+            "interactive shells are not available with the ssh provider yet; use the sandbox provider for `slate shell`";
+        let (stdout, stdin) = env.link.streams();
+        env.session.connect(stdout, stdin);
+        if let Err(why) = env.start(&remote) {
+            if let Some(lost) = env.link.lost() {
+                shared.set_aside(i, &lost);
+                return Err(cerr(lost));
+            }
+            return Err(cerr(why));
+        }
+        Ok(env)
+    }
+}
+
+/// The store keys of layer folders (`…/layers/<key>/fs`).
+fn layer_keys(layers: &[PathBuf]) -> Result<Vec<String>, String> {
+    layers
+        .iter()
+        .map(|p| {
+            p.parent()
+                .and_then(|d| d.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .ok_or_else(|| format!("`{}` is not a layer of the store", p.display()))
+        })
+        .collect()
+}
+
+/// A slot on a host, given back when dropped.
+struct Slot {
+    shared: Arc<Shared>,
+    host: usize,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.shared.release(self.host);
+    }
+}
+
+/// The ssh connection that carries one environment's session.
+struct Link {
+    slot: Slot,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stderr: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Link {
+    fn open(slot: Slot) -> Result<Link, String> {
+        let shared = &slot.shared;
+        let mut child = shared
+            .ssh(slot.host)
+            .arg(shared.remote("exec \"$f\" remote env")?)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run ssh: {e}"))?;
+        let stderr = Arc::new(Mutex::new(VecDeque::new()));
+        let lines = stderr.clone();
+        let err = child.stderr.take().expect("piped");
+        std::thread::spawn(move || {
+            for l in io::BufReader::new(err).lines().map_while(Result::ok) {
+                let mut q = lines.lock().unwrap();
+                if q.len() == 8 {
+                    q.pop_front();
+                }
+                q.push_back(l);
+            }
+        });
+        Ok(Link {
+            stdin: child.stdin.take(),
+            slot,
+            child,
+            stderr,
+        })
+    }
+
+    fn streams(&mut self) -> (impl Read + Send + 'static, impl Write + Send + 'static) {
+        (
+            self.child.stdout.take().expect("piped"),
+            self.stdin.take().expect("piped"),
+        )
+    }
+
+    fn host(&self) -> String {
+        self.slot.shared.hosts[self.slot.host].to_string()
+    }
+
+    fn stderr_tail(&self) -> String {
+        let q = self.stderr.lock().unwrap();
+        q.iter().cloned().collect::<Vec<_>>().join("; ")
+    }
+
+    /// Why the connection is gone, if ssh itself failed (exit 255: the host
+    /// went away or cannot be reached).
+    fn lost(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(st)) if st.code() == Some(255) || st.code().is_none() => Some(format!(
+                "the connection to {} ended ({st}): {}",
+                self.host(),
+                self.stderr_tail()
+            )),
+            _ => None,
+        }
+    }
+}
+
+impl Carrier for Link {
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn check_alive(&mut self, when: &str) -> io::Result<()> {
+        if let Some(st) = self.child.try_wait()? {
+            return Err(io::Error::other(format!(
+                "the ssh connection to {} ended {when} ({st}): {}",
+                self.host(),
+                self.stderr_tail()
+            )));
+        }
+        Ok(())
+    }
+}
+
+pub struct SshEnv {
+    session: Session,
+    link: Link,
+    destroyed: bool,
+}
+
+/// How long a host's slate may take to make an environment.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl SshEnv {
+    /// Asks the host's slate for the environment and waits for its hello.
+    fn start(&mut self, spec: &RemoteSpec) -> Result<(), String> {
+        self.session
+            .send_json(wire::CREATE, spec)
+            .map_err(|e| format!("cannot reach the host's slate: {e}"))?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match self.session.recv(Duration::from_millis(100)) {
+                Ok(Some((wire::HELLO, _))) => return Ok(()),
+                Ok(Some((wire::ERR, m))) => return Err(String::from_utf8_lossy(&m).into_owned()),
+                Ok(Some((k, _))) => return Err(format!("the host's slate said {k} before hello")),
+                Ok(None) if Instant::now() > deadline => {
+                    return Err(format!(
+                        "the host's slate did not make the environment within {} s",
+                        START_TIMEOUT.as_secs()
+                    ))
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(
+                        match self.link.check_alive("before the environment was made") {
+                            Err(gone) => gone.to_string(),
+                            Ok(()) => e.to_string(),
+                        },
+                    )
+                }
+            }
+        }
+    }
+
+    /// A failed request: the environment is lost with its host when the
+    /// connection went (the host is set aside; the target may run again
+    /// elsewhere), else the error as it is.
+    fn fault(&mut self, e: ProviderError) -> ProviderError {
+        match self.link.lost() {
+            Some(why) => {
+                self.link.slot.shared.set_aside(self.link.slot.host, &why);
+                ProviderError::Lost {
+                    env: self.session.id().to_string(),
+                    what: why,
+                }
+            }
+            None => e,
+        }
+    }
+}
+
+impl Environment for SshEnv {
+    fn id(&self) -> &str {
+        self.session.id()
+    }
+
+    fn put(&mut self, base: &Path, entries: &[PathBuf], dest: &str) -> Result<u64, ProviderError> {
+        self.session
+            .put(&mut self.link, base, entries, dest)
+            .map_err(|e| self.fault(e))
+    }
+
+    fn put_bytes(&mut self, data: &[u8], dest: &str, mode: u32) -> Result<(), ProviderError> {
+        self.session
+            .put_bytes(data, dest, mode)
+            .map_err(|e| self.fault(e))
+    }
+
+    fn exec(
+        &mut self,
+        spec: &ExecSpec,
+        out: &mut dyn OutputSink,
+        cancel: &Cancel,
+    ) -> Result<ExecOutcome, ProviderError> {
+        self.session
+            .exec(&mut self.link, spec, out, cancel)
+            .map_err(|e| self.fault(e))
+    }
+
+    fn list(&mut self, dir: &str) -> Result<Vec<String>, ProviderError> {
+        self.session.list(dir).map_err(|e| self.fault(e))
+    }
+
+    fn fetch(&mut self, src: &str, dest: &Path) -> Result<u64, ProviderError> {
+        self.session
+            .fetch(&mut self.link, src, dest)
+            .map_err(|e| self.fault(e))
+    }
+
+    fn destroy(mut self) -> Result<(), ProviderError> {
+        self.destroyed = true;
+        // The end of its input tells the host's slate to destroy the
+        // environment; it exits when it is gone.
+        self.session.disconnect();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.link.child.try_wait() {
+                Ok(Some(st)) if st.success() => return Ok(()),
+                Ok(Some(st)) => {
+                    return Err(ProviderError::Other {
+                        env: self.session.id().to_string(),
+                        what: format!(
+                            "the host's slate could not destroy the environment ({st}): {}",
+                            self.link.stderr_tail()
+                        ),
+                    })
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                _ => {
+                    self.link.stop();
+                    return Err(ProviderError::Other {
+                        env: self.session.id().to_string(),
+                        what: "the host's slate did not end within 60 s; its connection was cut (its next run removes what is left)".into(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl Drop for SshEnv {
+    fn drop(&mut self) {
+        if !self.destroyed {
+            self.link.stop();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_parse_with_and_without_ports() {
+        let h = |s: &str| HostAddr::parse(s);
+        assert_eq!(
+            h("build1.example.net").unwrap(),
+            HostAddr {
+                host: "build1.example.net".into(),
+                port: None
+            }
+        );
+        assert_eq!(h("127.0.0.1:2222").unwrap().port, Some(2222));
+        assert_eq!(h("[::1]:22").unwrap().host, "::1");
+        assert_eq!(h("[::1]:22").unwrap().to_string(), "[::1]:22");
+        for bad in ["", "-oProxyCommand=x", "h:0", "h:99999", "h;rm", "[::1"] {
+            assert!(h(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn quoting_keeps_a_single_quote() {
+        assert_eq!(sh_quote("a'b"), r"'a'\''b'");
+    }
+}

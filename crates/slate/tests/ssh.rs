@@ -1,0 +1,78 @@
+//! The ssh provider for real: OpenSSH servers on loopback ports of this
+//! machine stand in for build hosts, each with its own host key and its own
+//! slate cache, so everything a host needs (slate's binary, the image's
+//! layers) is shipped to it over ssh. Needs root (the hosts make sandboxes)
+//! and openssh-server; `scripts/test.sh` runs these tests as root.
+
+mod common;
+
+use common::{text, Project, SshHosts};
+use std::collections::BTreeMap;
+
+const IMAGE: &str = "[images.bb]\nfrom = \"tar:bb.tar.gz\"\nsteps = [\"echo one > /etc/one\"]\n";
+
+/// Four targets whose artifacts depend on their input and image only.
+fn four_targets(provider: &str) -> String {
+    format!(
+        "{IMAGE}[builds.t]\nimage = \"bb\"\nprovider = \"{provider}\"\ninputs = [\"src\"]\n\
+         matrix = {{ n = [\"1\", \"2\", \"3\", \"4\"] }}\n\
+         run = [\"mkdir -p out\", \"cat /etc/one data.txt > out/t-{{n}}.txt\", \"echo {{n}} >> out/t-{{n}}.txt\"]\n\
+         artifacts = [\"out/t-{{n}}.txt\"]\n"
+    )
+}
+
+/// `SHA256SUMS` of a run's artifacts, as `file -> sum`.
+fn sums(p: &Project) -> BTreeMap<String, String> {
+    p.read("artifacts/SHA256SUMS")
+        .lines()
+        .filter_map(|l| l.split_once("  "))
+        .map(|(sum, file)| (file.to_string(), sum.to_string()))
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root and openssh-server: scripts/test.sh runs it"]
+fn root_ssh_four_targets_on_two_hosts_match_the_same_build_run_here() {
+    common::require_root();
+    let local = Project::new(&four_targets("sandbox"));
+    local.write("src/data.txt", "the input\n");
+    let o = local.run(&["build"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let want = sums(&local);
+    assert_eq!(want.len(), 4, "{want:?}");
+
+    let hosts = SshHosts::start(&local.path().join("ssh"), 2);
+    let remote = Project::new(&format!("{}{}", four_targets("ssh"), hosts.config(2)));
+    remote.write("src/data.txt", "the input\n");
+    let o = remote.run(&["build", "-j", "4"]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert_eq!(sums(&remote), want, "{out}");
+    // Each host was shipped slate and the image's layers, and made
+    // environments; none is left on either.
+    for (i, h) in hosts.hosts.iter().enumerate() {
+        let bins = std::fs::read_dir(h.cache.join("bin")).map_or(0, |d| d.count());
+        let layers = std::fs::read_dir(h.cache.join("v1/layers")).map_or(0, |d| d.count());
+        let envs = std::fs::read_dir(h.cache.join("v1/envs")).map_or(0, |d| d.count());
+        assert_eq!((bins, layers > 0, envs), (1, true, 0), "host {i}: {out}");
+    }
+    // The provenance says where it was built.
+    let prov = remote.read("artifacts/t-1/provenance.json");
+    assert!(prov.contains("\"ssh\""), "{prov}");
+
+    // A second run ships nothing: the hosts keep what they were sent.
+    let layer_time = |h: &common::SshHost| {
+        let at = |rel: &str| {
+            std::fs::metadata(h.cache.join(rel))
+                .and_then(|m| m.modified())
+                .unwrap()
+        };
+        (at("bin"), at("v1/layers"))
+    };
+    let before: Vec<_> = hosts.hosts.iter().map(layer_time).collect();
+    let o = remote.run(&["build"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let after: Vec<_> = hosts.hosts.iter().map(layer_time).collect();
+    assert_eq!(before, after);
+    assert_eq!(sums(&remote), want);
+}
