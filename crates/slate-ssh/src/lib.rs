@@ -657,9 +657,19 @@ impl Link {
     }
 
     /// Why the connection is gone, if ssh itself failed (exit 255: the host
-    /// went away or cannot be reached).
+    /// went away or cannot be reached). Called after the stream failed: ssh
+    /// is given a moment to end.
     fn lost(&mut self) -> Option<String> {
-        match self.child.try_wait() {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                other => break other,
+            }
+        };
+        match status {
             Ok(Some(st)) if st.code() == Some(255) || st.code().is_none() => Some(format!(
                 "the connection to {} ended ({st}): {}",
                 self.host(),
@@ -732,6 +742,16 @@ impl SshEnv {
     /// connection went (the host is set aside; the target may run again
     /// elsewhere), else the error as it is.
     fn fault(&mut self, e: ProviderError) -> ProviderError {
+        // Only a broken stream can mean a lost host; the host's own errors
+        // (a file that is not there) leave the connection as it was.
+        let broken = matches!(&e, ProviderError::Op { source, .. } if matches!(
+            source.kind(),
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        ));
+        let exited = matches!(self.link.child.try_wait(), Ok(Some(_)));
+        if !broken && !exited {
+            return e;
+        }
         match self.link.lost() {
             Some(why) => {
                 self.link.slot.shared.set_aside(self.link.slot.host, &why);

@@ -76,3 +76,71 @@ fn root_ssh_four_targets_on_two_hosts_match_the_same_build_run_here() {
     assert_eq!(before, after);
     assert_eq!(sums(&remote), want);
 }
+
+#[test]
+#[ignore = "needs root and openssh-server: scripts/test.sh runs it"]
+fn root_ssh_a_host_that_goes_down_mid_build_is_set_aside_and_the_target_built_on_another() {
+    common::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let mut hosts = SshHosts::start(&dir.path().join("ssh"), 2);
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.t]\nimage = \"bb\"\nprovider = \"ssh\"\n\
+         run = [\"echo started-building\", \"sleep 2\", \"mkdir -p out\", \"echo built > out/x\"]\n\
+         artifacts = [\"out/x\"]\n{}",
+        hosts.config(1)
+    ));
+    let mut child = p
+        .cmd(&["build"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(l);
+        }
+    });
+    let mut out = Vec::new();
+    for l in rx.iter() {
+        // The command's own line, not the phase that names it.
+        let started = l.ends_with("] started-building");
+        out.push(l);
+        if started {
+            break;
+        }
+    }
+    // The host whose store holds the live environment goes down.
+    let busy = |h: &common::SshHost| {
+        std::fs::read_dir(h.cache.join("v1/envs")).map_or(0, |d| d.count()) > 0
+    };
+    let i = hosts
+        .hosts
+        .iter()
+        .position(busy)
+        .unwrap_or_else(|| panic!("no host holds the environment: {out:?}"));
+    hosts.hosts[i].crash();
+    out.extend(rx.iter());
+    reader.join().unwrap();
+    let o = child.wait_with_output().unwrap();
+    let out = format!("{}\n{}", out.join("\n"), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{out}");
+    assert_eq!(p.read("artifacts/t/x"), "built\n", "{out}");
+    assert_eq!(out.matches("retrying").count(), 1, "{out}");
+    let down = format!("127.0.0.1:{}", hosts.hosts[i].port);
+    assert!(
+        out.contains(&format!(
+            "ssh host {down} is set aside for the rest of this run"
+        )),
+        "{out}"
+    );
+    // Built on the other host, which holds no environment now.
+    let other = &hosts.hosts[1 - i];
+    assert!(!busy(other), "{out}");
+    assert!(other.cache.join("bin").is_dir(), "{out}");
+}

@@ -601,10 +601,63 @@ impl SshHost {
         panic!("sshd did not start on port {}", self.port);
     }
 
-    /// The pid of the listening sshd.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
+    /// The host goes down: its sshd and every process under it (the
+    /// sessions, the host's slate, its sandboxes) are killed at once.
+    pub fn crash(&mut self) {
+        let Some(mut sshd) = self.child.take() else {
+            return;
+        };
+        // Stopped first, so that nothing new starts, and found before any
+        // dies, while each is still its parent's child.
+        let all: Vec<u32> = std::iter::once(sshd.id())
+            .chain(descendants(sshd.id()))
+            .collect();
+        for &pid in &all {
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        }
+        let all: Vec<u32> = std::iter::once(sshd.id())
+            .chain(descendants(sshd.id()))
+            .collect();
+        for &pid in &all {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let _ = sshd.wait();
     }
+}
+
+/// Every process below `root`, from /proc's parent links.
+fn descendants(root: u32) -> Vec<u32> {
+    let mut parent = std::collections::HashMap::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+        let after = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+        if let Some(ppid) = after
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok())
+        {
+            parent.insert(pid, ppid);
+        }
+    }
+    let mut out = vec![];
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for (&child, &pp) in &parent {
+            if pp == p {
+                out.push(child);
+                frontier.push(child);
+            }
+        }
+    }
+    out
 }
 
 impl Drop for SshHost {
