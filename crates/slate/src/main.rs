@@ -92,7 +92,7 @@ impl Ctx {
         // A provider the config cannot set up is refused before the host is
         // asked what it can do.
         let ssh = if needs.ssh {
-            Some(self.ssh_provider(store, project)?)
+            Some(self.ssh_provider(store.root(), project)?)
         } else {
             None
         };
@@ -132,10 +132,11 @@ impl Ctx {
         })
     }
 
-    /// The ssh provider over `[providers.ssh]`'s hosts.
-    fn ssh_provider(
+    /// The ssh provider over `[providers.ssh]`'s hosts, shipping layers
+    /// from the store at `layers_root`.
+    pub fn ssh_provider(
         &self,
-        store: &LayerStore,
+        layers_root: &std::path::Path,
         project: &Project,
     ) -> Result<slate_ssh::SshProvider> {
         let s = &project.ssh;
@@ -151,7 +152,7 @@ impl Ctx {
             known_hosts_file: s.known_hosts_file.clone(),
             slots: s.slots,
         };
-        let ssh = slate_ssh::SshProvider::new(settings, store.root()).map_err(|why| {
+        let ssh = slate_ssh::SshProvider::new(settings, layers_root).map_err(|why| {
             CliError::usage(format!("the ssh provider cannot be used: {why}")).hint(
                 "list the build hosts under [providers.ssh] `hosts = [\"host\", \"host:port\"]`",
             )

@@ -144,3 +144,49 @@ fn root_ssh_a_host_that_goes_down_mid_build_is_set_aside_and_the_target_built_on
     assert!(!busy(other), "{out}");
     assert!(other.cache.join("bin").is_dir(), "{out}");
 }
+
+#[test]
+#[ignore = "needs root and openssh-server: scripts/test.sh runs it"]
+fn root_ssh_check_says_which_hosts_work_and_why_not() {
+    common::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = SshHosts::start(&dir.path().join("ssh"), 1);
+    // A port nothing listens on, and a host whose key is not known.
+    let dead = common::free_port();
+    let config = hosts.config(2).replace(
+        "hosts = [",
+        &format!(
+            "hosts = [\"127.0.0.1:{dead}\", \"localhost:{}\", ",
+            hosts.hosts[0].port
+        ),
+    );
+    let p = Project::config_only(&format!("{IMAGE}{config}"));
+    let o = p.run(&["check"]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("ssh: 3 host(s), 2 slot(s) each"), "{out}");
+    let line = |host: &str| {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{host}:")))
+            .unwrap_or_else(|| panic!("no line for {host}: {out}"))
+            .to_string()
+    };
+    assert!(
+        line(&format!("127.0.0.1:{}", hosts.hosts[0].port)).contains(&format!(
+            "works ({}, root, overlayfs)",
+            std::env::consts::ARCH
+        )),
+        "{out}"
+    );
+    assert!(
+        line(&format!("127.0.0.1:{dead}")).contains("unusable: cannot reach"),
+        "{out}"
+    );
+    // Strict host keys: a name the known_hosts file does not list is refused.
+    let unknown = line(&format!("localhost:{}", hosts.hosts[0].port));
+    assert!(unknown.contains("unusable: cannot reach"), "{out}");
+    assert!(
+        unknown.contains("verification failed") || unknown.contains("No ED25519 host key"),
+        "{out}"
+    );
+}

@@ -45,9 +45,8 @@ pub fn check(ctx: &Ctx) -> CmdResult {
         ),
         Err(why) => println!("  vm: unavailable: {why}"),
     }
-    for p in ["ssh", "ec2"] {
-        println!("  {p}: not available in this version of slate");
-    }
+    check_ssh(ctx, &project);
+    println!("  ec2: not available in this version of slate");
     println!("tools:");
     for (tool, what) in [
         ("mmdebstrap", "bootstraps debian: images"),
@@ -82,6 +81,33 @@ pub fn check(ctx: &Ctx) -> CmdResult {
         .hint("apt-get install mmdebstrap"));
     }
     Ok(Exit::Ok.into())
+}
+
+/// Whether each ssh host answers and can make environments.
+fn check_ssh(ctx: &Ctx, project: &slate_config::Project) {
+    if project.ssh.hosts.is_empty() {
+        println!(
+            "  ssh: no hosts (name them under [providers.ssh] `hosts = [\"host\", \"host:port\"]`)"
+        );
+        return;
+    }
+    let root = slate_image::LayerStore::default_root();
+    match ctx.ssh_provider(&root, project) {
+        Err(e) => println!("  ssh: unusable: {}", e.message),
+        Ok(ssh) => {
+            println!(
+                "  ssh: {} host(s), {} slot(s) each",
+                project.ssh.hosts.len(),
+                project.ssh.slots
+            );
+            for (host, state) in ssh.check() {
+                match state {
+                    Ok(what) => println!("    {host}: works ({what})"),
+                    Err(why) => println!("    {host}: unusable: {why}"),
+                }
+            }
+        }
+    }
 }
 
 pub fn init(ctx: &Ctx) -> CmdResult {
