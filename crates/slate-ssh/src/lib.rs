@@ -205,6 +205,23 @@ impl SshProvider {
         *self.shared.note.lock().unwrap() = Some(Box::new(f));
     }
 
+    /// Removes, on every host, what environments of killed runs left
+    /// (their leases held by nobody) and half-received layers: `(host,
+    /// what was removed or why not)`.
+    pub fn reap(&self) -> Vec<(String, Result<String, String>)> {
+        (0..self.shared.hosts.len())
+            .map(|i| {
+                let h = self.shared.hosts[i].to_string();
+                let res = self.shared.prepare(i, &[]).and_then(|()| {
+                    self.shared
+                        .run(i, "exec \"$f\" remote gc", None)
+                        .map(|out| String::from_utf8_lossy(&out).trim().to_string())
+                });
+                (h, res)
+            })
+            .collect()
+    }
+
     /// Whether each host answers and can make environments: `(host, Ok or
     /// why not)`.
     pub fn check(&self) -> Vec<(String, Result<String, String>)> {

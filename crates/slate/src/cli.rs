@@ -88,6 +88,9 @@ pub enum Command {
         /// List what would be removed; remove nothing
         #[arg(long)]
         dry_run: bool,
+        /// Instead: on every ssh host, remove what killed runs left there
+        #[arg(long, conflicts_with_all = ["all", "older_than", "dry_run"])]
+        remote: bool,
     },
     /// An interactive shell in a fresh environment, thrown away on exit
     Shell { name: String },
@@ -156,6 +159,8 @@ pub enum RemoteCommand {
     MissingLayers { keys: Vec<String> },
     /// Receive one layer (a tar of its folder) on standard input
     ReceiveLayer { key: String },
+    /// Remove what killed runs left here; print what was removed
+    Gc,
 }
 
 #[derive(Subcommand, Debug)]

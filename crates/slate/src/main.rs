@@ -217,11 +217,13 @@ fn main() -> ExitCode {
             insecure,
         } => commands::bake::bake(&ctx, images, export.as_deref(), push.as_deref(), *insecure),
         Command::Images => commands::images::images(&ctx),
+        Command::Gc { remote: true, .. } => commands::images::gc_remote(&ctx),
         Command::Gc {
             all,
             older_than,
             keep_runs,
             dry_run,
+            remote: false,
         } => commands::images::gc(
             &ctx,
             commands::images::GcArgs {

@@ -190,3 +190,89 @@ fn root_ssh_check_says_which_hosts_work_and_why_not() {
         "{out}"
     );
 }
+
+/// Starts `slate build` and returns it once the target's command printed
+/// `marker` (its own output line, not the phase naming it).
+fn build_until(p: &Project, marker: &str) -> std::process::Child {
+    let mut child = p
+        .cmd(&["build"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let want = format!("] {marker}");
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if l.ends_with(&want) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv()
+        .expect("the build ended before its command printed");
+    child
+}
+
+#[test]
+#[ignore = "needs root and openssh-server: scripts/test.sh runs it"]
+fn root_ssh_a_killed_slate_leaves_nothing_on_the_host_and_gc_remote_reaps_a_killed_host_slate() {
+    common::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = SshHosts::start(&dir.path().join("ssh"), 1);
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.t]\nimage = \"bb\"\nprovider = \"ssh\"\n\
+         run = [\"echo waiting-here\", \"sleep 600\"]\n{}",
+        hosts.config(1)
+    ));
+    let host = &hosts.hosts[0];
+    let envs = || {
+        std::fs::read_dir(host.cache.join("v1/envs"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path().display().to_string())
+                    .collect::<Vec<String>>()
+            })
+            .unwrap_or_default()
+    };
+    let served = || common::processes_where(|c| c.contains("remote env"));
+
+    // slate is killed: its connection goes, and the host's slate destroys
+    // the environment and ends.
+    let mut child = build_until(&p, "waiting-here");
+    assert_eq!(envs().len(), 1);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left = common::settle(|| [envs(), served()].concat(), |l: &[String]| l.is_empty());
+    assert!(left.is_empty(), "left on the host: {left:?}");
+
+    // The host's slate is killed (as in a crash of it): its environment's
+    // folder stays, with a lease nobody holds, until `slate gc --remote`.
+    let mut child = build_until(&p, "waiting-here");
+    for pr in served() {
+        let pid: i32 = pr.split(':').next().unwrap().parse().unwrap();
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let o = child.wait().unwrap();
+    assert!(!o.success());
+    let left = common::settle(served, |l: &[String]| l.is_empty());
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(envs().len(), 1, "{:?}", envs());
+    let o = p.run(&["gc", "--remote"]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains(&format!(
+            "127.0.0.1:{}: 1 environment(s) of killed runs removed",
+            host.port
+        )),
+        "{out}"
+    );
+    assert!(envs().is_empty(), "{:?}", envs());
+}

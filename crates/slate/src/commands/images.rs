@@ -101,6 +101,35 @@ pub struct GcArgs<'a> {
     pub dry_run: bool,
 }
 
+/// `slate gc --remote`: on every ssh host, what killed runs left there.
+pub fn gc_remote(ctx: &Ctx) -> CmdResult {
+    let project = ctx.project()?;
+    if project.ssh.hosts.is_empty() {
+        ctx.say("no remote providers are set up ([providers.ssh] names no hosts): nothing to reap");
+        return Ok(crate::error::Exit::Ok.into());
+    }
+    let store = ctx.store()?;
+    let ssh = ctx.ssh_provider(store.root(), &project)?;
+    let mut failed = 0;
+    for (host, res) in ssh.reap() {
+        match res {
+            Ok(what) => println!("{host}: {what}"),
+            Err(why) => {
+                failed += 1;
+                println!("{host}: not reaped: {why}");
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(CliError::new(
+            crate::error::Exit::Infra,
+            format!("{failed} ssh host(s) could not be reaped (see above)"),
+        )
+        .hint("`slate check` says why a host cannot be used"));
+    }
+    Ok(crate::error::Exit::Ok.into())
+}
+
 pub fn gc(ctx: &Ctx, args: GcArgs) -> CmdResult {
     use slate_image::gc::Scope;
     let min_idle = match args.older_than {

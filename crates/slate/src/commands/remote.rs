@@ -20,6 +20,19 @@ pub fn remote(what: &RemoteCommand) -> CmdResult {
             slate_ssh::serve::missing_layers(&store, keys, &mut std::io::stdout().lock())
                 .map_err(io)?
         }
+        RemoteCommand::Gc => {
+            let r = slate_sandbox::reap(&store.envs_dir());
+            let tmp = store.clean_tmp();
+            let mut said = format!(
+                "{} environment(s) of killed runs removed, {} MiB freed",
+                r.environments,
+                (r.bytes + tmp) >> 20
+            );
+            for (path, e) in &r.failed {
+                said.push_str(&format!("; could not remove {}: {e}", path.display()));
+            }
+            println!("{said}");
+        }
         RemoteCommand::ReceiveLayer { key } => {
             slate_ssh::serve::receive_layer(&store, key, std::io::stdin().lock()).map_err(io)?
         }
