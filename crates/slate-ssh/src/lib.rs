@@ -557,13 +557,9 @@ impl Provider for SshProvider {
             host: i,
         };
         let keys = layer_keys(&spec.layers).map_err(cerr)?;
-        if let Err(why) = shared.prepare(i, &keys) {
-            shared.set_aside(i, &why);
-            return Err(cerr(why));
-        }
         let remote = RemoteSpec {
             name: spec.name.clone(),
-            layers: keys,
+            layers: keys.clone(),
             network: spec.network,
             host_ca: spec.host_ca,
             cpus: spec.limits.cpus,
@@ -571,25 +567,104 @@ impl Provider for SshProvider {
             pids: spec.limits.pids,
             limits_best_effort: spec.limits.best_effort,
         };
-        let link = Link::open(slot).map_err(cerr)?;
+        // A host asked for the environment straight away answers at once
+        // when it holds slate and the layers (the usual case after its first
+        // run); only when it says what it lacks is that shipped, and asked
+        // again.
+        let mut slot = Some(slot);
+        let mut shipped = false;
+        loop {
+            let env = self.open(spec, &remote, slot.take().expect("a slot"));
+            let mut env = match env {
+                Ok(env) => return Ok(env),
+                Err(e) => e,
+            };
+            let why = env.why.take().unwrap_or_default();
+            slot = env.slot.take();
+            match env.state {
+                Opened::Lost => {
+                    shared.set_aside(i, &why);
+                    return Err(cerr(why));
+                }
+                Opened::Lacking if !shipped => {
+                    if let Err(why) = shared.prepare(i, &keys) {
+                        shared.set_aside(i, &why);
+                        return Err(cerr(why));
+                    }
+                    shipped = true;
+                }
+                Opened::Lacking | Opened::Failed => return Err(cerr(why)),
+            }
+        }
+    }
+}
+
+/// Why an environment was not opened on a host.
+enum Opened {
+    /// The host lacks slate's binary or a layer.
+    Lacking,
+    /// The connection failed (ssh's own exit 255).
+    Lost,
+    Failed,
+}
+
+/// A failed open: what went wrong, and the slot to try again with.
+struct NotOpened {
+    state: Opened,
+    why: Option<String>,
+    slot: Option<Slot>,
+}
+
+impl SshProvider {
+    /// Opens an environment on the slot's host.
+    fn open(&self, spec: &EnvSpec, remote: &RemoteSpec, slot: Slot) -> Result<SshEnv, NotOpened> {
+        let shared = &self.shared;
+        let i = slot.host;
+        let link = match Link::open(shared.clone(), i) {
+            Ok(l) => l,
+            Err(why) => {
+                return Err(NotOpened {
+                    state: Opened::Failed,
+                    why: Some(why),
+                    slot: Some(slot),
+                })
+            }
+        };
         let id = format!("{}@{}", spec.name, shared.hosts[i]);
         let mut env = SshEnv {
             session: Session::new(&id, "the host's slate"),
             link,
+            slot: Some(slot),
             destroyed: false,
         };
         env.session.no_interactive =
             "interactive shells are not available with the ssh provider yet; use the sandbox provider for `slate shell`";
         let (stdout, stdin) = env.link.streams();
         env.session.connect(stdout, stdin);
-        if let Err(why) = env.start(&remote) {
-            if let Some(lost) = env.link.lost() {
-                shared.set_aside(i, &lost);
-                return Err(cerr(lost));
+        let Err(why) = env.start(remote) else {
+            return Ok(env);
+        };
+        let state = if why.starts_with(serve::LACKS) {
+            Opened::Lacking
+        } else {
+            match env.link.exit_code() {
+                // The shell there found no slate of this version.
+                Some(127) => Opened::Lacking,
+                Some(255) | None if env.link.lost().is_some() => Opened::Lost,
+                _ => Opened::Failed,
             }
-            return Err(cerr(why));
-        }
-        Ok(env)
+        };
+        let why = match (&state, env.link.lost()) {
+            (Opened::Lost, Some(lost)) => lost,
+            _ => why,
+        };
+        env.destroyed = true;
+        env.link.stop();
+        Err(NotOpened {
+            state,
+            why: Some(why),
+            slot: env.slot.take(),
+        })
     }
 }
 
@@ -620,17 +695,17 @@ impl Drop for Slot {
 
 /// The ssh connection that carries one environment's session.
 struct Link {
-    slot: Slot,
+    shared: Arc<Shared>,
+    host: usize,
     child: Child,
     stdin: Option<ChildStdin>,
     stderr: Arc<Mutex<VecDeque<String>>>,
 }
 
 impl Link {
-    fn open(slot: Slot) -> Result<Link, String> {
-        let shared = &slot.shared;
+    fn open(shared: Arc<Shared>, host: usize) -> Result<Link, String> {
         let mut child = shared
-            .ssh(slot.host)
+            .ssh(host)
             .arg(shared.remote("exec \"$f\" remote env")?)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -651,7 +726,8 @@ impl Link {
         });
         Ok(Link {
             stdin: child.stdin.take(),
-            slot,
+            shared,
+            host,
             child,
             stderr,
         })
@@ -665,7 +741,26 @@ impl Link {
     }
 
     fn host(&self) -> String {
-        self.slot.shared.hosts[self.slot.host].to_string()
+        self.shared.hosts[self.host].to_string()
+    }
+
+    /// ssh's exit code once it ended (given a moment), if it did.
+    fn exit_code(&mut self) -> Option<i32> {
+        self.wait_briefly().and_then(|st| st.code())
+    }
+
+    /// ssh's status, waiting up to 5 s for it to end.
+    fn wait_briefly(&mut self) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.child.try_wait() {
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Ok(st) => return st,
+                Err(_) => return None,
+            }
+        }
     }
 
     fn stderr_tail(&self) -> String {
@@ -677,17 +772,8 @@ impl Link {
     /// went away or cannot be reached). Called after the stream failed: ssh
     /// is given a moment to end.
     fn lost(&mut self) -> Option<String> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let status = loop {
-            match self.child.try_wait() {
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                other => break other,
-            }
-        };
-        match status {
-            Ok(Some(st)) if st.code() == Some(255) || st.code().is_none() => Some(format!(
+        match self.wait_briefly() {
+            Some(st) if st.code() == Some(255) || st.code().is_none() => Some(format!(
                 "the connection to {} ended ({st}): {}",
                 self.host(),
                 self.stderr_tail()
@@ -718,6 +804,8 @@ impl Carrier for Link {
 pub struct SshEnv {
     session: Session,
     link: Link,
+    /// Given back when the environment is gone.
+    slot: Option<Slot>,
     destroyed: bool,
 }
 
@@ -771,7 +859,7 @@ impl SshEnv {
         }
         match self.link.lost() {
             Some(why) => {
-                self.link.slot.shared.set_aside(self.link.slot.host, &why);
+                self.link.shared.set_aside(self.link.host, &why);
                 ProviderError::Lost {
                     env: self.session.id().to_string(),
                     what: why,

@@ -24,6 +24,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 
+/// How a host's answer begins when it lacks what the environment needs.
+pub const LACKS: &str = "this host lacks";
+
 /// The keys of `keys` this store does not hold, one per line on `out`.
 pub fn missing_layers(store: &LayerStore, keys: &[String], out: &mut impl Write) -> io::Result<()> {
     for k in keys {
@@ -228,7 +231,7 @@ fn create(store: &LayerStore, spec: &RemoteSpec) -> Result<slate_sandbox::Sandbo
     for k in &spec.layers {
         check_key(k).map_err(|e| e.to_string())?;
         if !store.has(k) {
-            return Err(format!("this host lacks the layer `{k}`"));
+            return Err(format!("{LACKS} the layer `{k}`"));
         }
         store.touch_used(k);
         layers.push(store.layer_fs(k));

@@ -240,7 +240,7 @@ fn root_ssh_a_killed_slate_leaves_nothing_on_the_host_and_gc_remote_reaps_a_kill
             })
             .unwrap_or_default()
     };
-    let served = || common::processes_where(|c| c.contains("remote env"));
+    let served = || host.processes_with("remote env");
 
     // slate is killed: its connection goes, and the host's slate destroys
     // the environment and ends.

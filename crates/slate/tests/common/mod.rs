@@ -601,6 +601,22 @@ impl SshHost {
         panic!("sshd did not start on port {}", self.port);
     }
 
+    /// Processes under this host's sshd whose command line contains
+    /// `marker`, as `pid: command line`.
+    pub fn processes_with(&self, marker: &str) -> Vec<String> {
+        let Some(sshd) = &self.child else {
+            return vec![];
+        };
+        descendants(sshd.id())
+            .into_iter()
+            .filter_map(|pid| {
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                cmd.contains(marker).then(|| format!("{pid}: {cmd}"))
+            })
+            .collect()
+    }
+
     /// The host goes down: its sshd and every process under it (the
     /// sessions, the host's slate, its sandboxes) are killed at once.
     pub fn crash(&mut self) {
