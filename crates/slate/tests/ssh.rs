@@ -276,3 +276,41 @@ fn root_ssh_a_killed_slate_leaves_nothing_on_the_host_and_gc_remote_reaps_a_kill
     );
     assert!(envs().is_empty(), "{:?}", envs());
 }
+
+#[test]
+#[ignore = "needs root, mmdebstrap and openssh-server: scripts/test.sh runs it"]
+fn root_ssh_the_example_builds_the_quickstarts_debs_on_two_hosts() {
+    common::require_root();
+    common::require_debian_bootstrap();
+    let p = Project::example("ssh-hosts");
+    let hosts = SshHosts::start(&p.path().join("ssh"), 2);
+    // The example's hosts, replaced by two on this machine.
+    let config = p.read("slate.toml");
+    let start = config.find("[providers.ssh]").unwrap();
+    let end = config.find("[images.").unwrap();
+    p.write(
+        "slate.toml",
+        &format!(
+            "{}{}\n{}",
+            &config[..start],
+            hosts.config(2),
+            &config[end..]
+        ),
+    );
+    let o = p.run(&["build"]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    let sums = p.read("artifacts/SHA256SUMS");
+    for distro in ["bookworm", "trixie"] {
+        assert!(
+            sums.contains(&format!("greet-{distro}/greet_1.0.0+{distro}_")),
+            "{sums}\n{out}"
+        );
+    }
+    let check = std::process::Command::new("sha256sum")
+        .args(["-c", "SHA256SUMS"])
+        .current_dir(p.project().join("artifacts"))
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", text(&check));
+}
