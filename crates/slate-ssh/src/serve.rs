@@ -13,8 +13,8 @@ use crate::RemoteSpec;
 use slate_layers::store::LayerStore;
 use slate_provider::wire::{self, DataReader, Frame, FrameSource};
 use slate_provider::{
-    Cancel, EnvKind, EnvSpec, Environment, ExecOutcome, ExecSpec, Limits, Privileges, Provider,
-    Stream,
+    error_chain, Cancel, EnvKind, EnvSpec, Environment, ExecOutcome, ExecSpec, Limits, Privileges,
+    Provider, Stream,
 };
 use slate_sandbox::SandboxProvider;
 use std::io::{self, Read, Write};
@@ -257,20 +257,6 @@ fn create(store: &LayerStore, spec: &RemoteSpec) -> Result<slate_sandbox::Sandbo
             privileges: Privileges::None,
         })
         .map_err(|e| error_chain(&e))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let cs = c.to_string();
-        if !s.contains(&cs) {
-            s.push_str(": ");
-            s.push_str(&cs);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 struct Server<'a, E: Environment> {
