@@ -314,3 +314,27 @@ fn root_ssh_the_example_builds_the_quickstarts_debs_on_two_hosts() {
         .unwrap();
     assert!(check.status.success(), "{}", text(&check));
 }
+
+#[test]
+#[ignore = "needs root and openssh-server: scripts/test.sh runs it"]
+fn root_ssh_a_timeout_kills_the_command_there_and_destroys_its_environment() {
+    common::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = SshHosts::start(&dir.path().join("ssh"), 1);
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.t]\nimage = \"bb\"\nprovider = \"ssh\"\ntimeout = \"2s\"\n\
+         run = [\"sleep 600\"]\n{}",
+        hosts.config(1)
+    ));
+    let o = p.run(&["build"]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("timed out after 2s"), "{out}");
+    let host = &hosts.hosts[0];
+    // Nothing of the build is left there: no sleep, no host's slate, no
+    // environment folder.
+    assert!(host.processes_with("sleep 600").is_empty(), "{out}");
+    assert!(host.processes_with("remote env").is_empty(), "{out}");
+    let envs = std::fs::read_dir(host.cache.join("v1/envs")).map_or(0, |d| d.count());
+    assert_eq!(envs, 0, "{out}");
+}
