@@ -140,8 +140,11 @@ struct Shared {
     pool: Mutex<Pool>,
     freed: Condvar,
     shipped: Vec<Mutex<Shipped>>,
-    /// Where the master connections' sockets live (this run's own folder).
+    /// Where the master connections' sockets live.
     control_dir: PathBuf,
+    /// Whether that folder is the user's own, shared by runs: masters then
+    /// outlive the run by a minute, for the next one to use.
+    persist: bool,
     /// The local layer store's folder, whose layers are shipped.
     layers_root: PathBuf,
     binary: OnceLock<Result<(PathBuf, String), String>>,
@@ -169,15 +172,7 @@ impl SshProvider {
             .iter()
             .map(|h| HostAddr::parse(h))
             .collect::<Result<Vec<_>, _>>()?;
-        let control_dir = std::env::temp_dir().join(format!(
-            "slate-ssh-{}-{}",
-            std::process::id(),
-            RUNS.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::DirBuilder::new()
-            .mode_0700()
-            .create(&control_dir)
-            .map_err(|e| format!("cannot create `{}`: {e}", control_dir.display()))?;
+        let (control_dir, persist) = control_dir()?;
         let n = hosts.len();
         Ok(SshProvider {
             shared: Arc::new(Shared {
@@ -193,6 +188,7 @@ impl SshProvider {
                 freed: Condvar::new(),
                 shipped: (0..n).map(|_| Mutex::new(Shipped::default())).collect(),
                 control_dir,
+                persist,
                 layers_root: layers_root.to_path_buf(),
                 binary: OnceLock::new(),
                 note: Mutex::new(None),
@@ -245,8 +241,44 @@ impl DirBuilderExt0700 for std::fs::DirBuilder {
     }
 }
 
+/// The folder for master connections' sockets, and whether it is the
+/// user's own one shared by runs (`$XDG_RUNTIME_DIR/slate-ssh`, or
+/// `/tmp/slate-ssh-<uid>`): a master there outlives its run by 60 s
+/// (`ControlPersist`), as Ansible's do, so a run that follows within a
+/// minute skips the handshake. A socket there is a way into the connection,
+/// so the folder must be a real folder of the user's, closed to others; if
+/// it is not, the run gets a folder of its own and ends its masters.
+fn control_dir() -> Result<(PathBuf, bool), String> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = nix::unistd::geteuid().as_raw();
+    let shared = match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("slate-ssh"),
+        _ => std::env::temp_dir().join(format!("slate-ssh-{uid}")),
+    };
+    let _ = std::fs::DirBuilder::new().mode_0700().create(&shared);
+    let private = std::fs::symlink_metadata(&shared)
+        .is_ok_and(|m| m.is_dir() && m.uid() == uid && m.mode() & 0o077 == 0);
+    if private {
+        return Ok((shared, true));
+    }
+    let own = std::env::temp_dir().join(format!(
+        "slate-ssh-{}-{}",
+        std::process::id(),
+        RUNS.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::DirBuilder::new()
+        .mode_0700()
+        .create(&own)
+        .map_err(|e| format!("cannot create `{}`: {e}", own.display()))?;
+    Ok((own, false))
+}
+
 impl Drop for SshProvider {
     fn drop(&mut self) {
+        if self.shared.persist {
+            // Each master ends by itself a minute after its last session.
+            return;
+        }
         // Ends the master connections this run opened.
         for i in 0..self.shared.hosts.len() {
             let _ = self

@@ -678,10 +678,9 @@ fn descendants(root: u32) -> Vec<u32> {
 
 impl Drop for SshHost {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        // The sessions too: a master connection of slate's may keep one
+        // open for a minute after its run.
+        self.crash();
     }
 }
 
