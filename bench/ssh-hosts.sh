@@ -39,6 +39,9 @@ slate="${CARGO_TARGET_DIR:-$root/target}/release/slate"
 tmp="$(mktemp -d -t slate-bench.XXXXXX)"
 pids=()
 cleanup() {
+    # The sessions first: slate's master connections keep theirs open for a
+    # minute after a run.
+    for p in "${pids[@]}"; do pkill -KILL -P "$p" 2>/dev/null || true; done
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
     rm -rf --one-file-system "$tmp" 2>/dev/null || true
