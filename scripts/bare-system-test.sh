@@ -496,8 +496,9 @@ phase "install-deps.sh test (in the chroot)"
 # the chroot's own guard goes for this step.
 rm -f "$ROOT/usr/sbin/policy-rc.d"
 # In the same PID namespace as the install, so that a server it started
-# would still be running to be seen.
-show in_chroot_sh './scripts/install-deps.sh test && ! pgrep -x sshd && ! pgrep -f docker-registry' ||
+# would still be running to be seen (by process name: `pgrep -f` would find
+# this very script).
+show in_chroot_sh './scripts/install-deps.sh test && ! pgrep -x sshd && ! pgrep -x docker-registry' ||
     die "./scripts/install-deps.sh test failed in the chroot, or left a server running (see above)"
 
 phase "checks after install-deps test"
