@@ -679,12 +679,12 @@ impl<P: Provider> Orchestrator<'_, P> {
         for input in &t.inputs {
             let set = inputs::collect(input, &t.exclude, &skip)?;
             env.put(&set.base, &set.entries, &t.workdir)
-                .map_err(TargetError::Provider)?;
+                .map_err(TargetError::from_provider)?;
             sets.push(set);
         }
         // The workdir exists even when there are no inputs.
         env.put(Path::new("/"), &[], &t.workdir)
-            .map_err(TargetError::Provider)?;
+            .map_err(TargetError::from_provider)?;
         inputs::digest(&sets).map_err(TargetError::HashInputs)
     }
 
@@ -696,7 +696,7 @@ impl<P: Provider> Orchestrator<'_, P> {
         env: &mut P::Env,
         store: &ArtifactStore,
     ) -> Result<Vec<ArtifactRecord>, TargetError> {
-        let files = env.list(&t.workdir).map_err(TargetError::Provider)?;
+        let files = env.list(&t.workdir).map_err(TargetError::from_provider)?;
         let picked = pick_artifacts(t, &files)?;
         let staging = store.staging_for(&t.name).map_err(TargetError::Staging)?;
         let mut out = Vec::new();
@@ -760,7 +760,7 @@ fn commands<E: Environment>(
                 source,
             })?;
             env.put_bytes(&data, "/.slate/build-script", 0o755)
-                .map_err(TargetError::Provider)?;
+                .map_err(TargetError::from_provider)?;
             let argv = if data.starts_with(b"#!") {
                 vec!["/.slate/build-script".to_string()]
             } else {

@@ -89,6 +89,9 @@ impl HostAddr {
             }
         } else {
             match s.rsplit_once(':') {
+                // An IPv6 address must be in brackets: `fe80::1` is not
+                // host `fe80:` on port 1.
+                Some((h, _)) if h.contains(':') => return Err(bad()),
                 Some((h, p)) => (h, Some(p)),
                 None => (s, None),
             }
@@ -166,6 +169,19 @@ impl SshProvider {
     pub fn new(settings: SshSettings, layers_root: &Path) -> Result<SshProvider, String> {
         if settings.hosts.is_empty() {
             return Err("[providers.ssh] names no hosts".into());
+        }
+        // The user goes to ssh's `-l` and into ssh_config's `%r`/`%u`.
+        let user_ok = !settings.user.is_empty()
+            && !settings.user.starts_with('-')
+            && settings
+                .user
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !user_ok {
+            return Err(format!(
+                "`{}` is not a user name: use letters, digits, `.`, `_` and `-`",
+                settings.user
+            ));
         }
         let hosts = settings
             .hosts
@@ -355,20 +371,31 @@ impl Shared {
 
     /// This slate's own binary and the start of its sha256.
     fn binary(&self) -> Result<(PathBuf, String), String> {
+        self.binary_full()
+            .map(|(exe, sha)| (exe, sha[..32].to_string()))
+    }
+
+    /// This slate's own binary and its whole sha256.
+    fn binary_full(&self) -> Result<(PathBuf, String), String> {
         self.binary
             .get_or_init(|| {
                 let exe = std::env::current_exe()
                     .map_err(|e| format!("cannot find slate's own binary: {e}"))?;
                 let (sha, _) = slate_layers::hash::sha256_file(&exe)
                     .map_err(|e| format!("cannot read slate's own binary: {e}"))?;
-                Ok((exe, sha[..32].to_string()))
+                Ok((exe, sha))
             })
             .clone()
     }
 
     /// Runs `script` on host `i`, `input` on its standard input; its
     /// standard output, or why it failed.
-    fn run(&self, i: usize, script: &str, input: Option<&mut dyn Read>) -> Result<Vec<u8>, String> {
+    fn run(
+        &self,
+        i: usize,
+        script: &str,
+        input: Option<&mut (dyn Read + Send)>,
+    ) -> Result<Vec<u8>, String> {
         let mut child = self
             .ssh(i)
             .arg(self.remote(script)?)
@@ -381,11 +408,18 @@ impl Shared {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot run ssh: {e}"))?;
-        let copied = match (input, child.stdin.take()) {
-            (Some(r), Some(mut w)) => io::copy(r, &mut w).map(drop),
-            _ => Ok(()),
-        };
-        let out = child.wait_with_output().map_err(|e| format!("ssh: {e}"))?;
+        // Sent on a thread of its own while the output is read: a host that
+        // talks before it has read everything cannot block both sides.
+        let stdin = child.stdin.take();
+        let (copied, out) = std::thread::scope(|scope| {
+            let sender = scope.spawn(move || match (input, stdin) {
+                (Some(r), Some(mut w)) => io::copy(r, &mut w).map(drop),
+                _ => Ok(()),
+            });
+            let out = child.wait_with_output();
+            (sender.join().unwrap_or(Ok(())), out)
+        });
+        let out = out.map_err(|e| format!("ssh: {e}"))?;
         if !out.status.success() {
             return Err(self.failed(i, out.status.code(), &out.stderr));
         }
@@ -446,9 +480,17 @@ impl Shared {
                 let (exe, _) = self.binary()?;
                 let mut f = std::fs::File::open(&exe)
                     .map_err(|e| format!("cannot read `{}`: {e}", exe.display()))?;
+                // Checked before it takes its name: a copy cut short (slate
+                // killed, the connection dropped) must never pass for slate.
+                let (_, sha) = self.binary_full()?;
                 self.run(
                     i,
-                    "mkdir -p \"$c/bin\"; t=\"$f.tmp.$$\"; cat > \"$t\"; chmod 755 \"$t\"; mv -f \"$t\" \"$f\"",
+                    &format!(
+                        "mkdir -p \"$c/bin\"; t=\"$f.tmp.$$\"; cat > \"$t\"; \
+                         if ! echo \"{sha}  $t\" | sha256sum -c --status -; then \
+                         rm -f \"$t\"; echo \"the copy of slate arrived incomplete\" >&2; exit 1; fi; \
+                         chmod 755 \"$t\"; mv -f \"$t\" \"$f\""
+                    ),
                     Some(&mut f),
                 )?;
             }
@@ -467,8 +509,10 @@ impl Shared {
             &format!("exec \"$f\" remote missing-layers {}", list.join(" ")),
             None,
         )?;
+        // Only keys that were asked about: a host's answer names no path.
         let missing: Vec<String> = String::from_utf8_lossy(&out)
             .lines()
+            .filter(|k| unknown.iter().any(|u| u.as_str() == *k))
             .map(str::to_string)
             .collect();
         for key in &missing {
@@ -492,18 +536,23 @@ impl Shared {
             .spawn()
             .map_err(|e| format!("cannot run tar: {e}"))?;
         let mut data = tar.stdout.take().expect("piped");
+        // tar's complaints are read as they come: a full pipe would stop it.
+        let mut err = tar.stderr.take().expect("piped");
+        let complaints = std::thread::spawn(move || {
+            let mut text = Vec::new();
+            let _ = err.read_to_end(&mut text);
+            text
+        });
         let sent = self.run(
             i,
             &format!("exec \"$f\" remote receive-layer {}", sh_quote(key)),
             Some(&mut data),
         );
         drop(data);
-        let out = tar.wait_with_output().map_err(|e| format!("tar: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "cannot pack the layer `{key}`: {}",
-                tail(&out.stderr)
-            ));
+        let status = tar.wait().map_err(|e| format!("tar: {e}"))?;
+        let stderr = complaints.join().unwrap_or_default();
+        if !status.success() {
+            return Err(format!("cannot pack the layer `{key}`: {}", tail(&stderr)));
         }
         sent.map(drop)
     }
@@ -625,7 +674,14 @@ impl Provider for SshProvider {
                     }
                     shipped = true;
                 }
-                Opened::Lacking | Opened::Failed => return Err(cerr(why)),
+                // A host that cannot make environments (sudo wants a
+                // password, another architecture, lost what it was sent)
+                // would take every retry: the retry goes elsewhere.
+                Opened::Lacking | Opened::Failed => {
+                    *shared.shipped[i].lock().unwrap() = Shipped::default();
+                    shared.set_aside(i, &why);
+                    return Err(cerr(why));
+                }
             }
         }
     }
@@ -730,6 +786,9 @@ struct Link {
     shared: Arc<Shared>,
     host: usize,
     child: Child,
+    /// slate ended the connection itself (a refused artifact, a failed
+    /// upload): its end says nothing about the host.
+    stopped: bool,
     stdin: Option<ChildStdin>,
     stderr: Arc<Mutex<VecDeque<String>>>,
 }
@@ -761,6 +820,7 @@ impl Link {
             shared,
             host,
             child,
+            stopped: false,
             stderr,
         })
     }
@@ -804,6 +864,9 @@ impl Link {
     /// went away or cannot be reached). Called after the stream failed: ssh
     /// is given a moment to end.
     fn lost(&mut self) -> Option<String> {
+        if self.stopped {
+            return None;
+        }
         match self.wait_briefly() {
             Some(st) if st.code() == Some(255) || st.code().is_none() => Some(format!(
                 "the connection to {} ended ({st}): {}",
@@ -817,6 +880,7 @@ impl Link {
 
 impl Carrier for Link {
     fn stop(&mut self) {
+        self.stopped = true;
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -886,7 +950,7 @@ impl SshEnv {
             io::ErrorKind::UnexpectedEof | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
         ));
         let exited = matches!(self.link.child.try_wait(), Ok(Some(_)));
-        if !broken && !exited {
+        if self.link.stopped || (!broken && !exited) {
             return e;
         }
         match self.link.lost() {
@@ -998,7 +1062,15 @@ mod tests {
         assert_eq!(h("127.0.0.1:2222").unwrap().port, Some(2222));
         assert_eq!(h("[::1]:22").unwrap().host, "::1");
         assert_eq!(h("[::1]:22").unwrap().to_string(), "[::1]:22");
-        for bad in ["", "-oProxyCommand=x", "h:0", "h:99999", "h;rm", "[::1"] {
+        for bad in [
+            "",
+            "-oProxyCommand=x",
+            "h:0",
+            "h:99999",
+            "h;rm",
+            "[::1",
+            "fe80::1",
+        ] {
             assert!(h(bad).is_err(), "{bad}");
         }
     }

@@ -138,7 +138,10 @@ pub fn serve_env(
     output: impl Write + Send + 'static,
 ) -> io::Result<()> {
     let out: Out = Arc::new(Mutex::new(Box::new(output)));
-    // One thread reads, so that a KILL reaches a running command.
+    // One thread reads, so that a KILL reaches a running command. Each
+    // EXEC gets its cancel here, before it is passed on: a KILL (or the end
+    // of the input) that follows it at once finds it even when the command
+    // has not started yet.
     let current: Arc<Mutex<Option<Cancel>>> = Arc::new(Mutex::new(None));
     let (tx, rx) = mpsc::sync_channel::<Frame>(64);
     let reader_current = current.clone();
@@ -152,6 +155,9 @@ pub fn serve_env(
                     }
                 }
                 Ok(Some(f)) => {
+                    if f.0 == wire::EXEC {
+                        *reader_current.lock().unwrap() = Some(Cancel::new());
+                    }
                     if tx.send(f).is_err() {
                         break;
                     }
@@ -160,9 +166,14 @@ pub fn serve_env(
                 _ => break,
             }
         }
-        if let Some(c) = &*reader_current.lock().unwrap() {
+        // Whatever runs or is about to run stops; nothing new starts.
+        let gone = Cancel::new();
+        gone.cancel();
+        let mut current = reader_current.lock().unwrap();
+        if let Some(c) = &*current {
             c.cancel();
         }
+        *current = Some(gone);
     });
     let mut frames = Incoming(&rx);
     let spec = match frames.next_frame()? {
@@ -299,8 +310,8 @@ impl<E: Environment> Server<'_, E> {
 
     fn exec(&mut self, payload: &[u8]) -> Result<(), String> {
         let req: wire::Exec = wire::parse(payload).map_err(|e| e.to_string())?;
-        let cancel = Cancel::new();
-        *self.current.lock().unwrap() = Some(cancel.clone());
+        // Made by the reader thread when it read this EXEC.
+        let cancel = self.current.lock().unwrap().clone().unwrap_or_default();
         let out = self.out.clone();
         let mut sink = move |s: Stream, line: &str| {
             let kind = match s {
@@ -319,7 +330,6 @@ impl<E: Environment> Server<'_, E> {
             interactive: false,
         };
         let outcome = self.env.exec(&spec, &mut sink, &cancel);
-        *self.current.lock().unwrap() = None;
         let exit = match outcome.map_err(|e| error_chain(&e))? {
             ExecOutcome::Exited(c) => wire::Exit {
                 code: Some(c),

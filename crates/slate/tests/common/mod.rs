@@ -498,6 +498,14 @@ impl SshHosts {
     /// when OpenSSH is not installed.
     #[track_caller]
     pub fn start(dir: &Path, n: usize) -> SshHosts {
+        SshHosts::start_with(dir, &vec![""; n])
+    }
+
+    /// Like [`SshHosts::start`], one host per entry of `extra`, whose lines
+    /// are added to that host's sshd_config.
+    #[track_caller]
+    pub fn start_with(dir: &Path, extra: &[&str]) -> SshHosts {
+        let n = extra.len();
         let sshd = require_tool("sshd", "openssh-server");
         require_tool("ssh", "openssh-client");
         let keygen = require_tool("ssh-keygen", "openssh-client");
@@ -530,11 +538,12 @@ impl SshHosts {
                     "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
                      PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
                      StrictModes no\nPermitRootLogin prohibit-password\nPidFile {pid}\n\
-                     MaxSessions 64\nMaxStartups 64\nSetEnv SLATE_CACHE={cache}\n",
+                     MaxSessions 64\nMaxStartups 64\nSetEnv SLATE_CACHE={cache}\n{extra}\n",
                     hk = h.join("host_key").display(),
                     ak = h.join("authorized_keys").display(),
                     pid = h.join("sshd.pid").display(),
                     cache = cache.display(),
+                    extra = extra[i],
                 ),
             )
             .unwrap();
