@@ -505,7 +505,6 @@ impl SshHosts {
     /// are added to that host's sshd_config.
     #[track_caller]
     pub fn start_with(dir: &Path, extra: &[&str]) -> SshHosts {
-        let n = extra.len();
         let sshd = require_tool("sshd", "openssh-server");
         require_tool("ssh", "openssh-client");
         let keygen = require_tool("ssh-keygen", "openssh-client");
@@ -524,7 +523,7 @@ impl SshHosts {
         let client_pub = std::fs::read_to_string(dir.join("client_key.pub")).unwrap();
         let mut known = String::new();
         let mut hosts = Vec::new();
-        for i in 0..n {
+        for (i, extra) in extra.iter().enumerate() {
             let h = dir.join(format!("host{i}"));
             std::fs::create_dir_all(&h).unwrap();
             gen(&h.join("host_key"));
@@ -543,7 +542,7 @@ impl SshHosts {
                     ak = h.join("authorized_keys").display(),
                     pid = h.join("sshd.pid").display(),
                     cache = cache.display(),
-                    extra = extra[i],
+                    extra = extra,
                 ),
             )
             .unwrap();
