@@ -310,6 +310,16 @@ impl Drop for SshProvider {
     }
 }
 
+/// The lines of a host's answer that are keys slate asked about: a host
+/// cannot make slate send a path of its choosing.
+fn asked_for(answer: &str, asked: &[&String]) -> Vec<String> {
+    answer
+        .lines()
+        .filter(|k| asked.iter().any(|a| a.as_str() == *k))
+        .map(str::to_string)
+        .collect()
+}
+
 /// Quotes `s` for a POSIX shell.
 fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -509,12 +519,7 @@ impl Shared {
             &format!("exec \"$f\" remote missing-layers {}", list.join(" ")),
             None,
         )?;
-        // Only keys that were asked about: a host's answer names no path.
-        let missing: Vec<String> = String::from_utf8_lossy(&out)
-            .lines()
-            .filter(|k| unknown.iter().any(|u| u.as_str() == *k))
-            .map(str::to_string)
-            .collect();
+        let missing = asked_for(&String::from_utf8_lossy(&out), &unknown);
         for key in &missing {
             self.send_layer(i, key)?;
         }
@@ -1072,6 +1077,31 @@ mod tests {
             "fe80::1",
         ] {
             assert!(h(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_host_cannot_name_a_layer_it_was_not_asked_about() {
+        let (a, b) = ("aaa".to_string(), "bbb".to_string());
+        let answer = "../../etc\nbbb\n/root/.ssh\nccc\n";
+        assert_eq!(asked_for(answer, &[&a, &b]), ["bbb"]);
+    }
+
+    #[test]
+    fn a_user_name_that_would_be_an_ssh_option_is_refused() {
+        for user in ["-oProxyCommand=touch /tmp/pwned", "root x", "a%r", ""] {
+            let settings = SshSettings {
+                hosts: vec!["127.0.0.1".into()],
+                user: user.into(),
+                identity: None,
+                known_hosts: KnownHosts::Strict,
+                known_hosts_file: None,
+                slots: 1,
+            };
+            let err = SshProvider::new(settings, Path::new("/nonexistent"))
+                .err()
+                .unwrap_or_else(|| panic!("`{user}` was accepted"));
+            assert!(err.contains("is not a user name"), "{err}");
         }
     }
 
