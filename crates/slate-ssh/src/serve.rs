@@ -422,3 +422,44 @@ impl<E: Environment> Server<'_, E> {
         res
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_layer_key_that_is_a_path_is_refused() {
+        for bad in ["../x", "a/b", "", ".", "k;rm", "/etc"] {
+            assert!(check_key(bad).is_err(), "{bad}");
+        }
+        assert!(check_key("0123abcdef").is_ok());
+        let t = tempfile::tempdir().unwrap();
+        let store = LayerStore::open(t.path()).unwrap();
+        let mut out = Vec::new();
+        assert!(missing_layers(&store, &["../../etc".into()], &mut out).is_err());
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_layer_sent_under_another_key_is_not_stored() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        fs_err::create_dir_all(src.join("fs")).unwrap();
+        fs_err::write(src.join("fs/f"), "x").unwrap();
+        let meta = r#"{"key":"realkey","parent":null,"description":"","created":0,"size":0,"bake_seconds":0.0}"#;
+        fs_err::write(src.join("layer.json"), meta).unwrap();
+        let tar = Command::new("tar")
+            .arg("-C")
+            .arg(&src)
+            .args(["-cf", "-", "fs", "layer.json"])
+            .output()
+            .unwrap();
+        assert!(tar.status.success());
+        let store = LayerStore::open(&t.path().join("cache")).unwrap();
+        let err = receive_layer(&store, "otherkey", &tar.stdout[..]).unwrap_err();
+        assert!(err.to_string().contains("says it is `realkey`"), "{err}");
+        assert!(!store.has("otherkey") && !store.has("realkey"));
+        receive_layer(&store, "realkey", &tar.stdout[..]).unwrap();
+        assert!(store.has("realkey"));
+    }
+}
