@@ -71,6 +71,8 @@ wanted=(
     "python3-jsonschema|test|checks --log-format json events against docs/events.schema.json"
     "openssh-client|core|ssh: the ssh provider's connections to build hosts"
     "openssh-server|test|sshd: the ssh provider's tests start their own build hosts on loopback"
+    "python3-venv|test|a virtualenv for moto, the EC2 API server the ec2 provider's tests start on loopback"
+    "iproute2|test|ip: the ec2 tests give their instances' addresses to a network namespace of their own"
 )
 
 in_groups() {

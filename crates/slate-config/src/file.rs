@@ -121,7 +121,19 @@ pub struct SshConfig {
 #[serde(deny_unknown_fields)]
 pub struct Ec2Config {
     pub region: Option<String>,
+    pub endpoint: Option<Spanned<String>>,
+    pub ami: Option<Spanned<String>>,
     pub instance_type: Option<String>,
+    pub subnet: Option<String>,
+    pub security_group: Option<String>,
+    pub key_name: Option<String>,
+    pub spot: Option<bool>,
+    pub max_instances: Option<Spanned<u64>>,
+    pub user: Option<String>,
+    pub identity: Option<String>,
+    pub ssh_port: Option<Spanned<u64>>,
+    pub address: Option<Spanned<String>>,
+    pub boot_timeout: Option<Spanned<String>>,
 }
 
 /// An ordered string-keyed map that keeps the file's order (matrix axes and

@@ -165,6 +165,7 @@ impl Resolver<'_> {
             targets,
             vm: vm_spec(file),
             ssh: ssh_spec(file, self.dir),
+            ec2: ec2_spec(file, self.dir),
         }
     }
 
@@ -282,6 +283,64 @@ impl Resolver<'_> {
                 if *n.get_ref() == 0 {
                     self.err(n, "`slots` must be at least 1".into(), None);
                 }
+            }
+        }
+        if let Some(ec2) = &file.providers.ec2 {
+            self.check_ec2(ec2);
+        }
+    }
+
+    fn check_ec2(&mut self, ec2: &crate::file::Ec2Config) {
+        if let Some(a) = &ec2.ami {
+            let a_ = a.get_ref();
+            let ok = a_.strip_prefix("image:").map_or_else(
+                || a_.starts_with("ami-") && a_[4..].bytes().all(|b| b.is_ascii_alphanumeric()),
+                |n| !n.is_empty(),
+            );
+            if !ok {
+                self.err(
+                    a,
+                    format!("`{a_}` is not an AMI"),
+                    Some("use an AMI id (`ami-0abc…`) or `image:NAME` for an image of this project exported with `slate bake NAME --export ami NAME`".into()),
+                );
+            }
+        }
+        if let Some(n) = &ec2.max_instances {
+            if *n.get_ref() == 0 {
+                self.err(n, "`max_instances` must be at least 1".into(), None);
+            }
+        }
+        if let Some(p) = &ec2.ssh_port {
+            if !(1..=65535).contains(p.get_ref()) {
+                self.err(p, "`ssh_port` must be a port (1 to 65535)".into(), None);
+            }
+        }
+        if let Some(a) = &ec2.address {
+            if !["auto", "public", "private"].contains(&a.get_ref().as_str()) {
+                self.err(
+                    a,
+                    format!("unknown address `{}`", a.get_ref()),
+                    Some("use `auto` (public when there is one), `public` or `private`".into()),
+                );
+            }
+        }
+        if let Some(e) = &ec2.endpoint {
+            let e_ = e.get_ref();
+            if !(e_.starts_with("https://") || e_.starts_with("http://")) {
+                self.err(
+                    e,
+                    format!("`{e_}` is not an endpoint URL"),
+                    Some("use `https://ec2.example-cloud.net`".into()),
+                );
+            }
+        }
+        if let Some(t) = &ec2.boot_timeout {
+            if parse_duration(t.get_ref()).is_err() {
+                self.err(
+                    t,
+                    format!("`{}` is not a duration", t.get_ref()),
+                    Some("e.g. `5m` or `90s`".into()),
+                );
             }
         }
     }
@@ -881,6 +940,57 @@ fn ssh_spec(file: &ConfigFile, dir: &std::path::Path) -> SshSpec {
             .slots
             .as_ref()
             .map_or(4, |n| (*n.get_ref()).max(1) as usize),
+    }
+}
+
+/// A path from the config: `~/` is the user's home, a relative path is
+/// the project folder's.
+fn config_path(dir: &std::path::Path, p: &str) -> PathBuf {
+    let p = match (p.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => PathBuf::from(p),
+    };
+    dir.join(p)
+}
+
+/// `[providers.ec2]`, with defaults for what the file leaves out.
+fn ec2_spec(file: &ConfigFile, dir: &std::path::Path) -> crate::spec::Ec2Spec {
+    let empty = crate::file::Ec2Config::default();
+    let e = file.providers.ec2.as_ref().unwrap_or(&empty);
+    crate::spec::Ec2Spec {
+        configured: file.providers.ec2.is_some(),
+        region: e.region.clone(),
+        endpoint: e.endpoint.as_ref().map(|s| s.get_ref().clone()),
+        ami: e
+            .ami
+            .as_ref()
+            .map(|s| s.get_ref().clone())
+            .unwrap_or_default(),
+        instance_type: e
+            .instance_type
+            .clone()
+            .unwrap_or_else(|| "t3.medium".into()),
+        subnet: e.subnet.clone(),
+        security_group: e.security_group.clone(),
+        key_name: e.key_name.clone(),
+        spot: e.spot.unwrap_or(false),
+        max_instances: e
+            .max_instances
+            .as_ref()
+            .map_or(8, |n| (*n.get_ref()).max(1) as usize),
+        user: e.user.clone().unwrap_or_else(|| "root".into()),
+        identity: e.identity.as_ref().map(|p| config_path(dir, p)),
+        ssh_port: e.ssh_port.as_ref().map_or(22, |p| *p.get_ref() as u16),
+        address: e
+            .address
+            .as_ref()
+            .map(|s| s.get_ref().clone())
+            .unwrap_or_else(|| "auto".into()),
+        boot_timeout: e
+            .boot_timeout
+            .as_ref()
+            .and_then(|t| parse_duration(t.get_ref()).ok())
+            .unwrap_or(std::time::Duration::from_secs(600)),
     }
 }
 

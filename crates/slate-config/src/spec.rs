@@ -15,6 +15,32 @@ pub struct Project {
     pub vm: VmSpec,
     /// `[providers.ssh]`.
     pub ssh: SshSpec,
+    /// `[providers.ec2]`.
+    pub ec2: Ec2Spec,
+}
+
+/// The ec2 provider: what each target's instance is launched as.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Ec2Spec {
+    /// The file has a `[providers.ec2]` section.
+    pub configured: bool,
+    pub region: Option<String>,
+    pub endpoint: Option<String>,
+    /// `ami-…`, or `image:NAME` for the AMI `slate bake NAME --export ami`
+    /// registered.
+    pub ami: String,
+    pub instance_type: String,
+    pub subnet: Option<String>,
+    pub security_group: Option<String>,
+    pub key_name: Option<String>,
+    pub spot: bool,
+    pub max_instances: usize,
+    pub user: String,
+    pub identity: Option<PathBuf>,
+    pub ssh_port: u16,
+    /// `auto`, `public` or `private`.
+    pub address: String,
+    pub boot_timeout: Duration,
 }
 
 /// The ssh provider's pool of hosts and how to log in to them.

@@ -276,6 +276,28 @@ pub fn export_image(
     }
 }
 
+/// Writes the baked image `name`, which must have a kernel (`vm = true`),
+/// as a raw ext4 disk at `dest` with `free_mib` MiB to spare; its digest.
+pub fn export_raw_disk(
+    project: &slate_config::Project,
+    store: &crate::LayerStore,
+    name: &str,
+    dest: &Path,
+    free_mib: u64,
+) -> Result<String, ExportError> {
+    let (plan, image, _) = baked(project, store, name)?;
+    if kernel_in(&image.layers).is_none() {
+        return Err(ExportError::NoKernel { image: name.into() });
+    }
+    slate_layers::disk::write_raw_disk(&image.layers, dest, clamp_from_env(), free_mib).map_err(
+        |source| ExportError::Write {
+            path: dest.to_path_buf(),
+            source,
+        },
+    )?;
+    Ok(plan.digest().to_string())
+}
+
 /// What a push sent: the manifest's digest, bytes sent, bytes the registry
 /// already had.
 pub struct Pushed {

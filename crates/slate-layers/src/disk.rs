@@ -10,6 +10,27 @@ use std::process::Command;
 /// spare (and a quarter of the contents' size), in a qcow2 file at `dest`.
 /// The file appears only when complete.
 pub fn write_disk(layers: &[PathBuf], dest: &Path, clamp: u64, free_mib: u64) -> io::Result<()> {
+    write_disk_as(layers, dest, clamp, free_mib, true)
+}
+
+/// As [`write_disk`], the filesystem as a raw (sparse) file: what a cloud's
+/// volume snapshot takes.
+pub fn write_raw_disk(
+    layers: &[PathBuf],
+    dest: &Path,
+    clamp: u64,
+    free_mib: u64,
+) -> io::Result<()> {
+    write_disk_as(layers, dest, clamp, free_mib, false)
+}
+
+fn write_disk_as(
+    layers: &[PathBuf],
+    dest: &Path,
+    clamp: u64,
+    free_mib: u64,
+    qcow2: bool,
+) -> io::Result<()> {
     let work = dest.with_extension("disk-tmp");
     let _ = fs_err::remove_dir_all(&work);
     let root = work.join("root");
@@ -36,6 +57,9 @@ pub fn write_disk(layers: &[PathBuf], dest: &Path, clamp: u64, free_mib: u64) ->
                 .arg(format!("{mib}M")),
             "mkfs.ext4 (e2fsprogs)",
         )?;
+        if !qcow2 {
+            return fs_err::rename(&raw, dest);
+        }
         let tmp = work.join("disk.qcow2");
         run(
             Command::new("qemu-img")

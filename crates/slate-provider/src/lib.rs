@@ -74,6 +74,8 @@ pub enum EnvKind {
     Vm,
     /// A sandbox made on one of a pool of ssh hosts.
     Ssh,
+    /// A sandbox made on a cloud instance of its own.
+    Ec2,
 }
 
 impl EnvKind {
@@ -82,6 +84,7 @@ impl EnvKind {
             EnvKind::Sandbox => "sandbox",
             EnvKind::Vm => "vm",
             EnvKind::Ssh => "ssh",
+            EnvKind::Ec2 => "ec2",
         }
     }
 }

@@ -25,7 +25,7 @@ pub fn env_kind(p: ProviderKind) -> Option<EnvKind> {
         ProviderKind::Sandbox => Some(EnvKind::Sandbox),
         ProviderKind::Vm => Some(EnvKind::Vm),
         ProviderKind::Ssh => Some(EnvKind::Ssh),
-        ProviderKind::Ec2 => None,
+        ProviderKind::Ec2 => Some(EnvKind::Ec2),
     }
 }
 
@@ -93,6 +93,7 @@ pub fn need_vm(targets: &[TargetSpec]) -> bool {
 pub struct Needs {
     pub vm: bool,
     pub ssh: bool,
+    pub ec2: bool,
 }
 
 /// What `targets` need set up.
@@ -100,6 +101,9 @@ pub fn needs(targets: &[TargetSpec]) -> Needs {
     Needs {
         vm: need_vm(targets),
         ssh: need_ssh(targets),
+        ec2: targets
+            .iter()
+            .any(|t| env_kind(t.provider) == Some(EnvKind::Ec2)),
     }
 }
 
@@ -132,11 +136,14 @@ mod tests {
         assert!(m.iter().all(|t| t.provider == ProviderKind::Vm) && need_vm(&m));
         let forced = select(&p, &["m".into()], Some("sandbox")).unwrap();
         assert!(!need_vm(&forced));
+        let far = select(&p, &["far".into()], None).unwrap();
+        assert_eq!(env_kind(far[0].provider), Some(EnvKind::Ec2));
         assert_eq!(
-            select(&p, &["far".into()], None).unwrap_err(),
-            SelectError::Unavailable {
-                target: "far".into(),
-                provider: "ec2".into()
+            needs(&far),
+            Needs {
+                vm: false,
+                ssh: false,
+                ec2: true
             }
         );
         // Forcing a provider that exists makes every target runnable.

@@ -68,6 +68,10 @@ pub struct SshSettings {
     pub known_hosts_file: Option<PathBuf>,
     /// Environments at once per host.
     pub slots: usize,
+    /// Master connections may live in the user's own folder and outlive the
+    /// run by a minute, for the next run to the same host. Off where an
+    /// address may name another machine next time (cloud instances).
+    pub shared_masters: bool,
 }
 
 /// One host of the pool.
@@ -188,7 +192,7 @@ impl SshProvider {
             .iter()
             .map(|h| HostAddr::parse(h))
             .collect::<Result<Vec<_>, _>>()?;
-        let (control_dir, persist) = control_dir()?;
+        let (control_dir, persist) = control_dir(settings.shared_masters)?;
         let n = hosts.len();
         Ok(SshProvider {
             shared: Arc::new(Shared {
@@ -234,6 +238,28 @@ impl SshProvider {
             .collect()
     }
 
+    /// Waits until the (first) host answers over ssh and can make
+    /// environments, trying every 2 s until `deadline`: a machine that is
+    /// still booting refuses or drops connections for a while. A host that
+    /// answers but cannot be used (no root, no overlayfs) fails at once.
+    pub fn wait_ready(&self, deadline: Instant, cancel: &Cancel) -> Result<String, String> {
+        loop {
+            match self.shared.probe(0) {
+                Ok(what) => return Ok(what),
+                Err(why) if why.starts_with(UNREACHABLE) => {
+                    if cancel.is_cancelled() {
+                        return Err("cancelled".into());
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(why);
+                    }
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+                Err(why) => return Err(why),
+            }
+        }
+    }
+
     /// Whether each host answers and can make environments: `(host, Ok or
     /// why not)`.
     pub fn check(&self) -> Vec<(String, Result<String, String>)> {
@@ -264,18 +290,20 @@ impl DirBuilderExt0700 for std::fs::DirBuilder {
 /// minute skips the handshake. A socket there is a way into the connection,
 /// so the folder must be a real folder of the user's, closed to others; if
 /// it is not, the run gets a folder of its own and ends its masters.
-fn control_dir() -> Result<(PathBuf, bool), String> {
+fn control_dir(want_shared: bool) -> Result<(PathBuf, bool), String> {
     use std::os::unix::fs::MetadataExt;
     let uid = nix::unistd::geteuid().as_raw();
-    let shared = match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() => PathBuf::from(d).join("slate-ssh"),
-        _ => std::env::temp_dir().join(format!("slate-ssh-{uid}")),
-    };
-    let _ = std::fs::DirBuilder::new().mode_0700().create(&shared);
-    let private = std::fs::symlink_metadata(&shared)
-        .is_ok_and(|m| m.is_dir() && m.uid() == uid && m.mode() & 0o077 == 0);
-    if private {
-        return Ok((shared, true));
+    if want_shared {
+        let shared = match std::env::var_os("XDG_RUNTIME_DIR") {
+            Some(d) if !d.is_empty() => PathBuf::from(d).join("slate-ssh"),
+            _ => std::env::temp_dir().join(format!("slate-ssh-{uid}")),
+        };
+        let _ = std::fs::DirBuilder::new().mode_0700().create(&shared);
+        let private = std::fs::symlink_metadata(&shared)
+            .is_ok_and(|m| m.is_dir() && m.uid() == uid && m.mode() & 0o077 == 0);
+        if private {
+            return Ok((shared, true));
+        }
     }
     let own = std::env::temp_dir().join(format!(
         "slate-ssh-{}-{}",
@@ -324,6 +352,9 @@ fn asked_for(answer: &str, asked: &[&String]) -> Vec<String> {
 fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
+
+/// How a failure of ssh itself (exit 255) begins.
+const UNREACHABLE: &str = "cannot reach ";
 
 /// The last lines a command wrote to its standard error.
 fn tail(text: &[u8]) -> String {
@@ -442,7 +473,7 @@ impl Shared {
     fn failed(&self, i: usize, code: Option<i32>, stderr: &[u8]) -> String {
         let h = &self.hosts[i];
         match code {
-            Some(255) | None => format!("cannot reach {h} over ssh: {}", tail(stderr)),
+            Some(255) | None => format!("{UNREACHABLE}{h} over ssh: {}", tail(stderr)),
             Some(c) => format!("on {h}: exit {c}: {}", tail(stderr)),
         }
     }
@@ -1097,6 +1128,7 @@ mod tests {
                 known_hosts: KnownHosts::Strict,
                 known_hosts_file: None,
                 slots: 1,
+                shared_masters: true,
             };
             let err = SshProvider::new(settings, Path::new("/nonexistent"))
                 .err()

@@ -57,7 +57,7 @@ pub enum Command {
     /// Bake images (every layer cached); export one
     Bake {
         images: Vec<String>,
-        /// Export the (one) image: `oci PATH` (a folder, or an archive when PATH ends in .tar) or `tar PATH` (a flat rootfs)
+        /// Export the (one) image: `oci PATH` (a folder, or an archive when PATH ends in .tar), `tar PATH` (a flat rootfs), `disk PATH` (ext4 in qcow2) or `ami NAME` (an AMI through [providers.ec2], once per recipe)
         #[arg(long, num_args = 2, value_names = ["FORMAT", "PATH"])]
         export: Option<Vec<String>>,
         /// Push the (one) image to a registry, e.g. `registry.example:5000/team/builder:v1`

@@ -86,6 +86,7 @@ impl Ctx {
                 sandbox: SandboxProvider::new(store.envs_dir()),
                 vm: None,
                 ssh: None,
+                ec2: None,
                 fake: Some(fake),
             });
         }
@@ -93,6 +94,12 @@ impl Ctx {
         // asked what it can do.
         let ssh = if needs.ssh {
             Some(self.ssh_provider(store.root(), project)?)
+        } else {
+            None
+        };
+        let ec2 = if needs.ec2 {
+            let ec2 = self.ec2_provider(store, project)?;
+            Some(ec2)
         } else {
             None
         };
@@ -128,8 +135,74 @@ impl Ctx {
             sandbox,
             vm,
             ssh,
+            ec2,
             fake: None,
         })
+    }
+
+    /// The ec2 provider as `[providers.ec2]` says, its instances' time to
+    /// live the project's longest target timeout and a margin; `image:NAME`
+    /// as the AMI is the one `slate bake NAME --export ami` registered.
+    pub fn ec2_provider(
+        &self,
+        store: &LayerStore,
+        project: &Project,
+    ) -> Result<slate_ec2::Ec2Provider> {
+        let e = &project.ec2;
+        let unusable = |why: String| {
+            CliError::usage(format!("the ec2 provider cannot be used: {why}")).hint(
+                "set `ami`, `region` (or AWS_REGION) and credentials (AWS_ACCESS_KEY_ID, a profile, or an instance role); `slate check` says what is missing",
+            )
+        };
+        let mut ami = e.ami.clone();
+        if let Some(image) = e.ami.strip_prefix("image:") {
+            let plan = slate_image::plan::plan_cached(project, image, store)
+                .map_err(|err| unusable(format!("`ami = \"{}\"`: {err}", e.ami)))?;
+            let client =
+                slate_ec2::client(e.region.as_deref(), e.endpoint.as_deref()).map_err(unusable)?;
+            ami = slate_ec2::ami::find(&client, plan.digest())
+                .map_err(|err| unusable(err.to_string()))?
+                .ok_or_else(|| {
+                    CliError::usage(format!(
+                        "the ec2 provider cannot be used: image `{image}` (digest {}) has no AMI yet",
+                        &plan.digest()[..12]
+                    ))
+                    .hint(format!("register one with `slate bake {image} --export ami {image}`"))
+                })?;
+        }
+        // Every instance expires after the longest a target may take, the
+        // boot and a margin for inputs and artifacts.
+        let longest = project
+            .targets
+            .iter()
+            .map(|t| t.timeout.unwrap_or(slate_ec2::DEFAULT_TARGET_TTL))
+            .max()
+            .unwrap_or(slate_ec2::DEFAULT_TARGET_TTL);
+        let settings = slate_ec2::Ec2Settings {
+            region: e.region.clone(),
+            endpoint: e.endpoint.clone(),
+            ami,
+            instance_type: e.instance_type.clone(),
+            subnet: e.subnet.clone(),
+            security_group: e.security_group.clone(),
+            key_name: e.key_name.clone(),
+            spot: e.spot,
+            max_instances: e.max_instances,
+            user: e.user.clone(),
+            identity: e.identity.clone(),
+            ssh_port: e.ssh_port,
+            address: slate_ec2::AddressKind::parse(&e.address).unwrap_or_default(),
+            ttl: longest + e.boot_timeout + slate_ec2::MARGIN,
+            boot_timeout: e.boot_timeout,
+        };
+        let ec2 = slate_ec2::Ec2Provider::new(settings, store.root()).map_err(unusable)?;
+        let quiet = self.cli.quiet;
+        ec2.on_note(move |m| {
+            if !quiet {
+                eprintln!("note: {m}");
+            }
+        });
+        Ok(ec2)
     }
 
     /// The ssh provider over `[providers.ssh]`'s hosts, shipping layers
@@ -151,6 +224,7 @@ impl Ctx {
             },
             known_hosts_file: s.known_hosts_file.clone(),
             slots: s.slots,
+            shared_masters: true,
         };
         let ssh = slate_ssh::SshProvider::new(settings, layers_root).map_err(|why| {
             CliError::usage(format!("the ssh provider cannot be used: {why}")).hint(

@@ -3,6 +3,7 @@
 //! sandbox targets get a sandbox, `provider = "vm"` targets a VM). For
 //! slate's own tests, a scripted provider can stand in for all of them.
 
+use slate_ec2::{Ec2Env, Ec2Provider};
 use slate_provider::fake::{FakeAction, FakeEnv, FakeProvider};
 use slate_provider::*;
 use slate_sandbox::{SandboxEnv, SandboxProvider};
@@ -16,6 +17,8 @@ pub struct Providers {
     pub vm: Option<VmProvider>,
     /// Made only when a target needs it.
     pub ssh: Option<SshProvider>,
+    /// Made only when a target needs it.
+    pub ec2: Option<Ec2Provider>,
     /// In place of every other, when `SLATE_FAKE_PROVIDER` is set.
     pub fake: Option<FakeProvider>,
 }
@@ -24,6 +27,7 @@ pub enum AnyEnv {
     Sandbox(SandboxEnv),
     Vm(VmEnv),
     Ssh(SshEnv),
+    Ec2(Ec2Env),
     Fake(FakeEnv),
 }
 
@@ -105,6 +109,13 @@ impl Provider for Providers {
                     why: "it was not set up for this command".into(),
                 }),
             },
+            EnvKind::Ec2 => match &self.ec2 {
+                Some(ec2) => ec2.create(spec).map(AnyEnv::Ec2),
+                None => Err(ProviderError::Unavailable {
+                    provider: "ec2".into(),
+                    why: "it was not set up for this command".into(),
+                }),
+            },
         }
     }
 }
@@ -115,6 +126,7 @@ macro_rules! each {
             AnyEnv::Sandbox($e) => $body,
             AnyEnv::Vm($e) => $body,
             AnyEnv::Ssh($e) => $body,
+            AnyEnv::Ec2($e) => $body,
             AnyEnv::Fake($e) => $body,
         }
     };

@@ -25,7 +25,19 @@ pub fn bake(
                 .map_err(|e| CliError::from_error(Exit::Usage, &e))
         })
         .transpose()?;
+    let ami = match export {
+        Some([format, name]) if format == "ami" => {
+            one_image(
+                images,
+                "--export",
+                "slate bake builder --export ami builder",
+            )?;
+            Some(ami_name(name)?)
+        }
+        _ => None,
+    };
     let export = export
+        .filter(|_| ami.is_none())
         .map(|ex| {
             one_image(
                 images,
@@ -34,7 +46,7 @@ pub fn bake(
             )?;
             let format = Format::parse(&ex[0]).ok_or_else(|| {
                 CliError::usage(format!("unknown export format `{}`", ex[0]))
-                    .hint("use `oci`, `tar` or `disk`")
+                    .hint("use `oci`, `tar`, `disk` or `ami`")
             })?;
             Ok::<_, CliError>((format, ctx.cwd.join(&ex[1])))
         })
@@ -64,6 +76,9 @@ pub fn bake(
             p.digest, p.sent, p.skipped
         ));
     }
+    if let Some(ami) = ami {
+        export_ami(ctx, &project, &store, &images[0], &ami)?;
+    }
     if let Some((format, dest)) = export {
         let name = &images[0];
         let said = match slate_image::export::export_image(&project, &store, name, format, &dest).map_err(export_error)? {
@@ -82,6 +97,89 @@ pub fn bake(
         ctx.say(&format!("exported {name} {said}"));
     }
     Ok(Exit::Ok.into())
+}
+
+/// An AMI name as EC2 takes it (3 to 128 of letters, digits and `()[]
+/// ./-'@_`), with room for the digest slate appends.
+fn ami_name(name: &str) -> Result<String, CliError> {
+    let ok = (3..=110).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "()[] ./-'@_".contains(c));
+    if !ok {
+        return Err(CliError::usage(format!("`{name}` is not an AMI name")).hint(
+            "use 3 to 110 letters, digits and ( ) [ ] . / - ' @ _ (slate appends the image digest)",
+        ));
+    }
+    Ok(name.to_string())
+}
+
+/// Registers the baked image `name` as an AMI named `ami-NAME-DIGEST`
+/// through `[providers.ec2]`'s region and credentials, unless its digest
+/// has one already.
+fn export_ami(
+    ctx: &Ctx,
+    project: &slate_config::Project,
+    store: &slate_image::LayerStore,
+    name: &str,
+    ami_name: &str,
+) -> Result<(), CliError> {
+    let e = &project.ec2;
+    let infra = |what: String| {
+        CliError::new(Exit::Infra, what)
+            .hint("`slate check` says whether the ec2 credentials, region and endpoint work")
+    };
+    let client = slate_ec2::client(e.region.as_deref(), e.endpoint.as_deref())
+        .map_err(|why| infra(format!("cannot export to EC2: {why}")))?;
+    let plan = slate_image::plan::plan_cached(project, name, store)
+        .map_err(|err| CliError::from_error(Exit::Usage, &err))?;
+    let digest = plan.digest().to_string();
+    if let Some(ami) = slate_ec2::ami::find(&client, &digest)
+        .map_err(|err| infra(format!("cannot export to EC2: {err}")))?
+    {
+        ctx.say(&format!(
+            "exported {name} as AMI {ami} in {}: registered before for this recipe, nothing uploaded",
+            client.region
+        ));
+        return Ok(());
+    }
+    let work = store
+        .staging(&format!("ami-{digest}"))
+        .map_err(|err| CliError::from_error(Exit::Infra, &err))?;
+    let disk = work.join("disk.raw");
+    let res = (|| {
+        slate_image::export::export_raw_disk(project, store, name, &disk, 2048)
+            .map_err(export_error)?;
+        let full = format!("{ami_name}-{}", &digest[..12]);
+        let mut last = 0u64;
+        let quiet = ctx.cli.quiet;
+        let mut progress = |done: u64, all: u64| {
+            // Every 10% of the disk.
+            let step = all / 10 + 1;
+            if !quiet && done / step > last / step {
+                eprintln!(
+                    "uploading {name}'s disk: {} of {} MiB",
+                    done >> 20,
+                    all >> 20
+                );
+            }
+            last = done;
+        };
+        slate_ec2::ami::export(&client, &disk, name, &full, &digest, &mut progress)
+            .map_err(|why| infra(format!("cannot export {name} as an AMI: {why}")))
+            .map(|x| (x, full))
+    })();
+    let _ = fs_err::remove_dir_all(&work);
+    let (x, full) = res?;
+    ctx.say(&format!(
+        "exported {name} as AMI {} (`{full}`) in {}: snapshot {}, {} block(s), {} bytes sent",
+        x.ami,
+        client.region,
+        x.snapshot.as_deref().unwrap_or("-"),
+        x.blocks,
+        x.bytes
+    ));
+    Ok(())
 }
 
 fn one_image(images: &[String], flag: &str, example: &str) -> Result<(), CliError> {

@@ -41,6 +41,9 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
         }
     })?;
     let (run_id, recorder) = (&run.id, &run.recorder);
+    if let Some(ec2) = &provider.ec2 {
+        ec2.set_run(run_id);
+    }
     let reporter = ctx.reporter();
     let sinks: Vec<&dyn EventSink> = vec![recorder, &reporter];
     let tee = Tee(sinks);

@@ -46,7 +46,7 @@ pub fn check(ctx: &Ctx) -> CmdResult {
         Err(why) => println!("  vm: unavailable: {why}"),
     }
     check_ssh(ctx, &project);
-    println!("  ec2: not available in this version of slate");
+    check_ec2(ctx, &project);
     println!("tools:");
     for (tool, what) in [
         ("mmdebstrap", "bootstraps debian: images"),
@@ -107,6 +107,29 @@ fn check_ssh(ctx: &Ctx, project: &slate_config::Project) {
                 }
             }
         }
+    }
+}
+
+/// Whether the ec2 provider's credentials, region and AMI work.
+fn check_ec2(ctx: &Ctx, project: &slate_config::Project) {
+    if !project.ec2.configured {
+        println!("  ec2: not set up (name an `ami` under [providers.ec2])");
+        return;
+    }
+    let made = ctx
+        .store_for(project)
+        .and_then(|store| ctx.ec2_provider(&store, project));
+    match made {
+        Err(e) => println!(
+            "  ec2: unusable: {}",
+            e.message
+                .strip_prefix("the ec2 provider cannot be used: ")
+                .unwrap_or(&e.message)
+        ),
+        Ok(ec2) => match ec2.check() {
+            Ok(what) => println!("  ec2: works ({what})"),
+            Err(why) => println!("  ec2: unusable: {why}"),
+        },
     }
 }
 

@@ -101,15 +101,62 @@ pub struct GcArgs<'a> {
     pub dry_run: bool,
 }
 
-/// `slate gc --remote`: on every ssh host, what killed runs left there.
+/// `slate gc --remote`: on every ssh host, what killed runs left there;
+/// in the cloud, slate's instances whose expiry has passed.
 pub fn gc_remote(ctx: &Ctx) -> CmdResult {
     let project = ctx.project()?;
-    if project.ssh.hosts.is_empty() {
-        ctx.say("no remote providers are set up ([providers.ssh] names no hosts): nothing to reap");
+    if project.ssh.hosts.is_empty() && !project.ec2.configured {
+        ctx.say("no remote providers are set up ([providers.ssh] names no hosts, no [providers.ec2]): nothing to reap");
         return Ok(crate::error::Exit::Ok.into());
     }
+    let ec2 = if project.ec2.configured {
+        Some(gc_ec2(&project))
+    } else {
+        None
+    };
+    let ssh = if project.ssh.hosts.is_empty() {
+        Ok(crate::error::Exit::Ok.into())
+    } else {
+        gc_ssh(ctx, &project)
+    };
+    match ec2 {
+        Some(Err(e)) => Err(e),
+        _ => ssh,
+    }
+}
+
+/// Terminates slate's instances whose `slate:expires` has passed.
+fn gc_ec2(project: &slate_config::Project) -> CmdResult {
+    let e = &project.ec2;
+    let client = slate_ec2::client(e.region.as_deref(), e.endpoint.as_deref()).map_err(|why| {
+        CliError::new(
+            crate::error::Exit::Infra,
+            format!("cannot reap ec2 instances: {why}"),
+        )
+    })?;
+    let reaped = slate_ec2::reap(&client, std::time::SystemTime::now()).map_err(|err| {
+        CliError::new(
+            crate::error::Exit::Infra,
+            format!("cannot reap ec2 instances: {err}"),
+        )
+        .hint("`slate check` says whether the credentials and endpoint work")
+    })?;
+    for (id, target, expired) in &reaped.terminated {
+        println!("ec2: terminated {id} (target {target}, expired {expired})");
+    }
+    for (id, expires) in &reaped.waiting {
+        println!("ec2: kept {id}: it may still be building (expires {expires})");
+    }
+    if reaped.terminated.is_empty() && reaped.waiting.is_empty() {
+        println!("ec2: no instances of slate's are left in {}", client.region);
+    }
+    Ok(crate::error::Exit::Ok.into())
+}
+
+/// On every ssh host, what killed runs left there.
+fn gc_ssh(ctx: &Ctx, project: &slate_config::Project) -> CmdResult {
     let store = ctx.store()?;
-    let ssh = ctx.ssh_provider(store.root(), &project)?;
+    let ssh = ctx.ssh_provider(store.root(), project)?;
     let mut failed = 0;
     for (host, res) in ssh.reap() {
         match res {

@@ -128,6 +128,7 @@ fn run_in_vm(
         slate_run::targets::Needs {
             vm: true,
             ssh: false,
+            ec2: false,
         },
     )?;
     let img = image(ctx, project, store, &providers.sandbox, name)?;

@@ -53,6 +53,9 @@ pub fn verify(ctx: &Ctx, name: &str) -> CmdResult {
     let provider = ctx.providers(&store, &project, slate_run::targets::needs(&chosen))?;
     let run = super::start_run(&project, || eprintln!("cancelling the verification"))?;
     let (run_id, runs_dir) = (&run.id, super::runs_dir(&project));
+    if let Some(ec2) = &provider.ec2 {
+        ec2.set_run(run_id);
+    }
     let reporter = ctx.reporter();
     let tee = Tee(vec![&run.recorder as &dyn EventSink, &reporter]);
     let orch = Orchestrator {

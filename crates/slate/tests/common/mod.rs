@@ -505,6 +505,13 @@ impl SshHosts {
     /// are added to that host's sshd_config.
     #[track_caller]
     pub fn start_with(dir: &Path, extra: &[&str]) -> SshHosts {
+        SshHosts::start_on(dir, "127.0.0.1", extra)
+    }
+
+    /// Like [`SshHosts::start_with`], listening on `listen` (an address,
+    /// or `0.0.0.0` for all of a network namespace's own).
+    #[track_caller]
+    pub fn start_on(dir: &Path, listen: &str, extra: &[&str]) -> SshHosts {
         let sshd = require_tool("sshd", "openssh-server");
         require_tool("ssh", "openssh-client");
         let keygen = require_tool("ssh-keygen", "openssh-client");
@@ -534,7 +541,7 @@ impl SshHosts {
             std::fs::write(
                 &config,
                 format!(
-                    "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
+                    "Port {port}\nListenAddress {listen}\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
                      PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
                      StrictModes no\nPermitRootLogin prohibit-password\nPidFile {pid}\n\
                      MaxSessions 64\nMaxStartups 64\nSetEnv SLATE_CACHE={cache}\n{extra}\n",
@@ -567,6 +574,11 @@ impl SshHosts {
             dir: dir.to_path_buf(),
             hosts,
         }
+    }
+
+    /// The client key every host lets in.
+    pub fn client_key(&self) -> PathBuf {
+        self.dir.join("client_key")
     }
 
     /// The `[providers.ssh]` section naming these hosts.
