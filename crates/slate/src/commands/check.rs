@@ -121,10 +121,16 @@ fn check_ec2(ctx: &Ctx, project: &slate_config::Project) {
         .and_then(|store| ctx.ec2_provider(&store, project));
     match made {
         Err(e) => println!(
-            "  ec2: unusable: {}",
+            "  ec2: unusable: {}{}",
             e.message
                 .strip_prefix("the ec2 provider cannot be used: ")
-                .unwrap_or(&e.message)
+                .unwrap_or(&e.message),
+            // What to do about an AMI not yet registered.
+            e.hint
+                .as_deref()
+                .filter(|h| h.contains("--export ami"))
+                .map(|h| format!(" ({h})"))
+                .unwrap_or_default()
         ),
         Ok(ec2) => match ec2.check() {
             Ok(what) => println!("  ec2: works ({what})"),
