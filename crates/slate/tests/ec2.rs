@@ -455,9 +455,6 @@ fn root_ec2_export_ami_registers_an_image_once_per_recipe() {
 
         // `ami = "image:vm"` now resolves to it.
         let out = text(&cloud.slate(&p, &["check"]));
-        assert!(
-            out.contains(&format!("ec2: works (")) && out.contains(&ami),
-            "{out}"
-        );
+        assert!(out.contains("ec2: works (") && out.contains(&ami), "{out}");
     });
 }
