@@ -458,3 +458,66 @@ fn root_ec2_export_ami_registers_an_image_once_per_recipe() {
         assert!(out.contains("ec2: works (") && out.contains(&ami), "{out}");
     });
 }
+
+#[test]
+#[ignore = "needs root, openssh-server and moto: scripts/test.sh runs it"]
+fn root_ec2_a_failed_target_a_timeout_and_ctrl_c_each_terminate_their_instance() {
+    common::require_root();
+    in_netns(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let cloud = Cloud::start(dir.path());
+        let p = Project::new(&format!(
+            "{IMAGE}[builds.fails]\nimage = \"bb\"\nprovider = \"ec2\"\nrun = [\"exit 3\"]\n\
+             [builds.slow]\nimage = \"bb\"\nprovider = \"ec2\"\ntimeout = \"2s\"\nrun = [\"sleep 600\"]\n\
+             [builds.hang]\nimage = \"bb\"\nprovider = \"ec2\"\n\
+             run = [\"echo started-building\", \"sleep 600\"]\n{}",
+            cloud.config(&cloud.ami)
+        ));
+        let states = |c: &Cloud| {
+            let mut v: Vec<(String, String)> = c
+                .instances()
+                .into_iter()
+                .map(|(_, state, tags)| (tags["slate:target"].clone(), state))
+                .collect();
+            v.sort();
+            v
+        };
+        let o = cloud.slate(&p, &["build", "fails"]);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        let o = cloud.slate(&p, &["build", "slow"]);
+        let out = text(&o);
+        assert!(!o.status.success() && out.contains("timed out"), "{out}");
+        assert_eq!(
+            states(&cloud),
+            [
+                ("fails".to_string(), "terminated".to_string()),
+                ("slow".into(), "terminated".into())
+            ],
+            "{out}"
+        );
+
+        let mut child = p
+            .cmd(&["build", "hang"])
+            .envs(CREDS)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let started = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.ends_with("] started-building"));
+        assert!(started, "the build never started");
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let o = child.wait_with_output().unwrap();
+        assert!(!o.status.success(), "{}", text(&o));
+        let hang = states(&cloud)
+            .into_iter()
+            .find(|(t, _)| t == "hang")
+            .map(|(_, s)| s);
+        assert_eq!(hang.as_deref(), Some("terminated"), "{}", text(&o));
+    });
+}
