@@ -290,25 +290,8 @@ impl Ec2Provider {
                 .unwrap_or("unknown");
             match state {
                 "running" => {
-                    let i = i.expect("an instance");
-                    let private = i.text_at(&["privateIpAddress"]).filter(|a| !a.is_empty());
-                    let public = i.text_at(&["ipAddress"]).filter(|a| !a.is_empty());
-                    let addr = match self.settings.address {
-                        AddressKind::Auto => public.or(private),
-                        AddressKind::Public => public,
-                        AddressKind::Private => private,
-                    };
-                    return addr.map(str::to_string).ok_or_else(|| {
-                        format!(
-                            "instance {} runs but has no {} address",
-                            inst.id,
-                            match self.settings.address {
-                                AddressKind::Public => "public",
-                                AddressKind::Private => "private",
-                                AddressKind::Auto => "",
-                            }
-                        )
-                    });
+                    return address_of(i.expect("an instance"), self.settings.address)
+                        .map_err(|why| format!("instance {}: {why}", inst.id));
                 }
                 "pending" | "unknown" => {}
                 other => {
@@ -344,6 +327,23 @@ impl Ec2Provider {
         *used += 1;
         Slot(self.slots.clone())
     }
+}
+
+/// The address of a running instance slate connects to. Only an IP
+/// address is taken: whatever the endpoint answers goes on ssh's command
+/// line.
+fn address_of(i: &api::Node, kind: AddressKind) -> Result<String, String> {
+    let private = i.text_at(&["privateIpAddress"]).filter(|a| !a.is_empty());
+    let public = i.text_at(&["ipAddress"]).filter(|a| !a.is_empty());
+    let (addr, which) = match kind {
+        AddressKind::Auto => (public.or(private), "IP"),
+        AddressKind::Public => (public, "public"),
+        AddressKind::Private => (private, "private"),
+    };
+    let addr = addr.ok_or_else(|| format!("it runs but has no {which} address"))?;
+    addr.parse::<std::net::IpAddr>()
+        .map(|ip| ip.to_string())
+        .map_err(|_| format!("the cloud gave `{addr}` as its address, which is not an IP address"))
 }
 
 /// Spot launches refused for want of capacity or price: tried again on
@@ -647,6 +647,30 @@ mod tests {
             "UnauthorizedOperation",
         ] {
             assert!(!spot_refused(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn an_address_from_the_cloud_must_be_an_ip_address() {
+        let node = |private: &str, public: &str| {
+            api::parse(
+                format!(
+                    "<item><privateIpAddress>{private}</privateIpAddress><ipAddress>{public}</ipAddress></item>"
+                )
+                .as_bytes(),
+            )
+            .unwrap()
+        };
+        let n = node("10.0.0.4", "203.0.113.9");
+        assert_eq!(address_of(&n, AddressKind::Auto).unwrap(), "203.0.113.9");
+        assert_eq!(address_of(&n, AddressKind::Private).unwrap(), "10.0.0.4");
+        let n = node("10.0.0.4", "");
+        assert_eq!(address_of(&n, AddressKind::Auto).unwrap(), "10.0.0.4");
+        assert!(address_of(&n, AddressKind::Public).is_err());
+        // A hostile or broken endpoint's answer never reaches ssh.
+        for bad in ["-oProxyCommand=touch /tmp/x", "host.example", "10.0.0.4 -v"] {
+            let err = address_of(&node(bad, ""), AddressKind::Private).unwrap_err();
+            assert!(err.contains("not an IP address"), "{bad}: {err}");
         }
     }
 
