@@ -389,6 +389,12 @@ fn root_ec2_export_ami_registers_an_image_once_per_recipe() {
     common::require_root();
     common::require_debian_bootstrap();
     common::require_tool("mkfs.ext4", "e2fsprogs");
+    // Baked first, out here where the Debian archive can be reached (the
+    // namespace below has loopback only): the same recipe in the same
+    // shared cache is then found baked.
+    let baker = Project::debian("[images.vm]\nfrom = \"debian:bookworm\"\nvm = true\n");
+    let o = baker.run(&["bake", "vm"]);
+    assert!(o.status.success(), "{}", text(&o));
     in_netns(|| {
         let dir = tempfile::tempdir().unwrap();
         let cloud = Cloud::start(dir.path());
