@@ -303,8 +303,13 @@ impl<P: Provider> Orchestrator<'_, P> {
         let results: Mutex<Vec<TargetResult>> = Mutex::new(Vec::new());
         let failed_fast = std::sync::atomic::AtomicBool::new(false);
         for t in targets {
-            self.sink
-                .event(&Event::new(Some(&t.name), EventKind::TargetQueued));
+            self.sink.event(&Event::new(
+                Some(&t.name),
+                EventKind::TargetQueued {
+                    provider: t.provider.name().to_string(),
+                    image: t.image.clone(),
+                },
+            ));
         }
         std::thread::scope(|s| {
             for _ in 0..opts.jobs.max(1).min(targets.len().max(1)) {

@@ -85,7 +85,12 @@ pub enum EventKind {
     BakeFailed {
         error: String,
     },
-    TargetQueued,
+    TargetQueued {
+        /// The provider that makes its environment.
+        provider: String,
+        /// The image it is built in.
+        image: String,
+    },
     PhaseStarted {
         phase: String,
     },

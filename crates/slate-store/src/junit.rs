@@ -135,6 +135,8 @@ mod tests {
         .unwrap();
         let target = |name: &str, status, error: Option<&str>| TargetRecord {
             name: name.into(),
+            provider: None,
+            image: None,
             status,
             exit_code: Some(2),
             error: error.map(str::to_string),

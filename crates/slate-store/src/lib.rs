@@ -5,6 +5,7 @@
 
 pub mod artifacts;
 pub mod dsse;
+pub mod ecs;
 pub mod events;
 pub mod junit;
 pub mod provenance;

@@ -1,4 +1,5 @@
-//! The run folder: `run.json` and one whole log per target (and per baked image).
+//! The run folder: `run.json`, one whole log per target (and per baked
+//! image), and the same as ECS NDJSON ([`crate::ecs`]).
 
 use crate::events::{Event, EventKind, EventSink, TargetStatus};
 use serde::{Deserialize, Serialize};
@@ -21,6 +22,10 @@ pub struct RunRecord {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TargetRecord {
     pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     pub status: Option<TargetStatus>,
     pub exit_code: Option<i32>,
     pub error: Option<String>,
@@ -85,6 +90,8 @@ pub struct RunRecorder {
     inner: Mutex<Inner>,
     /// Output bytes kept per log ([`MAX_LOG_OUTPUT`]).
     log_cap: u64,
+    /// `run.ecs.ndjson`, when it could be opened.
+    ecs: Option<crate::ecs::EcsLog>,
 }
 
 impl RunRecorder {
@@ -99,6 +106,7 @@ impl RunRecorder {
         })?;
         let rec = RunRecorder {
             log_cap: MAX_LOG_OUTPUT,
+            ecs: crate::ecs::EcsLog::create(&dir).ok(),
             dir,
             inner: Mutex::new(Inner {
                 record: RunRecord {
@@ -227,7 +235,7 @@ impl RunRecorder {
                 self.log_line(inner, &log, &line);
             }
             EventKind::RunStarted { .. }
-            | EventKind::TargetQueued
+            | EventKind::TargetQueued { .. }
             | EventKind::RunFinished { .. } => {}
         }
     }
@@ -280,9 +288,13 @@ impl RunRecorder {
                 let r = inner.record.clone();
                 self.save(&r);
             }
+            EventKind::TargetQueued { provider, image } => {
+                let t = target(&mut inner.record, name);
+                t.provider = Some(provider.clone());
+                t.image = Some(image.clone());
+            }
             EventKind::BakeOutput { .. }
             | EventKind::BakeFailed { .. }
-            | EventKind::TargetQueued
             | EventKind::Output { .. }
             | EventKind::Retry { .. }
             | EventKind::Artifact { .. } => {}
@@ -296,6 +308,8 @@ fn target<'a>(r: &'a mut RunRecord, name: &str) -> &'a mut TargetRecord {
     }
     r.targets.push(TargetRecord {
         name: name.to_string(),
+        provider: None,
+        image: None,
         status: None,
         exit_code: None,
         error: None,
@@ -352,6 +366,10 @@ impl EventSink for RunRecorder {
         let name = e.target.clone().unwrap_or_default();
         self.log_event(&mut inner, &name, &e.kind);
         self.record_event(&mut inner, &name, e.time, &e.kind);
+        drop(inner);
+        if let Some(ecs) = &self.ecs {
+            ecs.event(e);
+        }
     }
 }
 

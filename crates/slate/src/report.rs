@@ -223,7 +223,7 @@ impl EventSink for Reporter {
                 self.print(&mut st, &line);
             }
             EventKind::PhaseEnded { .. }
-            | EventKind::TargetQueued
+            | EventKind::TargetQueued { .. }
             | EventKind::RunStarted { .. }
             | EventKind::RunFinished { .. } => {}
         }

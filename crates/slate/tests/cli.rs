@@ -768,6 +768,14 @@ fn root_secrets_never_reach_output_or_files_slate_writes() {
         written.iter().any(|f| f.ends_with("provenance.json"))
             && written.iter().any(|f| f.ends_with("run.json"))
     );
+    // The ECS log has the line, masked like every other log.
+    let ecs = written
+        .iter()
+        .find(|f| f.ends_with("run.ecs.ndjson"))
+        .expect("an ECS log");
+    assert!(std::fs::read_to_string(ecs)
+        .unwrap()
+        .contains("\"message\":\"token is ***\""));
     for f in written {
         let data = std::fs::read(&f).unwrap();
         assert!(
@@ -1531,4 +1539,69 @@ fn an_ssh_target_without_hosts_is_refused_naming_the_section() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("[providers.ssh] names no hosts"), "{err}");
     assert!(err.contains("hosts = ["), "{err}");
+}
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_every_run_writes_its_log_as_ecs_ndjson() {
+    require_root();
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.ok]\nimage = \"bb\"\nrun = [\"echo built fine\"]\n\
+         [builds.bad]\nimage = \"bb\"\nrun = [\"echo about to fail >&2; exit 4\"]\n"
+    ));
+    let o = p.run(&["build"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let runs = p.project().join(".slate/runs");
+    let run = std::fs::read_dir(&runs)
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let run_id = run.file_name().unwrap().to_string_lossy().into_owned();
+    let text = std::fs::read_to_string(run.join("run.ecs.ndjson")).unwrap();
+    let docs: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    for d in &docs {
+        assert!(
+            humantime::parse_rfc3339(d["@timestamp"].as_str().unwrap()).is_ok(),
+            "{d}"
+        );
+        assert!(
+            d["log"]["level"].is_string() && d["message"].is_string(),
+            "{d}"
+        );
+        assert_eq!(d["labels"]["run"], run_id.as_str(), "{d}");
+        assert_eq!(d["event"]["dataset"], "slate.run", "{d}");
+        assert!(d["ecs"]["version"].is_string(), "{d}");
+    }
+    let find = |target: &str, action: &str| {
+        docs.iter()
+            .find(|d| d["labels"]["target"] == target && d["event"]["action"] == action)
+            .unwrap_or_else(|| panic!("no {action} of {target} in {text}"))
+    };
+    let line = find("ok", "output");
+    assert_eq!(line["message"], "built fine");
+    assert_eq!(line["labels"]["provider"], "sandbox");
+    assert_eq!(line["labels"]["image"], "bb");
+    assert!(
+        line["labels"]["step"]
+            .as_str()
+            .unwrap()
+            .contains("echo built fine"),
+        "{line}"
+    );
+    let err = docs
+        .iter()
+        .find(|d| d["labels"]["target"] == "bad" && d["message"] == "about to fail")
+        .unwrap();
+    assert_eq!(err["labels"]["stream"], "stderr");
+    let end = find("bad", "target_finished");
+    assert_eq!(end["log"]["level"], "error");
+    assert_eq!(end["event"]["outcome"], "failure");
+    assert_eq!(end["slate"]["exit_code"], 4);
+    assert!(end["event"]["duration"].as_u64().unwrap() > 0, "{end}");
+    assert_eq!(find("ok", "target_finished")["event"]["outcome"], "success");
 }
