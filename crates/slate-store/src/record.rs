@@ -15,6 +15,10 @@ pub struct RunRecord {
     pub started: f64,
     pub ended: Option<f64>,
     pub command: Vec<String>,
+    /// The slate process making the run (`slate logs -f` stops following
+    /// when it is gone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
     pub targets: Vec<TargetRecord>,
     pub images: Vec<ImageRecord>,
 }
@@ -113,6 +117,7 @@ impl RunRecorder {
                     run_id: run_id.to_string(),
                     started: crate::events::now(),
                     command,
+                    pid: Some(std::process::id()),
                     ..Default::default()
                 },
                 logs: HashMap::new(),

@@ -142,11 +142,15 @@ pub enum Command {
     Remote(RemoteCommand),
     /// History of runs
     Runs,
-    /// The full log of one target
+    /// The full log of one target (of the latest run that has it)
     Logs {
         target: String,
         #[arg(long)]
         run: Option<String>,
+        /// Follow the log of a running target until it finishes (`-f` is
+        /// the global `--file`)
+        #[arg(short = 'F', long)]
+        follow: bool,
     },
 }
 

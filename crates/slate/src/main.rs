@@ -341,7 +341,11 @@ fn main() -> ExitCode {
         Command::Man => commands::check::man(),
         Command::Remote(what) => commands::remote::remote(what),
         Command::Runs => commands::runs::runs(&ctx),
-        Command::Logs { target, run } => commands::runs::logs(&ctx, target, run.as_deref()),
+        Command::Logs {
+            target,
+            run,
+            follow,
+        } => commands::runs::logs(&ctx, target, run.as_deref(), *follow),
     };
     match res {
         Ok(code) => code,

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{processes_with, require_debian_bootstrap, require_root, require_tool, text, Project};
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -1604,4 +1604,44 @@ fn root_every_run_writes_its_log_as_ecs_ndjson() {
     assert_eq!(end["slate"]["exit_code"], 4);
     assert!(end["event"]["duration"].as_u64().unwrap() > 0, "{end}");
     assert_eq!(find("ok", "target_finished")["event"]["outcome"], "success");
+}
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_logs_follow_prints_a_running_targets_log_until_it_ends() {
+    require_root();
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.long]\nimage = \"bb\"\nrun = [\"echo first-line\", \"sleep 600\"]\n"
+    ));
+    let mut build = common::spawn_until_printed(p.cmd(&["build"]), "first-line");
+    let mut follow = p
+        .cmd(&["logs", "long", "--follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(follow.stdout.take().unwrap()).lines();
+    // It prints what is there while the target still runs (it sleeps for
+    // ten minutes)...
+    let seen: Vec<String> = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .take_while(|l| l != "first-line")
+        .collect();
+    assert!(
+        build.try_wait().unwrap().is_none(),
+        "the build ended: {seen:?}"
+    );
+    // ...and what comes after, and ends with the target.
+    // SAFETY: kill has no memory preconditions.
+    unsafe { libc::kill(build.id() as i32, libc::SIGINT) };
+    build.wait().unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let o = follow.wait_with_output().unwrap();
+    assert!(o.status.success(), "{rest:?} {}", text(&o));
+    assert!(
+        rest.last().is_some_and(|l| l.starts_with("==> cancelled")),
+        "{rest:?}"
+    );
+    assert!(rest.iter().any(|l| l == "==> destroy"), "{rest:?}");
 }

@@ -35,20 +35,24 @@ pub fn runs(ctx: &Ctx) -> CmdResult {
     Ok(Exit::Ok.into())
 }
 
-pub fn logs(ctx: &Ctx, target: &str, run: Option<&str>) -> CmdResult {
+pub fn logs(ctx: &Ctx, target: &str, run: Option<&str>, follow: bool) -> CmdResult {
     let project = ctx.project()?;
     let dir = super::runs_dir(&project);
+    let has = |id: &String| {
+        dir.join(id).join(format!("{target}.log")).exists()
+            || (follow
+                && read_record(&dir, id).is_ok_and(|r| r.targets.iter().any(|t| t.name == target)))
+    };
     let id = match run {
         Some(r) => r.to_string(),
-        None => list_runs(&dir)
-            .into_iter()
-            .rev()
-            .find(|id| dir.join(id).join(format!("{target}.log")).exists())
-            .ok_or_else(|| {
-                CliError::usage(format!("no run has a log of `{target}`"))
-                    .hint("`slate runs` lists the runs")
-            })?,
+        None => list_runs(&dir).into_iter().rev().find(has).ok_or_else(|| {
+            CliError::usage(format!("no run has a log of `{target}`"))
+                .hint("`slate runs` lists the runs")
+        })?,
     };
+    if follow {
+        return follow_log(&dir, &id, target);
+    }
     let path = dir.join(&id).join(format!("{target}.log"));
     let text = fs_err::read_to_string(&path).map_err(|e| {
         CliError::from_error(Exit::Usage, &e).hint(format!(
@@ -58,4 +62,49 @@ pub fn logs(ctx: &Ctx, target: &str, run: Option<&str>) -> CmdResult {
     })?;
     print!("{text}");
     Ok(Exit::Ok.into())
+}
+
+/// Prints `target`'s log in run `id` as it grows, until the target has
+/// finished, the run has ended, or the slate making it is gone.
+fn follow_log(dir: &std::path::Path, id: &str, target: &str) -> CmdResult {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let path = dir.join(id).join(format!("{target}.log"));
+    let mut pos = 0u64;
+    let mut out = std::io::stdout().lock();
+    let mut buf = Vec::new();
+    loop {
+        // What decides the end is read before the log, so the lines that
+        // came before it are all printed.
+        let record = read_record(dir, id).map_err(|e| {
+            CliError::from_error(Exit::Usage, &e).hint("`slate runs` lists the runs")
+        })?;
+        let done = record.ended.is_some()
+            || record
+                .targets
+                .iter()
+                .any(|t| t.name == target && t.status.is_some())
+            || !record.pid.is_some_and(alive);
+        if let Ok(mut f) = std::fs::File::open(&path) {
+            f.seek(SeekFrom::Start(pos))
+                .and_then(|_| {
+                    buf.clear();
+                    f.read_to_end(&mut buf)
+                })
+                .map_err(|e| CliError::from_error(Exit::Infra, &e))?;
+            pos += buf.len() as u64;
+            out.write_all(&buf)
+                .and_then(|_| out.flush())
+                .map_err(|e| CliError::from_error(Exit::Infra, &e))?;
+        }
+        if done {
+            return Ok(Exit::Ok.into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// Whether process `pid` is a running slate.
+fn alive(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("slate"))
 }
