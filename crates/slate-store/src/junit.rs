@@ -152,6 +152,7 @@ mod tests {
             started: 99.0,
             ended: Some(103.0),
             command: vec![],
+            pid: None,
             targets: vec![
                 target("good", Some(TargetStatus::Succeeded), None),
                 target(
