@@ -27,6 +27,10 @@ pub struct Cli {
     pub verbose: bool,
     #[arg(long, global = true, value_enum, default_value_t = Color::Auto)]
     pub color: Color,
+    /// Progress: one live line per running target on a terminal (auto,
+    /// live), or plain prefixed lines (plain; also when not a terminal)
+    #[arg(long, global = true, value_enum, default_value_t = Progress::Auto)]
+    pub progress: Progress,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -35,6 +39,13 @@ pub struct Cli {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    Auto,
+    Plain,
+    Live,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

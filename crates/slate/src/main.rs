@@ -8,7 +8,7 @@ mod report;
 mod signals;
 
 use clap::Parser;
-use cli::{Cli, Color, Command, LogFormat};
+use cli::{Cli, Color, Command, LogFormat, Progress};
 use error::{CliError, Exit, Result};
 use slate_config::Project;
 use slate_image::LayerStore;
@@ -253,7 +253,11 @@ impl Ctx {
     pub fn reporter(&self) -> report::Reporter {
         let mode = match self.cli.log_format {
             LogFormat::Json => report::Mode::Json,
-            LogFormat::Text if std::io::stdout().is_terminal() && !self.cli.quiet => {
+            LogFormat::Text if self.cli.quiet => report::Mode::Plain,
+            LogFormat::Text if self.cli.progress == Progress::Live => report::Mode::Live,
+            LogFormat::Text
+                if self.cli.progress == Progress::Auto && std::io::stdout().is_terminal() =>
+            {
                 report::Mode::Live
             }
             LogFormat::Text => report::Mode::Plain,

@@ -1645,3 +1645,59 @@ fn root_logs_follow_prints_a_running_targets_log_until_it_ends() {
     );
     assert!(rest.iter().any(|l| l == "==> destroy"), "{rest:?}");
 }
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_progress_is_live_on_a_terminal_plain_elsewhere_and_no_color_is_honoured() {
+    require_root();
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.a]\nimage = \"bb\"\nrun = [\"echo from-a\"]\n\
+         [builds.b]\nimage = \"bb\"\nrun = [\"echo from-b\"]\n"
+    ));
+    // On a terminal (util-linux `script` gives slate a pseudo-terminal).
+    let on_tty = |args: &str, no_color: bool| {
+        let mut c = Command::new(require_tool("script", "bsdutils"));
+        c.args(["-q", "-e", "-c"])
+            .arg(format!(
+                "{} -C {} {args}",
+                env!("CARGO_BIN_EXE_slate"),
+                p.project().display()
+            ))
+            .arg("/dev/null")
+            .env("SLATE_CACHE", &p.cache)
+            .env_remove("NO_COLOR");
+        if no_color {
+            c.env("NO_COLOR", "1");
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let live = on_tty("build", false);
+    // One line per running target with its step, redrawn in place, in
+    // colour; finished lines scroll above it.
+    assert!(live.contains("\x1b[J"), "{live:?}");
+    assert!(live.contains("\x1b[36m⏵\x1b[0m a  "), "{live:?}");
+    assert!(live.contains("from-a"), "{live:?}");
+    // NO_COLOR: still live, no colour.
+    let bare = on_tty("build", true);
+    assert!(
+        bare.contains("\x1b[J") && bare.contains("⏵ a  "),
+        "{bare:?}"
+    );
+    assert!(
+        !bare.contains("\x1b[36m") && !bare.contains("\x1b[2m"),
+        "{bare:?}"
+    );
+    // --progress plain on a terminal, and any output that is not one:
+    // prefixed lines and nothing else.
+    let plain = on_tty("--progress plain build", true);
+    assert!(
+        plain.contains("[b] from-b") && !plain.contains("\x1b[J"),
+        "{plain:?}"
+    );
+    let piped = p.run(&["build"]);
+    let out = String::from_utf8_lossy(&piped.stdout);
+    assert!(out.contains("[b] from-b"), "{out}");
+    assert!(!out.contains('\x1b'), "{out:?}");
+}
