@@ -73,6 +73,8 @@ wanted=(
     "openssh-server|test|sshd: the ssh provider's tests start their own build hosts on loopback"
     "python3-venv|test|a virtualenv for moto, the EC2 API server the ec2 provider's tests start on loopback"
     "iproute2|test|ip: the ec2 tests give their instances' addresses to a network namespace of their own"
+    "chromium|test|the report test opens report.html in a real browser, headless"
+    "chromium-driver|test|chromedriver: the report test drives chromium through WebDriver"
 )
 
 in_groups() {

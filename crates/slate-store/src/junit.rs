@@ -140,6 +140,7 @@ mod tests {
             status,
             exit_code: Some(2),
             error: error.map(str::to_string),
+            artifacts: vec![],
             phases: vec![PhaseRecord {
                 name: "create".into(),
                 start: 100.0,

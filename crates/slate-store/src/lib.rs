@@ -7,6 +7,7 @@ pub mod artifacts;
 pub mod dsse;
 pub mod ecs;
 pub mod events;
+pub mod html;
 pub mod junit;
 pub mod provenance;
 pub mod record;

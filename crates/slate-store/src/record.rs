@@ -34,6 +34,16 @@ pub struct TargetRecord {
     pub exit_code: Option<i32>,
     pub error: Option<String>,
     pub phases: Vec<PhaseRecord>,
+    /// What it collected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<ArtifactRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArtifactRecord {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,6 +62,9 @@ pub struct ImageRecord {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerRecord {
+    /// When its bake began (cached layers have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<f64>,
     pub layer: String,
     pub description: String,
     pub state: String,
@@ -262,7 +275,24 @@ impl RunRecorder {
                 description,
                 state,
                 seconds,
-            } => set_layer(&mut inner.record, name, layer, description, state, *seconds),
+            } => set_layer(
+                &mut inner.record,
+                name,
+                layer,
+                description,
+                state,
+                *seconds,
+                time,
+            ),
+            EventKind::Artifact { path, size, sha256 } => {
+                target(&mut inner.record, name)
+                    .artifacts
+                    .push(ArtifactRecord {
+                        path: path.clone(),
+                        size: *size,
+                        sha256: sha256.clone(),
+                    });
+            }
             EventKind::PhaseStarted { phase } => {
                 target(&mut inner.record, name).phases.push(PhaseRecord {
                     name: phase.clone(),
@@ -301,8 +331,7 @@ impl RunRecorder {
             EventKind::BakeOutput { .. }
             | EventKind::BakeFailed { .. }
             | EventKind::Output { .. }
-            | EventKind::Retry { .. }
-            | EventKind::Artifact { .. } => {}
+            | EventKind::Retry { .. } => {}
         }
     }
 }
@@ -319,6 +348,7 @@ fn target<'a>(r: &'a mut RunRecord, name: &str) -> &'a mut TargetRecord {
         exit_code: None,
         error: None,
         phases: vec![],
+        artifacts: vec![],
     });
     r.targets.last_mut().unwrap()
 }
@@ -339,6 +369,7 @@ fn set_layer(
     description: &str,
     state: &str,
     seconds: Option<f64>,
+    time: f64,
 ) {
     let images = &mut r.images;
     let img = match images.iter().position(|i| i.name == name) {
@@ -357,6 +388,7 @@ fn set_layer(
             l.seconds = seconds;
         }
         None => img.layers.push(LayerRecord {
+            start: (state == "baking").then_some(time),
             layer: layer.to_string(),
             description: description.to_string(),
             state: state.to_string(),

@@ -153,6 +153,15 @@ pub enum Command {
     Remote(RemoteCommand),
     /// History of runs
     Runs,
+    /// Write a run's HTML report (every build writes one into its run folder)
+    Report {
+        /// The run (default: the latest)
+        #[arg(long)]
+        run: Option<String>,
+        /// Where to write it (default: report.html in the run's folder)
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
     /// The full log of one target (of the latest run that has it)
     Logs {
         target: String,

@@ -345,6 +345,9 @@ fn main() -> ExitCode {
         Command::Man => commands::check::man(),
         Command::Remote(what) => commands::remote::remote(what),
         Command::Runs => commands::runs::runs(&ctx),
+        Command::Report { run, output } => {
+            commands::runs::report(&ctx, run.as_deref(), output.as_deref())
+        }
         Command::Logs {
             target,
             run,

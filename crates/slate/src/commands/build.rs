@@ -83,6 +83,14 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
     reporter.clear();
 
     let exit = summarize(ctx, &project, run_id, &results, &reporter, started);
+    // The report is a view of the run: failing to write it fails nothing.
+    match super::runs::write_report(&super::runs_dir(&project), run_id, None) {
+        Ok(path) => ctx.say(&format!(
+            "report: {}",
+            path.strip_prefix(&ctx.cwd).unwrap_or(&path).display()
+        )),
+        Err(e) => eprintln!("warning: no report for run {run_id}: {}", e.message),
+    }
     if let Some(path) = &args.junit {
         write_junit(&ctx.cwd.join(path), &super::runs_dir(&project), run_id)?;
     }

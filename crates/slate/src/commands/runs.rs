@@ -64,6 +64,45 @@ pub fn logs(ctx: &Ctx, target: &str, run: Option<&str>, follow: bool) -> CmdResu
     Ok(Exit::Ok.into())
 }
 
+/// `slate report`: the HTML report of a run.
+pub fn report(ctx: &Ctx, run: Option<&str>, output: Option<&std::path::Path>) -> CmdResult {
+    let project = ctx.project()?;
+    let dir = super::runs_dir(&project);
+    let id = match run {
+        Some(r) => r.to_string(),
+        None => list_runs(&dir)
+            .pop()
+            .ok_or_else(|| CliError::usage("no runs yet").hint("`slate build` makes one"))?,
+    };
+    let dest = output.map(|o| ctx.cwd.join(o));
+    let path = write_report(&dir, &id, dest.as_deref())?;
+    ctx.say(&format!("report of run {id}: {}", path.display()));
+    Ok(Exit::Ok.into())
+}
+
+/// Writes run `id`'s report to `dest` (default: its run folder's
+/// report.html), whole or not at all; where it went.
+pub fn write_report(
+    dir: &std::path::Path,
+    id: &str,
+    dest: Option<&std::path::Path>,
+) -> Result<std::path::PathBuf, CliError> {
+    let record = read_record(dir, id)
+        .map_err(|e| CliError::from_error(Exit::Usage, &e).hint("`slate runs` lists the runs"))?;
+    let page = slate_store::html::render(&record, &dir.join(id));
+    let dest = dest
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|| dir.join(id).join(slate_store::html::FILE));
+    let tmp = dest.with_extension("html.tmp");
+    fs_err::write(&tmp, page)
+        .and_then(|()| fs_err::rename(&tmp, &dest))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            CliError::from_error(Exit::Infra, &e)
+        })?;
+    Ok(dest)
+}
+
 /// Prints `target`'s log in run `id` as it grows, until the target has
 /// finished, the run has ended, or the slate making it is gone.
 fn follow_log(dir: &std::path::Path, id: &str, target: &str) -> CmdResult {
