@@ -28,6 +28,19 @@ fn root_debian_quickstart_builds_real_packages() {
     let out = text(&o);
     assert!(o.status.success(), "{out}");
     assert!(out.contains("[greet-bookworm] hello, slate"), "{out}");
+    // The run's report, naming both targets and their .debs.
+    let report = out
+        .lines()
+        .find_map(|l| l.strip_prefix("report: "))
+        .map(|r| project.join(r))
+        .unwrap_or_else(|| panic!("no report in: {out}"));
+    let page = std::fs::read_to_string(&report).unwrap();
+    assert!(
+        page.contains("greet_1.0.0+trixie_amd64.deb"),
+        "{}",
+        report.display()
+    );
+    assert!(page.contains("\"name\":\"greet-bookworm\""));
     let arts = project.join("artifacts");
     let check = Command::new("sha256sum")
         .arg("-c")
