@@ -267,6 +267,22 @@ pub trait Environment: Send {
     fn fetch(&mut self, src: &str, dest: &Path) -> Result<u64, ProviderError>;
     /// Ends every process and removes every trace.
     fn destroy(self) -> Result<(), ProviderError>;
+    /// Ends every process and keeps what the commands wrote (the
+    /// filesystem's changes over the image) as the folder `dest/upper`,
+    /// for `slate shell --keep`; the rest goes as in `destroy`. Providers
+    /// that cannot keep destroy and say so.
+    fn keep(self, dest: &Path) -> Result<(), ProviderError>
+    where
+        Self: Sized,
+    {
+        let _ = dest;
+        let env = self.id().to_string();
+        let destroyed = self.destroy();
+        destroyed.and(Err(ProviderError::Other {
+            env,
+            what: "this provider cannot keep an environment (only the sandbox provider does); it was destroyed".into(),
+        }))
+    }
 }
 
 /// Splits a byte stream into lines, keeping partial lines until they end.

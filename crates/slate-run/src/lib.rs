@@ -22,6 +22,8 @@ pub const CREATE_ATTEMPTS: u32 = 3;
 /// The pids limit when a build sets none (a fork bomb must not take the host).
 pub const DEFAULT_PIDS: u64 = 32768;
 
+pub mod kept;
+
 pub struct BuildOptions {
     pub run_id: String,
     pub jobs: usize,
@@ -29,6 +31,8 @@ pub struct BuildOptions {
     pub artifacts_dir: PathBuf,
     /// Signs every target's provenance into a DSSE envelope beside it.
     pub signer: Option<std::sync::Arc<dsse::Signer>>,
+    /// A target whose build fails keeps its environment ([`kept`]).
+    pub keep_failed: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -317,7 +321,7 @@ impl<P: Provider> Orchestrator<'_, P> {
                     let Some(t) = queue.lock().unwrap().pop_front() else {
                         break;
                     };
-                    let res = self.start_one(t, &baked, &store, &failed_fast);
+                    let res = self.start_one(t, &baked, &store, &failed_fast, opts);
                     if res.status != TargetStatus::Succeeded {
                         self.on_failure(t, &res, &baked, &store, opts, &failed_fast);
                     }
@@ -350,6 +354,7 @@ impl<P: Provider> Orchestrator<'_, P> {
         baked: &BTreeMap<String, Result<BakedImage, ImageError>>,
         store: &ArtifactStore,
         failed_fast: &std::sync::atomic::AtomicBool,
+        opts: &BuildOptions,
     ) -> TargetResult {
         if failed_fast.load(std::sync::atomic::Ordering::SeqCst) {
             return self.finish(
@@ -370,7 +375,12 @@ impl<P: Provider> Orchestrator<'_, P> {
             );
         }
         match &baked[&t.image] {
-            Ok(img) => self.run_target(t, img, store),
+            Ok(img) => {
+                let keep = opts
+                    .keep_failed
+                    .then(|| kept::run_dir(self.store.root(), &opts.run_id));
+                self.run_target(t, img, store, keep.as_deref())
+            }
             Err(e) => {
                 let status = if matches!(e, ImageError::Cancelled { .. }) {
                     TargetStatus::Cancelled
@@ -541,12 +551,14 @@ impl<P: Provider> Orchestrator<'_, P> {
     }
 
     /// One target from environment to artifacts; the environment is destroyed
-    /// whatever happens.
+    /// whatever happens, unless the build failed and `keep` names where
+    /// failed environments of this run are kept.
     pub fn run_target(
         &self,
         t: &TargetSpec,
         img: &BakedImage,
         store: &ArtifactStore,
+        keep: Option<&Path>,
     ) -> TargetResult {
         let secrets: Vec<(String, String)> = t
             .secrets
@@ -582,9 +594,13 @@ impl<P: Provider> Orchestrator<'_, P> {
                 Err(e) => return self.fail(t, e),
             };
             let result = self.in_env(t, img, &mut env, &secrets, &secret_values, store);
-            let destroyed = self.phase(t, "destroy", || {
-                env.destroy().map_err(TargetError::Provider)
-            });
+            let build_failed = matches!(&result, Err(e) if e.status().0 == TargetStatus::Failed);
+            let destroyed = match keep {
+                Some(dir) if build_failed => self.keep(t, img, env, &dir.join(&t.name)),
+                _ => self.phase(t, "destroy", || {
+                    env.destroy().map_err(TargetError::Provider)
+                }),
+            };
             return match (result, destroyed) {
                 // The environment could not be entered: nothing of the build ran, so try a new one.
                 (Err(e @ TargetError::Setup(_)), _)
@@ -598,6 +614,38 @@ impl<P: Provider> Orchestrator<'_, P> {
                 (Err(e), _) | (Ok(_), Err(e)) => self.fail(t, e),
             };
         }
+    }
+
+    /// Keeps a failed target's environment in `dest` with what `slate
+    /// shell --keep` needs to enter it; it is destroyed if it cannot be kept.
+    fn keep(
+        &self,
+        t: &TargetSpec,
+        img: &BakedImage,
+        env: P::Env,
+        dest: &Path,
+    ) -> Result<(), TargetError> {
+        self.phase(t, "keep", || {
+            env.keep(dest).map_err(TargetError::Provider)?;
+            let mut vars = img.env.clone();
+            vars.extend(t.env.iter().cloned());
+            let record = kept::Kept {
+                run: dest
+                    .parent()
+                    .and_then(|d| d.file_name())
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                target: t.name.clone(),
+                image: t.image.clone(),
+                project: self.project.dir.clone(),
+                layers: img.layers.clone(),
+                env: vars,
+                workdir: t.workdir.clone(),
+                network: t.network,
+                created: events::now(),
+            };
+            kept::write(dest, &record).map_err(TargetError::Staging)
+        })
     }
 
     /// Ends a target that did not build: the one place a [`TargetError`]

@@ -46,7 +46,7 @@ fn run(f: &Fixture, provider: &FakeProvider, sink: &events::Collect) -> TargetRe
         cancel: Cancel::new(),
     };
     let store = ArtifactStore::new(f.artifacts.clone(), "run1");
-    let r = orch.run_target(&f.project.targets[0], &image(), &store);
+    let r = orch.run_target(&f.project.targets[0], &image(), &store, None);
     store.finish();
     r
 }

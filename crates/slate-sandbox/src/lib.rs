@@ -895,6 +895,26 @@ impl Environment for SandboxEnv {
     fn destroy(mut self) -> Result<(), ProviderError> {
         self.destroy_inner()
     }
+
+    fn keep(mut self, dest: &Path) -> Result<(), ProviderError> {
+        if self.spec.ephemeral {
+            let _ = self.destroy_inner();
+            return Err(self.err(
+                "keep",
+                std::io::Error::other("an ephemeral environment has nothing on disk to keep"),
+            ));
+        }
+        // Nothing may still write to it: the cgroup's processes go first.
+        if let Some(cg) = &self.cgroup {
+            let _ = cg.destroy();
+        }
+        self.cgroup = None;
+        let kept = fs_err::create_dir_all(dest)
+            .and_then(|()| fs_err::rename(&self.upper, dest.join("upper")));
+        let destroyed = self.destroy_inner();
+        kept.map_err(|e| self.err(format!("keep it in `{}`", dest.display()), e))?;
+        destroyed
+    }
 }
 
 impl Drop for SandboxEnv {

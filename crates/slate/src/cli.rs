@@ -104,7 +104,16 @@ pub enum Command {
         remote: bool,
     },
     /// An interactive shell in a fresh environment, thrown away on exit
-    Shell { name: String },
+    Shell {
+        /// A target or an image
+        #[arg(required_unless_present = "keep")]
+        name: Option<String>,
+        /// Instead: a failed target's environment kept by `build
+        /// --keep-failed`, as it was at the failure (what the shell
+        /// changes is thrown away)
+        #[arg(long, value_name = "RUN/TARGET", conflicts_with = "name")]
+        keep: Option<String>,
+    },
     /// Run one command in a fresh environment of IMAGE
     Run {
         image: String,
@@ -222,4 +231,8 @@ pub struct BuildArgs {
     /// Also write the run as JUnit XML here (one testcase per target), for CI servers
     #[arg(long, value_name = "FILE")]
     pub junit: Option<std::path::PathBuf>,
+    /// Keep the environment of a target whose build fails, to enter with
+    /// `slate shell --keep RUN/TARGET` (removed by `slate gc` after 24 h)
+    #[arg(long)]
+    pub keep_failed: bool,
 }

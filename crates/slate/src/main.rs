@@ -311,7 +311,11 @@ fn main() -> ExitCode {
                 dry_run: *dry_run,
             },
         ),
-        Command::Shell { name } => commands::run::shell(&ctx, name),
+        Command::Shell { name, keep } => match (name, keep) {
+            (_, Some(id)) => commands::run::shell_kept(&ctx, id),
+            (Some(name), None) => commands::run::shell(&ctx, name),
+            (None, None) => unreachable!("clap requires a name or --keep"),
+        },
         Command::Run {
             image,
             network,

@@ -136,6 +136,9 @@ impl Environment for AnyEnv {
     fn id(&self) -> &str {
         each!(self, e => e.id())
     }
+    fn keep(self, dest: &Path) -> Result<(), ProviderError> {
+        each!(self, e => e.keep(dest))
+    }
     fn put(&mut self, base: &Path, entries: &[PathBuf], dest: &str) -> Result<u64, ProviderError> {
         each!(self, e => e.put(base, entries, dest))
     }

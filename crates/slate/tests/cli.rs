@@ -1701,3 +1701,87 @@ fn root_progress_is_live_on_a_terminal_plain_elsewhere_and_no_color_is_honoured(
     assert!(out.contains("[b] from-b"), "{out}");
     assert!(!out.contains('\x1b'), "{out:?}");
 }
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_keep_failed_keeps_a_failed_environment_to_enter_as_it_was() {
+    require_root();
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.broken]\nimage = \"bb\"\nworkdir = \"/work\"\n\
+         run = [\"echo from-the-build > /root/evidence\", \"rm /etc/two\", \"exit 3\"]\n\
+         [builds.fine]\nimage = \"bb\"\nrun = [\"echo ok > /root/evidence\"]\n"
+    ));
+    let o = p.run(&["build", "--keep-failed"]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    let hint = out
+        .lines()
+        .find(|l| l.starts_with("kept broken's environment"))
+        .unwrap_or_else(|| panic!("no kept environment said: {out}"));
+    let id = hint
+        .split('`')
+        .nth(1)
+        .and_then(|c| c.strip_prefix("slate shell --keep "))
+        .unwrap()
+        .to_string();
+    assert!(id.ends_with("/broken"), "{hint}");
+    assert!(
+        !out.contains("kept fine's"),
+        "a target that succeeded was kept: {out}"
+    );
+    // No live environment is left: only the kept folder.
+    assert_eq!(p.envs_left(), 0);
+    let runs = text(&p.run(&["runs"]));
+    assert!(
+        runs.contains(&format!("kept {id}: `slate shell --keep {id}`")),
+        "{runs}"
+    );
+
+    // Entered on a terminal: the file the build wrote is there, the one it
+    // removed is gone, the working folder is the target's.
+    let enter = |input: &[u8]| {
+        let slate = format!(
+            "{} -C {} shell --keep {id}",
+            env!("CARGO_BIN_EXE_slate"),
+            p.project().display()
+        );
+        let mut child = Command::new("script")
+            .args(["-qec", &slate, "/dev/null"])
+            .env("SLATE_CACHE", &p.cache)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let o = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let seen = enter(
+        b"echo \"at=$(pwd) has=$(cat /root/evidence) two=$(test -e /etc/two && echo yes || echo no)\"; echo changed > /root/evidence; exit\n",
+    );
+    assert!(
+        seen.contains("at=/work has=from-the-build two=no"),
+        "{seen}"
+    );
+    // What a shell changes is thrown away: the kept state stays as it was.
+    let again = enter(b"echo \"has=$(cat /root/evidence)\"; exit\n");
+    assert!(again.contains("has=from-the-build"), "{again}");
+
+    // Within its 24 h gc keeps it; `gc --all` removes it.
+    let o = p.run(&["gc"]);
+    assert!(
+        text(&o).contains("removed 0 kept environment(s)"),
+        "{}",
+        text(&o)
+    );
+    let o = p.run(&["gc", "--all"]);
+    assert!(
+        text(&o).contains("removed 1 kept environment(s)"),
+        "{}",
+        text(&o)
+    );
+    let o = p.run(&["shell", "--keep", &id]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("no kept environment"), "{}", text(&o));
+}

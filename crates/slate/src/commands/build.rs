@@ -17,6 +17,7 @@ pub fn up(ctx: &Ctx, target: &str, provider: Option<String>) -> CmdResult {
         fail_fast: false,
         keep_going: false,
         junit: None,
+        keep_failed: false,
     };
     build(ctx, &args)
 }
@@ -60,6 +61,7 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
         fail_fast: args.fail_fast,
         artifacts_dir,
         signer,
+        keep_failed: args.keep_failed,
     };
     let started = Instant::now();
     // The live view's clock redraws every 250 ms; the build's end stops it
@@ -83,6 +85,16 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
     reporter.clear();
 
     let exit = summarize(ctx, &project, run_id, &results, &reporter, started);
+    if args.keep_failed {
+        for (_, k) in slate_run::kept::list(store.root()) {
+            if k.run == *run_id {
+                ctx.say(&format!(
+                    "kept {}'s environment: enter it with `slate shell --keep {run_id}/{}`",
+                    k.target, k.target
+                ));
+            }
+        }
+    }
     // The report is a view of the run: failing to write it fails nothing.
     match super::runs::write_report(&super::runs_dir(&project), run_id, None) {
         Ok(path) => ctx.say(&format!(

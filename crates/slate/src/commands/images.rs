@@ -94,6 +94,30 @@ pub fn images(ctx: &Ctx) -> CmdResult {
     Ok(Exit::Ok.into())
 }
 
+/// Removes environments kept by `build --keep-failed` once their 24 h are
+/// up (all of them with `all`): how many, and their bytes.
+fn prune_kept(store_root: &std::path::Path, all: bool) -> (usize, u64) {
+    let now = slate_store::events::now();
+    let mut n = 0;
+    let mut bytes = 0;
+    for (dir, k) in slate_run::kept::list(store_root) {
+        if all || now - k.created > slate_run::kept::TTL.as_secs_f64() {
+            let size = slate_layers::store::slate_size(&dir);
+            if slate_layers::store::remove_tree(&dir).is_ok() {
+                n += 1;
+                bytes += size;
+            }
+        }
+    }
+    // Run folders left empty.
+    if let Ok(runs) = std::fs::read_dir(store_root.join("kept")) {
+        for r in runs.flatten() {
+            let _ = std::fs::remove_dir(r.path());
+        }
+    }
+    (n, bytes)
+}
+
 pub struct GcArgs<'a> {
     pub all: bool,
     pub older_than: Option<&'a str>,
@@ -209,6 +233,7 @@ pub fn gc(ctx: &Ctx, args: GcArgs) -> CmdResult {
     // VM base disks and boot files of layers that are gone now.
     let (vm_files, vm_bytes) = slate_vm::boot::gc(&store.root().join("vm"));
     let (runs_removed, run_bytes) = prune_runs(&super::runs_dir(&project), args.keep_runs);
+    let (kept_removed, kept_bytes) = prune_kept(store.root(), args.all);
     ctx.say(&format!(
         "removed {} layer(s): {} ({} bytes)",
         swept.layers,
@@ -225,6 +250,10 @@ pub fn gc(ctx: &Ctx, args: GcArgs) -> CmdResult {
         "removed {runs_removed} old run(s): {}",
         human(run_bytes)
     ));
+    ctx.say(&format!(
+        "removed {kept_removed} kept environment(s) older than 24 h: {}",
+        human(kept_bytes)
+    ));
     ctx.say(&format!("removed unfinished layers: {}", human(tmp)));
     ctx.say(&format!(
         "removed {vm_files} VM disk(s) and boot file set(s) of removed layers: {}",
@@ -232,7 +261,7 @@ pub fn gc(ctx: &Ctx, args: GcArgs) -> CmdResult {
     ));
     ctx.say(&format!(
         "freed {} in all",
-        human(swept.bytes + reaped.bytes + run_bytes + tmp + vm_bytes)
+        human(swept.bytes + reaped.bytes + run_bytes + tmp + vm_bytes + kept_bytes)
     ));
     let failed: Vec<String> = reaped
         .failed

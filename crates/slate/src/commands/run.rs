@@ -233,3 +233,42 @@ pub fn shell(ctx: &Ctx, name: &str) -> CmdResult {
     };
     run_in(&provider, spec, exec, |_| Ok(()))
 }
+
+/// `slate shell --keep RUN/TARGET`: a shell in a kept environment as it was
+/// at the failure; what the shell changes is thrown away.
+pub fn shell_kept(ctx: &Ctx, id: &str) -> CmdResult {
+    let store = ctx.store()?;
+    let provider = ctx.sandbox(&store)?;
+    let (dir, kept) = slate_run::kept::find(store.root(), id).map_err(|why| {
+        CliError::usage(why)
+            .hint("`slate build --keep-failed` keeps the environments of failed targets")
+    })?;
+    if let Some(gone) = kept.layers.iter().find(|l| !l.is_dir()) {
+        return Err(CliError::usage(format!(
+            "`{id}` cannot be entered: a layer of its image is gone (`{}`)",
+            gone.display()
+        ))
+        .hint(format!("`slate bake {}` bakes it again", kept.image)));
+    }
+    let mut layers = kept.layers.clone();
+    // What the build wrote, on top of its image, read-only: the shell
+    // writes to a fresh layer above it.
+    layers.push(dir.join("upper"));
+    let spec = EnvSpec {
+        name: kept.target.clone(),
+        layers,
+        network: kept.network,
+        ..Default::default()
+    };
+    let exec = ExecSpec {
+        argv: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "if [ -x /bin/bash ]; then exec /bin/bash -l; else exec /bin/sh -l; fi".into(),
+        ],
+        env: kept.env.clone(),
+        cwd: kept.workdir.clone(),
+        interactive: true,
+    };
+    run_in(&provider, spec, exec, |_| Ok(()))
+}

@@ -32,6 +32,32 @@ pub fn runs(ctx: &Ctx) -> CmdResult {
             names.join(" ")
         );
     }
+    // Environments kept by `build --keep-failed` in this project's runs.
+    if let Ok(store) = ctx.store() {
+        let now = slate_store::events::now();
+        for (_, k) in slate_run::kept::list(store.root()) {
+            if k.project != project.dir {
+                continue;
+            }
+            let left = slate_run::kept::TTL.as_secs_f64() - (now - k.created);
+            println!(
+                "kept {}/{}: `slate shell --keep {}/{}` ({} left before `slate gc` removes it)",
+                k.run,
+                k.target,
+                k.run,
+                k.target,
+                if left > 0.0 {
+                    format!(
+                        "{:.0} h {:.0} min",
+                        (left / 3600.0).floor(),
+                        (left % 3600.0) / 60.0
+                    )
+                } else {
+                    "no time".into()
+                }
+            );
+        }
+    }
     Ok(Exit::Ok.into())
 }
 

@@ -86,7 +86,7 @@ pub fn verify(ctx: &Ctx, name: &str) -> CmdResult {
             t.env.push(("SOURCE_DATE_EPOCH".into(), epoch.clone()));
         }
         let arts = ArtifactStore::new(out_dir.clone(), &format!("{run_id}-{i}"));
-        let r = orch.run_target(&t, &img, &arts);
+        let r = orch.run_target(&t, &img, &arts, None);
         arts.finish();
         if r.status != TargetStatus::Succeeded {
             reporter.clear();
