@@ -251,7 +251,8 @@ pub fn gc(ctx: &Ctx, args: GcArgs) -> CmdResult {
         human(run_bytes)
     ));
     ctx.say(&format!(
-        "removed {kept_removed} kept environment(s) older than 24 h: {}",
+        "removed {kept_removed} kept environment(s){}: {}",
+        if args.all { "" } else { " older than 24 h" },
         human(kept_bytes)
     ));
     ctx.say(&format!("removed unfinished layers: {}", human(tmp)));
