@@ -75,6 +75,8 @@ wanted=(
     "iproute2|test|ip: the ec2 tests give their instances' addresses to a network namespace of their own"
     "chromium|test|the report test opens report.html in a real browser, headless"
     "chromium-driver|test|chromedriver: the report test drives chromium through WebDriver"
+    "rsyslog|test|rsyslogd: the log shipping tests start their own syslog server on loopback"
+    "rsyslog-gnutls|test|rsyslog's TLS input, for shipping over TLS"
 )
 
 in_groups() {

@@ -34,6 +34,18 @@ pub struct SettingsConfig {
     /// project folder.
     #[serde(default)]
     pub outside_sources: bool,
+    /// `[settings.logs]`: where every run's log is shipped.
+    #[serde(default)]
+    pub logs: LogsConfig,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LogsConfig {
+    #[serde(default)]
+    pub ship: Vec<Spanned<String>>,
+    /// PEM certificates trusted besides the system's, for TLS sinks.
+    pub ca: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

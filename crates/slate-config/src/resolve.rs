@@ -208,7 +208,33 @@ impl Resolver<'_> {
                 .as_ref()
                 .map(|k| self.dir.join(k.get_ref())),
             host_ca: file.settings.host_ca,
+            ship: self.ship(file),
+            ship_ca: file.settings.logs.ca.as_ref().map(|c| self.dir.join(c)),
         }
+    }
+
+    /// `[settings.logs] ship`, each checked for a known scheme.
+    fn ship(&mut self, file: &ConfigFile) -> Vec<String> {
+        let mut out = Vec::new();
+        for s in &file.settings.logs.ship {
+            let url = s.get_ref();
+            let known = [
+                "syslog+tcp://",
+                "syslog+tls://",
+                "elasticsearch+http://",
+                "elasticsearch+https://",
+            ];
+            if known.iter().any(|k| url.starts_with(k)) {
+                out.push(url.clone());
+            } else {
+                self.err(
+                    s,
+                    format!("`{url}` is not a log sink"),
+                    Some("use syslog+tcp://HOST:PORT, syslog+tls://HOST:PORT or elasticsearch+https://HOST:PORT/INDEX".into()),
+                );
+            }
+        }
+        out
     }
 
     fn check_image_names(&mut self, file: &ConfigFile) {

@@ -98,6 +98,11 @@ pub struct Settings {
     /// Environments with network trust the host's CA bundle (mounted
     /// read-only, never part of a layer or an artifact).
     pub host_ca: bool,
+    /// Where every run's log is shipped (`syslog+tcp://`, `syslog+tls://`,
+    /// `elasticsearch+http(s)://HOST:PORT/INDEX`).
+    pub ship: Vec<String>,
+    /// PEM certificates trusted besides the system's, for TLS sinks.
+    pub ship_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -173,13 +173,21 @@ pub enum Command {
     },
     /// The full log of one target (of the latest run that has it)
     Logs {
-        target: String,
+        #[arg(required_unless_present = "ship")]
+        target: Option<String>,
         #[arg(long)]
         run: Option<String>,
         /// Follow the log of a running target until it finishes (`-f` is
         /// the global `--file`)
         #[arg(short = 'F', long)]
         follow: bool,
+        /// Instead: send what run RUN's log has not yet delivered to the
+        /// sinks of [settings.logs] (and --to)
+        #[arg(long, value_name = "RUN", conflicts_with_all = ["target", "follow", "run"])]
+        ship: Option<String>,
+        /// With --ship: a sink besides the configured ones
+        #[arg(long = "to", value_name = "URL", requires = "ship")]
+        to: Vec<String>,
     },
 }
 
@@ -231,6 +239,10 @@ pub struct BuildArgs {
     /// Also write the run as JUnit XML here (one testcase per target), for CI servers
     #[arg(long, value_name = "FILE")]
     pub junit: Option<std::path::PathBuf>,
+    /// Ship the run's log here too (syslog+tcp://, syslog+tls://,
+    /// elasticsearch+https://HOST:PORT/INDEX); repeatable
+    #[arg(long, value_name = "URL")]
+    pub ship: Vec<String>,
     /// Keep the environment of a target whose build fails, to enter with
     /// `slate shell --keep RUN/TARGET` (removed by `slate gc` after 24 h)
     #[arg(long)]

@@ -353,10 +353,21 @@ fn main() -> ExitCode {
             commands::runs::report(&ctx, run.as_deref(), output.as_deref())
         }
         Command::Logs {
+            ship: Some(run),
+            to,
+            ..
+        } => commands::runs::ship(&ctx, run, to),
+        Command::Logs {
             target,
             run,
             follow,
-        } => commands::runs::logs(&ctx, target, run.as_deref(), *follow),
+            ..
+        } => commands::runs::logs(
+            &ctx,
+            target.as_deref().expect("clap requires a target"),
+            run.as_deref(),
+            *follow,
+        ),
     };
     match res {
         Ok(code) => code,

@@ -17,6 +17,7 @@ pub fn up(ctx: &Ctx, target: &str, provider: Option<String>) -> CmdResult {
         fail_fast: false,
         keep_going: false,
         junit: None,
+        ship: vec![],
         keep_failed: false,
     };
     build(ctx, &args)
@@ -46,7 +47,9 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
         ec2.set_run(run_id);
     }
     let reporter = ctx.reporter();
-    let sinks: Vec<&dyn EventSink> = vec![recorder, &reporter];
+    let shipper = super::runs::shipper(&project, &args.ship, recorder.dir())?;
+    let poke = super::runs::Poke(shipper.as_ref());
+    let sinks: Vec<&dyn EventSink> = vec![recorder, &reporter, &poke];
     let tee = Tee(sinks);
     let orch = Orchestrator {
         project: &project,
@@ -94,6 +97,9 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
                 ));
             }
         }
+    }
+    if let Some(s) = shipper {
+        super::runs::finish_shipping(ctx, s, run_id);
     }
     // The report is a view of the run: failing to write it fails nothing.
     match super::runs::write_report(&super::runs_dir(&project), run_id, None) {

@@ -173,3 +173,98 @@ fn alive(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .is_ok_and(|c| String::from_utf8_lossy(&c).contains("slate"))
 }
+
+/// The sinks of `[settings.logs]` and `extra` (flags), parsed.
+fn sinks(
+    project: &slate_config::Project,
+    extra: &[String],
+) -> Result<Vec<slate_ship::Sink>, CliError> {
+    project
+        .settings
+        .ship
+        .iter()
+        .chain(extra)
+        .map(|u| {
+            slate_ship::Sink::parse(u).map_err(|why| {
+                CliError::usage(why).hint("fix `ship` under [settings.logs], or the --ship flag")
+            })
+        })
+        .collect()
+}
+
+/// A shipper for a run's log in `run_dir`, when any sink is set.
+pub fn shipper(
+    project: &slate_config::Project,
+    extra: &[String],
+    run_dir: &std::path::Path,
+) -> Result<Option<slate_ship::Shipper>, CliError> {
+    let sinks = sinks(project, extra)?;
+    if sinks.is_empty() {
+        return Ok(None);
+    }
+    let settings = slate_ship::Settings::from_env(project.settings.ship_ca.clone());
+    Ok(Some(slate_ship::Shipper::start(run_dir, &sinks, &settings)))
+}
+
+/// Tells the shipper more of the log is on disk (the run recorder, before
+/// it in the same sink list, has written it).
+pub struct Poke<'a>(pub Option<&'a slate_ship::Shipper>);
+
+impl slate_store::events::EventSink for Poke<'_> {
+    fn event(&self, _: &slate_store::events::Event) {
+        if let Some(s) = self.0 {
+            s.poke();
+        }
+    }
+}
+
+/// How long the end of a run waits for sinks that are answering.
+const SHIP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Gives answering sinks a moment to take the rest; says once per sink
+/// what was not delivered and how to send it later.
+pub fn finish_shipping(ctx: &Ctx, shipper: slate_ship::Shipper, run_id: &str) {
+    let _ = ctx;
+    for u in shipper.finish(SHIP_GRACE) {
+        eprintln!(
+            "warning: {} log line(s) of run {run_id} were not delivered to {}: {}; `slate logs --ship {run_id}` sends them",
+            u.lines, u.sink, u.why
+        );
+    }
+}
+
+/// `slate logs --ship RUN`: what the run's log has not yet delivered.
+pub fn ship(ctx: &Ctx, run: &str, extra: &[String]) -> CmdResult {
+    let project = ctx.project()?;
+    let dir = super::runs_dir(&project);
+    if read_record(&dir, run).is_err() {
+        return Err(CliError::usage(format!("no run `{run}`")).hint("`slate runs` lists the runs"));
+    }
+    let sinks = sinks(&project, extra)?;
+    if sinks.is_empty() {
+        return Err(CliError::usage("no log sinks are set")
+            .hint("name them under [settings.logs] `ship = [...]`, or with --to URL"));
+    }
+    let settings = slate_ship::Settings::from_env(project.settings.ship_ca.clone());
+    let mut failed = 0;
+    for sink in &sinks {
+        match slate_ship::ship_rest(&dir.join(run), sink, &settings, 3) {
+            Ok(n) => ctx.say(&format!("{sink}: sent {n} log line(s) of run {run}")),
+            Err(u) => {
+                failed += 1;
+                eprintln!(
+                    "{sink}: {} log line(s) still not delivered: {}",
+                    u.lines, u.why
+                );
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(CliError::new(
+            Exit::Infra,
+            format!("{failed} log sink(s) did not take run {run}'s log"),
+        )
+        .hint(format!("try again later with `slate logs --ship {run}`")));
+    }
+    Ok(Exit::Ok.into())
+}
