@@ -97,7 +97,7 @@ impl Rsyslog {
         }
         let d = dir.display();
         let conf = format!(
-            "global(workDirectory=\"{d}\" DefaultNetstreamDriverCAFile=\"{d}/cert.pem\" \
+            "global(workDirectory=\"{d}\" DefaultNetstreamDriverCAFile=\"{d}/ca.pem\" \
              DefaultNetstreamDriverCertFile=\"{d}/cert.pem\" DefaultNetstreamDriverKeyFile=\"{d}/key.pem\")\n\
              module(load=\"imtcp\" MaxSessions=\"100\")\n\
              template(name=\"raw\" type=\"string\" string=\"%rawmsg-after-pri%\\n\")\n\
