@@ -77,6 +77,7 @@ wanted=(
     "chromium-driver|test|chromedriver: the report test drives chromium through WebDriver"
     "rsyslog|test|rsyslogd: the log shipping tests start their own syslog server on loopback"
     "rsyslog-gnutls|test|rsyslog's TLS input, for shipping over TLS"
+    "nginx-light|test|HTTPS and credentials in front of the tests' Elasticsearch-compatible server"
 )
 
 in_groups() {

@@ -15,12 +15,14 @@ fi
 # SigV4 signatures, so signing mistakes fail the tests). Built once.
 [ -x target/tools/bin/s3s-fs ] ||
     cargo install s3s-fs@0.14.1 --features binary --locked --root target/tools
-# moto, the EC2 (and EBS) API server the ec2 tests start on loopback, with
-# boto3 to read back what slate launched, tagged and registered. Built once.
-[ -x target/tools/moto/bin/moto_server ] || {
-    python3 -m venv target/tools/moto
-    target/tools/moto/bin/pip install -q 'moto[server]==5.2.6'
-}
+# Python servers the tests start on loopback, in a virtualenv of their own:
+# moto (EC2 and EBS APIs, with boto3 to read back what slate launched and
+# registered) and osmem-server (an in-memory OpenSearch-compatible server
+# that takes Elasticsearch's _bulk API). Installed once.
+py=target/tools/py
+[ -x "$py/bin/python" ] || python3 -m venv "$py"
+"$py/bin/python" -c 'import moto, boto3, osmem_server' 2>/dev/null ||
+    "$py/bin/pip" install -q 'moto[server]==5.2.6' 'osmem-server==0.1.6'
 case " $* " in
     *" -- "*) exec cargo test --workspace --locked "$@" --include-ignored ;;
     *) exec cargo test --workspace --locked "$@" -- --include-ignored ;;

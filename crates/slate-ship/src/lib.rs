@@ -249,6 +249,8 @@ impl Cursor {
 
 #[derive(Default)]
 struct State {
+    /// More of the log may be on disk.
+    more: bool,
     /// The run has ended: send what is left, then stop.
     finishing: bool,
     /// Stop now.
@@ -269,8 +271,8 @@ struct Shared {
 /// One sink's shipper.
 struct Worker {
     sink: Sink,
+    run_dir: PathBuf,
     shared: Arc<Shared>,
-    thread: Option<std::thread::JoinHandle<Cursor>>,
 }
 
 /// Ships a running run's log to its sinks in the background.
@@ -298,11 +300,11 @@ impl Shipper {
                 });
                 let cursor = Cursor::new(run_dir, sink);
                 let (s, sk, st) = (shared.clone(), sink.clone(), settings.clone());
-                let thread = std::thread::spawn(move || ship_loop(cursor, &sk, &st, &s));
+                std::thread::spawn(move || ship_loop(cursor, &sk, &st, &s));
                 Worker {
                     sink: sink.clone(),
+                    run_dir: run_dir.to_path_buf(),
                     shared,
-                    thread: Some(thread),
                 }
             })
             .collect();
@@ -312,51 +314,55 @@ impl Shipper {
     /// More of the log is on disk.
     pub fn poke(&self) {
         for w in &self.workers {
+            w.shared.state.lock().unwrap().more = true;
             w.shared.wake.notify_all();
         }
     }
 
-    /// The run has ended: each sink that has been answering gets up to
-    /// `grace` to take the rest; one that failed gets none. What was not
-    /// delivered, per sink.
-    pub fn finish(mut self, grace: Duration) -> Vec<Undelivered> {
-        let deadline = Instant::now() + grace;
+    /// The run has ended: a sink that has taken batches in this run gets
+    /// up to `grace` to take the rest, one that has not answered yet gets
+    /// up to `unproven`, one that failed gets none. What was not delivered,
+    /// per sink (it stays in the run's log for `slate logs --ship`).
+    pub fn finish(self, grace: Duration, unproven: Duration) -> Vec<Undelivered> {
+        let start = Instant::now();
         for w in &self.workers {
-            w.shared.state.lock().unwrap().finishing = true;
+            let mut st = w.shared.state.lock().unwrap();
+            st.finishing = true;
+            st.more = true;
             w.shared.wake.notify_all();
         }
         let mut out = Vec::new();
-        for w in &mut self.workers {
-            {
+        for w in &self.workers {
+            let why = {
                 let mut st = w.shared.state.lock().unwrap();
-                while !st.drained && st.failing.is_none() && Instant::now() < deadline {
-                    let left = deadline.saturating_duration_since(Instant::now());
+                loop {
+                    let allowed = if st.answered { grace } else { unproven };
+                    let left = allowed.saturating_sub(start.elapsed());
+                    if st.drained || st.failing.is_some() || left.is_zero() {
+                        break;
+                    }
                     st = w.shared.wake.wait_timeout(st, left).unwrap().0;
                 }
                 st.stop = true;
                 w.shared.wake.notify_all();
-            }
-            let why = w
-                .shared
-                .state
-                .lock()
-                .unwrap()
-                .failing
-                .clone()
-                .unwrap_or_else(|| {
-                    format!("it did not take everything within {} s", grace.as_secs())
+                st.failing.clone().unwrap_or_else(|| {
+                    if st.answered {
+                        format!("it did not take everything within {} s", grace.as_secs())
+                    } else {
+                        "it did not answer".into()
+                    }
+                })
+            };
+            // What the sink's offset says is left, whatever its thread is
+            // still doing (it is never joined: a sink that hangs must not
+            // hold the run).
+            let lines = Cursor::new(&w.run_dir, &w.sink).left();
+            if lines > 0 {
+                out.push(Undelivered {
+                    sink: w.sink.to_string(),
+                    lines,
+                    why,
                 });
-            // The thread ends after its current request (bounded by its
-            // timeouts); its cursor says what is left.
-            if let Some(cursor) = w.thread.take().and_then(|t| t.join().ok()) {
-                let lines = cursor.left();
-                if lines > 0 {
-                    out.push(Undelivered {
-                        sink: w.sink.to_string(),
-                        lines,
-                        why,
-                    });
-                }
             }
         }
         out
@@ -367,51 +373,65 @@ fn ship_loop(mut cursor: Cursor, sink: &Sink, settings: &Settings, shared: &Shar
     let mut conn: Option<Box<dyn Batch>> = None;
     let mut backoff = Duration::from_millis(250);
     loop {
-        let (docs, used) = cursor.next();
-        if docs.is_empty() && used == 0 {
+        // Wait for more of the log, or the end of the run.
+        let finishing = {
             let mut st = shared.state.lock().unwrap();
-            if st.stop || st.finishing {
-                st.drained = true;
-                shared.wake.notify_all();
+            while !st.more && !st.stop {
+                st = shared.wake.wait(st).unwrap();
+            }
+            if st.stop {
                 return cursor;
             }
-            // Woken by new lines (poke) or, at worst, a second later.
-            let _ = shared
-                .wake
-                .wait_timeout(st, Duration::from_secs(1))
-                .unwrap();
-            continue;
-        }
-        if shared.state.lock().unwrap().stop {
-            return cursor;
-        }
-        let sent = match &mut conn {
-            Some(c) => c.send(&docs),
-            None => connect(sink, settings).and_then(|mut c| {
-                let r = c.send(&docs);
-                conn = Some(c);
-                r
-            }),
+            st.more = false;
+            st.finishing
         };
-        match sent {
-            Ok(()) => {
-                cursor.advance(used);
-                backoff = Duration::from_millis(250);
-                let mut st = shared.state.lock().unwrap();
-                st.failing = None;
-                st.answered = true;
+        // Everything there is, batch by batch.
+        loop {
+            let (docs, used) = cursor.next();
+            if used == 0 {
+                break;
             }
-            Err(why) => {
-                conn = None;
-                let mut st = shared.state.lock().unwrap();
-                st.failing = Some(why);
-                shared.wake.notify_all();
-                if st.stop || st.finishing {
-                    return cursor;
+            let sent = match &mut conn {
+                Some(c) => c.send(&docs),
+                None => connect(sink, settings).and_then(|mut c| {
+                    let r = c.send(&docs);
+                    conn = Some(c);
+                    r
+                }),
+            };
+            let mut st = shared.state.lock().unwrap();
+            match sent {
+                Ok(()) => {
+                    cursor.advance(used);
+                    backoff = Duration::from_millis(250);
+                    st.failing = None;
+                    st.answered = true;
+                    shared.wake.notify_all();
                 }
-                let _ = shared.wake.wait_timeout(st, backoff).unwrap();
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                Err(why) => {
+                    conn = None;
+                    st.failing = Some(why);
+                    shared.wake.notify_all();
+                    // A sink that fails gets no more time once the run is over.
+                    if st.stop || st.finishing {
+                        return cursor;
+                    }
+                    st = shared.wake.wait_timeout(st, backoff).unwrap().0;
+                    if st.stop || st.finishing {
+                        return cursor;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
             }
+            if st.stop {
+                return cursor;
+            }
+        }
+        if finishing {
+            let mut st = shared.state.lock().unwrap();
+            st.drained = true;
+            shared.wake.notify_all();
+            return cursor;
         }
     }
 }

@@ -5,7 +5,7 @@
 //! moto says is at 10.99.1.5 answers ssh at 10.99.1.5, and a target goes
 //! API → ssh → build → artifacts → terminate end to end. What moto answers
 //! is read back with boto3, not with slate's own client. Needs root and
-//! moto (`scripts/test.sh` installs it into target/tools/moto).
+//! moto (`scripts/test.sh` installs it into target/tools/py).
 
 mod common;
 
@@ -78,11 +78,11 @@ const CREDS: [(&str, &str); 4] = [
 impl Cloud {
     #[track_caller]
     fn start(dir: &Path) -> Cloud {
-        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tools/moto/bin");
+        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tools/py/bin");
         let server = venv.join("moto_server");
         assert!(
             server.is_file(),
-            "this test needs moto, an EC2 API server: scripts/test.sh installs it into target/tools/moto"
+            "this test needs moto, an EC2 API server: scripts/test.sh installs it into target/tools/py"
         );
         let port = common::free_port();
         let moto = Command::new(&server)

@@ -273,3 +273,201 @@ fn root_a_sink_that_is_down_fails_nothing_and_logs_ship_sends_every_line_later()
     let o = p.run(&["logs", "--ship", &run]);
     assert!(text(&o).contains("sent 0 log line(s)"), "{}", text(&o));
 }
+
+/// An Elasticsearch-compatible server: osmem-server (PyPI; an in-memory
+/// server of the OpenSearch HTTP API, `_bulk` and `_count` included),
+/// behind Debian's nginx for HTTPS (a certificate from the test's CA) and
+/// credentials (only `ApiKey <KEY>` passes; osmem checks none itself).
+/// Stopped when dropped.
+struct Elastic {
+    osmem: Option<Child>,
+    nginx: Child,
+    osmem_port: u16,
+    /// nginx's HTTPS port.
+    port: u16,
+    bin: PathBuf,
+}
+
+const API_KEY: &str = "c2xhdGU6dGVzdC1rZXk=";
+
+impl Elastic {
+    #[track_caller]
+    fn start(dir: &Path, ca_dir: &Path) -> Elastic {
+        let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tools/py/bin/python");
+        assert!(
+            py.is_file(),
+            "this test needs osmem-server: scripts/test.sh installs it into target/tools/py"
+        );
+        let o = Command::new(&py)
+            .args([
+                "-c",
+                "import osmem_server; print(osmem_server.resolve_binary())",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "osmem-server: {}", text(&o));
+        let bin = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+        let nginx_bin = require_tool("nginx", "nginx-light");
+        std::fs::create_dir_all(dir).unwrap();
+        let (osmem_port, port) = (common::free_port(), common::free_port());
+        let d = dir.display();
+        let c = ca_dir.display();
+        std::fs::write(
+            dir.join("nginx.conf"),
+            format!(
+                "daemon off; pid {d}/nginx.pid; error_log {d}/error.log;\n\
+                 events {{ worker_connections 64; }}\n\
+                 http {{ access_log off; client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+                 fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+                 map $http_authorization $ok {{ default 0; \"ApiKey {API_KEY}\" 1; }}\n\
+                 server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {c}/cert.pem; ssl_certificate_key {c}/key.pem;\n\
+                 client_max_body_size 100m;\n\
+                 location / {{ if ($ok = 0) {{ return 401; }} proxy_pass http://127.0.0.1:{osmem_port}; }} }} }}\n"
+            ),
+        )
+        .unwrap();
+        let nginx = Command::new(nginx_bin)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let e = Elastic {
+            osmem: None,
+            nginx,
+            osmem_port,
+            port,
+            bin,
+        };
+        e.wait_port(port);
+        e
+    }
+
+    fn wait_port(&self, port: u16) {
+        let ready = (0..1000).any(|_| {
+            let ok = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+            if !ok {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            ok
+        });
+        assert!(ready, "nothing listens on {port}");
+    }
+
+    /// The server behind nginx comes up (until then nginx answers 502).
+    fn up(&mut self) {
+        let child = Command::new(&self.bin)
+            .args([
+                "--addr",
+                &format!("127.0.0.1:{}", self.osmem_port),
+                "--no-stdin-watch",
+                "--no-ja",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.osmem = Some(child);
+        self.wait_port(self.osmem_port);
+        // The index is made beforehand, as a deployment's templates would:
+        // making it takes the server most of a second on its first request.
+        let url = format!("http://127.0.0.1:{}/slate-logs", self.osmem_port);
+        ureq::put(&url).call().unwrap();
+    }
+
+    /// Documents in `index`, asked of the server itself.
+    fn count(&self, index: &str) -> u64 {
+        let url = format!("http://127.0.0.1:{}/{index}/_count", self.osmem_port);
+        let text = ureq::get(&url).call().unwrap().into_string().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["count"].as_u64().unwrap_or(0)
+    }
+
+    fn search(&self, index: &str, q: &str) -> serde_json::Value {
+        let url = format!(
+            "http://127.0.0.1:{}/{index}/_search?q={q}&size=100",
+            self.osmem_port
+        );
+        serde_json::from_str(&ureq::get(&url).call().unwrap().into_string().unwrap()).unwrap()
+    }
+}
+
+impl Drop for Elastic {
+    fn drop(&mut self) {
+        for c in self
+            .osmem
+            .iter_mut()
+            .chain(std::iter::once(&mut self.nginx))
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root, nginx-light and osmem-server: scripts/test.sh runs it"]
+fn root_elasticsearch_bulk_over_https_with_an_api_key_loses_nothing_across_an_outage() {
+    common::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    // The syslog server is not used; it makes the test CA and certificate.
+    let rs = Rsyslog::start(&dir.path().join("rsyslog"));
+    let mut es = Elastic::start(&dir.path().join("es"), &rs.dir);
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.a]\nimage = \"bb\"\nrun = [\"echo from a\"]\n\
+         [builds.b]\nimage = \"bb\"\nrun = [\"echo from b\"]\n\
+         [settings.logs]\nship = [\"elasticsearch+https://localhost:{}/slate-logs\"]\nca = \"{}\"\n",
+        es.port,
+        rs.dir.join("ca.pem").display()
+    ));
+    let build = |key: &str| {
+        let o = p
+            .cmd(&["build"])
+            .env("SLATE_ELASTICSEARCH_API_KEY", key)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        let (run, docs) = ecs_docs(&p);
+        (text(&o), run, docs)
+    };
+    // The server is down (nginx answers 502): the build succeeds and says so.
+    let (out, run1, docs1) = build(API_KEY);
+    assert!(
+        out.contains(&format!("log line(s) of run {run1} were not delivered")),
+        "{out}"
+    );
+    es.up();
+    // Up: a build ships all of its log, with the right key.
+    let (out, run2, docs2) = build(API_KEY);
+    assert!(!out.contains("not delivered"), "{out}");
+    assert_eq!(es.count("slate-logs"), docs2.len() as u64);
+    let hits = es.search("slate-logs", "message:from");
+    let msgs: Vec<&str> = hits["hits"]["hits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["_source"]["labels"]["run"] == run2.as_str())
+        .filter_map(|h| h["_source"]["message"].as_str())
+        .collect();
+    assert!(
+        msgs.contains(&"from a") && msgs.contains(&"from b"),
+        "{hits}"
+    );
+    // The first run's log, kept through the outage, is sent whole, once.
+    let o = p
+        .cmd(&["logs", "--ship", &run1])
+        .env("SLATE_ELASTICSEARCH_API_KEY", API_KEY)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(es.count("slate-logs"), (docs1.len() + docs2.len()) as u64);
+    // A wrong key is refused: said, and nothing is sent.
+    let (out, _, _) = build("d3Jvbmc6a2V5");
+    assert!(out.contains("refused the credentials (401)"), "{out}");
+    assert_eq!(es.count("slate-logs"), (docs1.len() + docs2.len()) as u64);
+}

@@ -218,14 +218,19 @@ impl slate_store::events::EventSink for Poke<'_> {
     }
 }
 
-/// How long the end of a run waits for sinks that are answering.
+/// How long the end of a run waits for sinks that have been answering,
+/// and for ones that have not answered yet: what a sink that never answers
+/// costs a build. Batches go out while the build runs, so a sink that works
+/// has usually answered long before the end; what a slow first answer
+/// misses stays in the run's log for `slate logs --ship`.
 const SHIP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+const SHIP_UNPROVEN: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Gives answering sinks a moment to take the rest; says once per sink
 /// what was not delivered and how to send it later.
 pub fn finish_shipping(ctx: &Ctx, shipper: slate_ship::Shipper, run_id: &str) {
     let _ = ctx;
-    for u in shipper.finish(SHIP_GRACE) {
+    for u in shipper.finish(SHIP_GRACE, SHIP_UNPROVEN) {
         eprintln!(
             "warning: {} log line(s) of run {run_id} were not delivered to {}: {}; `slate logs --ship {run_id}` sends them",
             u.lines, u.sink, u.why
