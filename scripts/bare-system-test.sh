@@ -498,7 +498,7 @@ rm -f "$ROOT/usr/sbin/policy-rc.d"
 # In the same PID namespace as the install, so that a server it started
 # would still be running to be seen (by process name: `pgrep -f` would find
 # this very script).
-show in_chroot_sh './scripts/install-deps.sh test && ! pgrep -x sshd && ! pgrep -x docker-registry' ||
+show in_chroot_sh './scripts/install-deps.sh test && ! pgrep -x sshd && ! pgrep -x docker-registry && ! pgrep -x rsyslogd && ! pgrep -x nginx' ||
     die "./scripts/install-deps.sh test failed in the chroot, or left a server running (see above)"
 
 phase "checks after install-deps test"
@@ -512,7 +512,9 @@ for probe in 'bwrap --version' 'skopeo --version' 'umoci --version' 'aws --versi
     'qemu-aarch64-static --version' 'test -x /usr/bin/docker-registry' \
     '/usr/bin/python3 -c "import junitparser"' \
     '/usr/bin/python3 -c "import jsonschema"' 'groff --version' 'ssh -V' \
-    'test -x /usr/sbin/sshd' 'test ! -e /usr/sbin/policy-rc.d'; do
+    'test -x /usr/sbin/sshd' 'test ! -e /usr/sbin/policy-rc.d' \
+    'python3 -m venv --help' 'ip -V' 'rsyslogd -v' 'dpkg -L rsyslog-gnutls | grep -q lmnsd_gtls' \
+    'nginx -v' 'chromium --version 2>/dev/null' 'chromedriver --version'; do
     out=$(in_chroot_sh "$probe" 2>&1) || { echo "$out" | prefix; die "\`$probe\` fails after install-deps test"; }
     note "$probe: $(head -n 1 <<<"$out")"
 done
