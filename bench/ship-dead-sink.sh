@@ -39,20 +39,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-rootfs="$tmp/rootfs"
-mkdir -p "$rootfs/bin" "$rootfs"/{etc,root,tmp,proc,dev,sys,run,usr}
-cp /bin/busybox "$rootfs/bin/busybox"
-for applet in $("$rootfs/bin/busybox" --list); do
-    [ -e "$rootfs/bin/$applet" ] || ln -s busybox "$rootfs/bin/$applet"
-done
+# shellcheck source=bench/lib.sh
+. "$root/bench/lib.sh"
+busybox_project "$tmp"
 proj="$tmp/proj"
-mkdir -p "$proj"
-tar -C "$rootfs" -czf "$proj/rootfs.tar.gz" .
-{
-    printf '[images.bench]\nfrom = "tar:rootfs.tar.gz"\n\n'
-    printf '[builds.t]\nimage = "bench"\nmatrix = { n = ["1", "2", "3", "4", "5", "6", "7", "8"] }\n'
-    printf 'run = ["mkdir -p out && echo {n} > out/n"]\nartifacts = ["out/n"]\ninputs = []\n'
-} >"$proj/slate.toml"
 export SLATE_CACHE="$tmp/cache"
 "$slate" -q -C "$proj" bake >&2 || die "slate bake failed"
 

@@ -477,29 +477,12 @@ fn root_shell_is_interactive_in_the_targets_workdir_and_thrown_away() {
     ));
     p.write("input.txt", "from-host");
     assert!(p.run(&["bake"]).status.success());
-    // `script` gives slate a real terminal, as a person's shell would have.
-    let slate = format!(
-        "{} -C {} shell app",
-        env!("CARGO_BIN_EXE_slate"),
-        p.project().display()
+    // On a real terminal, as a person's shell would have.
+    let o = p.on_terminal(
+        "shell app",
+        b"echo \"in=$(pwd):$(cat input.txt):$(hostname)\"; echo left > /root/mark; exit 7\n",
+        &[],
     );
-    let mut child = Command::new("script")
-        .args(["-qec", &slate, "/dev/null"])
-        .env("SLATE_CACHE", &p.cache)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(
-            b"echo \"in=$(pwd):$(cat input.txt):$(hostname)\"; echo left > /root/mark; exit 7\n",
-        )
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(7), "{out}");
     assert!(out.contains("in=/work:from-host:app"), "{out}");
@@ -1654,22 +1637,10 @@ fn root_progress_is_live_on_a_terminal_plain_elsewhere_and_no_color_is_honoured(
         "{IMAGE}[builds.a]\nimage = \"bb\"\nrun = [\"echo from-a\"]\n\
          [builds.b]\nimage = \"bb\"\nrun = [\"echo from-b\"]\n"
     ));
-    // On a terminal (util-linux `script` gives slate a pseudo-terminal).
+    // On a terminal, with and without NO_COLOR.
     let on_tty = |args: &str, no_color: bool| {
-        let mut c = Command::new(require_tool("script", "bsdutils"));
-        c.args(["-q", "-e", "-c"])
-            .arg(format!(
-                "{} -C {} {args}",
-                env!("CARGO_BIN_EXE_slate"),
-                p.project().display()
-            ))
-            .arg("/dev/null")
-            .env("SLATE_CACHE", &p.cache)
-            .env_remove("NO_COLOR");
-        if no_color {
-            c.env("NO_COLOR", "1");
-        }
-        let o = c.output().unwrap();
+        let env: &[(&str, &str)] = if no_color { &[("NO_COLOR", "1")] } else { &[] };
+        let o = p.on_terminal(args, b"", env);
         assert!(o.status.success(), "{}", text(&o));
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
@@ -1740,21 +1711,7 @@ fn root_keep_failed_keeps_a_failed_environment_to_enter_as_it_was() {
     // Entered on a terminal: the file the build wrote is there, the one it
     // removed is gone, the working folder is the target's.
     let enter = |input: &[u8]| {
-        let slate = format!(
-            "{} -C {} shell --keep {id}",
-            env!("CARGO_BIN_EXE_slate"),
-            p.project().display()
-        );
-        let mut child = Command::new("script")
-            .args(["-qec", &slate, "/dev/null"])
-            .env("SLATE_CACHE", &p.cache)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(input).unwrap();
-        let o = child.wait_with_output().unwrap();
+        let o = p.on_terminal(&format!("shell --keep {id}"), input, &[]);
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
     let seen = enter(

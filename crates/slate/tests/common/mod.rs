@@ -165,6 +165,30 @@ impl Project {
         self.cmd(args).output().unwrap()
     }
 
+    /// slate `args` (one shell word each, unquoted) on a real terminal, as
+    /// a person would run it: util-linux `script` gives it a
+    /// pseudo-terminal, whose input is `input`. NO_COLOR is not set
+    /// unless `env` sets it.
+    pub fn on_terminal(&self, args: &str, input: &[u8], env: &[(&str, &str)]) -> Output {
+        let slate = format!(
+            "{} -C {} {args}",
+            env!("CARGO_BIN_EXE_slate"),
+            self.project().display()
+        );
+        let mut child = Command::new(require_tool("script", "bsdutils"))
+            .args(["-qec", &slate, "/dev/null"])
+            .env("SLATE_CACHE", &self.cache)
+            .env_remove("NO_COLOR")
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
     /// Environment folders left in the cache.
     pub fn envs_left(&self) -> usize {
         std::fs::read_dir(self.cache.join("v1/envs"))
