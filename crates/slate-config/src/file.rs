@@ -95,6 +95,22 @@ pub struct BuildConfig {
     pub pids: Option<Spanned<u64>>,
     pub timeout: Option<Spanned<String>>,
     pub provider: Option<Spanned<String>>,
+    /// Folders that outlive environments: `"/path"` or `{ path, id, sharing }`.
+    #[serde(default)]
+    pub caches: Vec<Spanned<CacheConfig>>,
+    /// `none` (the default) or `packages`: what a package manager needs.
+    pub privileges: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum CacheConfig {
+    Path(String),
+    Table {
+        path: String,
+        id: Option<String>,
+        sharing: Option<String>,
+    },
 }
 
 #[derive(Debug, Deserialize, Default)]

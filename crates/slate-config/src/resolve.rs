@@ -598,6 +598,8 @@ impl Resolver<'_> {
         self.check_artifacts(bc);
         let inputs = self.inputs(name, bc);
         self.check_secrets(bc);
+        let caches = self.caches(bc);
+        let packages = self.packages(bc);
         let parts = BuildParts {
             command,
             inputs,
@@ -605,6 +607,8 @@ impl Resolver<'_> {
             memory,
             timeout,
             provider,
+            caches,
+            packages,
         };
         for combo in combinations(&axes) {
             if let Some(t) = self.target(name, bc, images, &combo, &parts) {
@@ -881,7 +885,103 @@ impl Resolver<'_> {
             pids: bc.pids.as_ref().map(|p| *p.get_ref()),
             timeout: parts.timeout,
             provider: parts.provider,
+            caches: parts.caches.clone(),
+            packages: parts.packages,
         })
+    }
+
+    /// A build's `caches`, checked.
+    fn caches(&mut self, bc: &BuildConfig) -> Vec<crate::spec::CacheSpec> {
+        use crate::file::CacheConfig;
+        use crate::spec::{CacheSpec, Sharing};
+        let mut out: Vec<CacheSpec> = Vec::new();
+        for c in &bc.caches {
+            let (path, id, sharing) = match c.get_ref() {
+                CacheConfig::Path(p) => (p.clone(), None, None),
+                CacheConfig::Table { path, id, sharing } => {
+                    (path.clone(), id.clone(), sharing.clone())
+                }
+            };
+            let clean = path.trim_end_matches('/');
+            let reserved = ["/proc", "/sys", "/dev", "/run", "/tmp"]
+                .iter()
+                .any(|r| clean == *r || clean.starts_with(&format!("{r}/")));
+            if !clean.starts_with('/')
+                || clean.is_empty()
+                || clean.split('/').any(|p| p == ".." || p == ".")
+                || reserved
+            {
+                self.err(
+                    c,
+                    format!("cache path `{path}` must be an absolute folder inside the environment"),
+                    Some("e.g. \"/var/cache/apt/archives\" or \"/root/.cargo/registry\" (not /, /proc, /sys, /dev, /run or /tmp)".into()),
+                );
+                continue;
+            }
+            let id = id.unwrap_or_else(|| clean.trim_start_matches('/').replace('/', "-"));
+            if id.is_empty()
+                || id.len() > 100
+                || id.starts_with('.')
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            {
+                self.err(
+                    c,
+                    format!("cache id `{id}` must be letters, digits, `.`, `_` and `-`"),
+                    None,
+                );
+                continue;
+            }
+            // apt takes a lock in its archive folder and fails when another
+            // holds it: its caches default to one at a time.
+            let apt = [
+                "/var/cache/apt/archives",
+                "/var/cache/apt",
+                "/var/lib/apt/lists",
+            ]
+            .contains(&clean);
+            let sharing = match sharing.as_deref() {
+                None if apt => Sharing::Locked,
+                None | Some("shared") => Sharing::Shared,
+                Some("locked") => Sharing::Locked,
+                Some("private") => Sharing::Private,
+                Some(other) => {
+                    self.err(
+                        c,
+                        format!("unknown sharing `{other}`"),
+                        Some("use `shared`, `locked` or `private`".into()),
+                    );
+                    continue;
+                }
+            };
+            if out.iter().any(|o| o.path == clean) {
+                self.err(c, format!("`{clean}` is named twice in `caches`"), None);
+                continue;
+            }
+            out.push(CacheSpec {
+                path: clean.to_string(),
+                id,
+                sharing,
+            });
+        }
+        out
+    }
+
+    /// A build's `privileges`: whether it keeps a package manager's.
+    fn packages(&mut self, bc: &BuildConfig) -> bool {
+        match bc.privileges.as_ref().map(|p| (p, p.get_ref().as_str())) {
+            None | Some((_, "none")) => false,
+            Some((_, "packages")) => true,
+            Some((p, other)) => {
+                self.err(
+                    p,
+                    format!("unknown privileges `{other}`"),
+                    Some("use `none` (the default) or `packages` (what apt and dpkg need: owners, modes, users)".into()),
+                );
+                false
+            }
+        }
     }
 }
 
@@ -897,6 +997,8 @@ struct BuildParts {
     memory: Option<u64>,
     timeout: Option<Duration>,
     provider: ProviderKind,
+    caches: Vec<crate::spec::CacheSpec>,
+    packages: bool,
 }
 
 /// `build`, or `build-v1-v2…` with the values of a matrix combination.

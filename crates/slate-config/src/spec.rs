@@ -200,4 +200,30 @@ pub struct TargetSpec {
     pub pids: Option<u64>,
     pub timeout: Option<Duration>,
     pub provider: ProviderKind,
+    /// Folders that outlive environments (sandbox only).
+    pub caches: Vec<CacheSpec>,
+    /// The commands keep what a package manager needs (`privileges =
+    /// "packages"`): change owners and modes, switch users.
+    pub packages: bool,
+}
+
+/// How a cache is shared by environments that run at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharing {
+    /// All of them use it at once.
+    Shared,
+    /// One at a time; the others wait.
+    Locked,
+    /// One at a time; the others each get a cache of their own.
+    Private,
+}
+
+/// A folder at `path` inside that outlives environments: downloads, never
+/// state a build could depend on silently.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheSpec {
+    pub path: String,
+    /// Environments naming the same id share the folder.
+    pub id: String,
+    pub sharing: Sharing,
 }

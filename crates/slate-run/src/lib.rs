@@ -22,6 +22,7 @@ pub const CREATE_ATTEMPTS: u32 = 3;
 /// The pids limit when a build sets none (a fork bomb must not take the host).
 pub const DEFAULT_PIDS: u64 = 32768;
 
+pub mod caches;
 pub mod kept;
 
 pub struct BuildOptions {
@@ -178,6 +179,12 @@ enum TargetError {
         "artifact `{rel}` is named like slate's own `{base}` beside the artifacts; rename it in the build"
     )]
     ReservedName { rel: String, base: String },
+    #[error("artifact `{rel}` lies in the cache mount `{cache}`: a cache never becomes an artifact; copy the file out of it in the build")]
+    InCache { rel: String, cache: String },
+    #[error("`caches` need the sandbox provider (this target runs with `{0}`)")]
+    CachesUnsupported(&'static str),
+    #[error("cannot prepare the cache mounts")]
+    Caches(#[source] std::io::Error),
     #[error("two artifacts are both named `{base}`; artifacts are stored by file name")]
     SameName { base: String },
     /// The environment refused what the build asked of it (an artifact
@@ -228,6 +235,8 @@ impl TargetError {
             | E::BadGlob { .. }
             | E::NoMatch { .. }
             | E::ReservedName { .. }
+            | E::InCache { .. }
+            | E::CachesUnsupported(_)
             | E::SameName { .. }
             | E::Refused(_) => (TargetStatus::Failed, None),
             E::Unavailable(_)
@@ -237,6 +246,7 @@ impl TargetError {
             | E::HashInputs(_)
             | E::ReadScript { .. }
             | E::Staging(_)
+            | E::Caches(_)
             | E::Artifact { .. } => (TargetStatus::InfraFailed, None),
             E::Cancelled => (TargetStatus::Cancelled, None),
         }
@@ -451,7 +461,11 @@ impl<P: Provider> Orchestrator<'_, P> {
             binds: vec![],
             ephemeral: false,
             kind,
-            privileges: slate_provider::Privileges::None,
+            privileges: if t.packages {
+                slate_provider::Privileges::Packages
+            } else {
+                slate_provider::Privileges::None
+            },
         }
     }
 
@@ -570,7 +584,19 @@ impl<P: Provider> Orchestrator<'_, P> {
         let Some(kind) = targets::env_kind(t.provider) else {
             return self.fail(t, TargetError::Unavailable(t.provider.name()));
         };
-        let spec = self.env_spec(t, img, kind);
+        let mut spec = self.env_spec(t, img, kind);
+        if !t.caches.is_empty() && kind != EnvKind::Sandbox {
+            return self.fail(t, TargetError::CachesUnsupported(kind.name()));
+        }
+        // Held until the target is done: `locked` and `private` caches are
+        // one environment's at a time.
+        let _cache_locks = match caches::take(self.store.root(), &self.project.dir, &t.caches) {
+            Ok((binds, locks)) => {
+                spec.binds.extend(binds);
+                locks
+            }
+            Err(e) => return self.fail(t, TargetError::Caches(e)),
+        };
         let mut attempt = 1;
         loop {
             let retry = |attempt: u32, error: &TargetError| {
@@ -759,6 +785,13 @@ impl<P: Provider> Orchestrator<'_, P> {
             if base.starts_with("provenance.") && base.ends_with(".json") {
                 return Err(TargetError::ReservedName { rel, base });
             }
+            let inside = format!("{}/{rel}", t.workdir.trim_end_matches('/'));
+            if let Some(c) = caches::holding(&t.caches, &inside) {
+                return Err(TargetError::InCache {
+                    rel,
+                    cache: c.path.clone(),
+                });
+            }
             if dest.exists() {
                 return Err(TargetError::SameName { base });
             }
@@ -877,6 +910,15 @@ fn pick_artifacts(t: &TargetSpec, files: &[String]) -> Result<Vec<String>, Targe
             .compile_matcher();
         let matched: Vec<&String> = files.iter().filter(|f| glob.is_match(f.as_str())).collect();
         if matched.is_empty() {
+            // What a cache holds is never listed: say so rather than that
+            // nothing matched.
+            let inside = format!("{}/{pattern}", t.workdir.trim_end_matches('/'));
+            if let Some(c) = caches::holding(&t.caches, &inside) {
+                return Err(TargetError::InCache {
+                    rel: pattern.clone(),
+                    cache: c.path.clone(),
+                });
+            }
             return Err(TargetError::NoMatch {
                 pattern: pattern.clone(),
                 workdir: t.workdir.clone(),

@@ -1742,3 +1742,85 @@ fn root_keep_failed_keeps_a_failed_environment_to_enter_as_it_was() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("no kept environment"), "{}", text(&o));
 }
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_a_cache_mount_is_seen_by_the_next_target_and_never_in_artifacts_or_layers() {
+    require_root();
+    let config = format!(
+        "{IMAGE}[builds.first]\nimage = \"bb\"\ncaches = [\"/root/.cache/dl\"]\n\
+         run = [\"test ! -e /root/.cache/dl/fetched\", \"echo payload > /root/.cache/dl/fetched\", \"mkdir -p out; echo made > out/a\"]\n\
+         artifacts = [\"out/*\"]\n\
+         [builds.second]\nimage = \"bb\"\ncaches = [{{ path = \"/root/.cache/dl\", sharing = \"locked\" }}]\n\
+         run = [\"mkdir -p out; cat /root/.cache/dl/fetched > out/b\"]\nartifacts = [\"out/*\"]\n\
+         [builds.leak]\nimage = \"bb\"\nworkdir = \"/src\"\ncaches = [\"/src/target\"]\n\
+         run = [\"mkdir -p target; echo x > target/app\"]\nartifacts = [\"target/app\"]\n"
+    );
+    let p = Project::new(&config);
+    let o = p.run(&["build", "first"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = p.run(&["build", "second"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // The second target saw what the first left in the cache.
+    assert_eq!(p.read("artifacts/second/b"), "payload\n");
+    // Not an artifact, not in any layer: only in the cache's own folder.
+    let sums = p.read("artifacts/SHA256SUMS");
+    assert!(!sums.contains("fetched"), "{sums}");
+    let holding: Vec<PathBuf> = all_files(&p.cache)
+        .into_iter()
+        .filter(|f| f.ends_with("fetched"))
+        .collect();
+    assert_eq!(holding.len(), 1, "{holding:?}");
+    assert!(
+        holding[0].to_string_lossy().contains("/caches/"),
+        "{holding:?}"
+    );
+    let images = text(&p.run(&["images"]));
+    assert!(images.contains("cache root-.cache-dl"), "{images}");
+    // An artifact inside a cache is refused, saying why.
+    let o = p.run(&["build", "leak"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("lies in the cache mount `/src/target`"),
+        "{}",
+        text(&o)
+    );
+
+    // Another project with the same cache path starts from an empty one.
+    let mut other = Project::new(&config);
+    other.cache = p.cache.clone();
+    let o = other.run(&["build", "first"]);
+    assert!(
+        o.status.success(),
+        "another project saw this one's cache: {}",
+        text(&o)
+    );
+
+    // gc keeps caches; gc --all removes them.
+    assert!(text(&p.run(&["gc"])).contains("removed 0 cache mount(s)"));
+    let o = p.run(&["gc", "--all"]);
+    assert!(
+        text(&o).contains("removed 3 cache mount(s)"),
+        "{}",
+        text(&o)
+    );
+    assert!(all_files(&p.cache).iter().all(|f| !f.ends_with("fetched")));
+}
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_privileges_packages_lets_a_build_change_owners_and_nothing_more() {
+    require_root();
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.plain]\nimage = \"bb\"\nrun = [\"touch f; chown 1:1 f\"]\n\
+         [builds.pkg]\nimage = \"bb\"\nprivileges = \"packages\"\n\
+         run = [\"touch f; chown 1:1 f\", \"if mknod /dev/x c 1 3 2>/dev/null; then exit 9; fi\", \"if mount -t tmpfs t /mnt 2>/dev/null; then exit 10; fi\"]\n"
+    ));
+    // Root by name only: owners cannot change.
+    let o = p.run(&["build", "plain"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    // With a package manager's privileges they can; devices and mounts
+    // stay out of reach.
+    let o = p.run(&["build", "pkg"]);
+    assert!(o.status.success(), "{}", text(&o));
+}

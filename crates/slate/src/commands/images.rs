@@ -91,7 +91,38 @@ pub fn images(ctx: &Ctx) -> CmdResult {
             human(total)
         );
     }
+    // This project's cache mounts.
+    let mine = slate_run::caches::project_dir(store.root(), &project.dir);
+    for c in slate_run::caches::list(store.root()) {
+        if c.path.starts_with(&mine) {
+            println!(
+                "cache {}  {:>10}  used {}  ({})",
+                c.id,
+                human(c.bytes),
+                ago(Some(
+                    SystemTime::now() - std::time::Duration::from_secs(c.idle)
+                )),
+                c.path.display()
+            );
+        }
+    }
     Ok(Exit::Ok.into())
+}
+
+/// Removes cache mounts: every one with `all`, those unused for `idle`
+/// with it, none otherwise (they are kept on purpose): how many, and their
+/// bytes.
+fn prune_caches(store_root: &std::path::Path, all: bool, idle: Option<u64>) -> (usize, u64) {
+    let mut n = 0;
+    let mut bytes = 0;
+    for c in slate_run::caches::list(store_root) {
+        let due = all || idle.is_some_and(|i| c.idle >= i);
+        if due && slate_layers::store::remove_tree(&c.path).is_ok() {
+            n += 1;
+            bytes += c.bytes;
+        }
+    }
+    (n, bytes)
 }
 
 /// Removes environments kept by `build --keep-failed` once their 24 h are
@@ -234,6 +265,8 @@ pub fn gc(ctx: &Ctx, args: GcArgs) -> CmdResult {
     let (vm_files, vm_bytes) = slate_vm::boot::gc(&store.root().join("vm"));
     let (runs_removed, run_bytes) = prune_runs(&super::runs_dir(&project), args.keep_runs);
     let (kept_removed, kept_bytes) = prune_kept(store.root(), args.all);
+    let (caches_removed, cache_bytes) =
+        prune_caches(store.root(), args.all, min_idle.map(|d| d.as_secs()));
     ctx.say(&format!(
         "removed {} layer(s): {} ({} bytes)",
         swept.layers,
@@ -255,6 +288,15 @@ pub fn gc(ctx: &Ctx, args: GcArgs) -> CmdResult {
         if args.all { "" } else { " older than 24 h" },
         human(kept_bytes)
     ));
+    ctx.say(&format!(
+        "removed {caches_removed} cache mount(s){}: {}",
+        match (args.all, min_idle) {
+            (true, _) => String::new(),
+            (false, Some(d)) => format!(" unused for {}", humantime::format_duration(d)),
+            (false, None) => " (kept: --older-than or --all remove them)".into(),
+        },
+        human(cache_bytes)
+    ));
     ctx.say(&format!("removed unfinished layers: {}", human(tmp)));
     ctx.say(&format!(
         "removed {vm_files} VM disk(s) and boot file set(s) of removed layers: {}",
@@ -262,7 +304,7 @@ pub fn gc(ctx: &Ctx, args: GcArgs) -> CmdResult {
     ));
     ctx.say(&format!(
         "freed {} in all",
-        human(swept.bytes + reaped.bytes + run_bytes + tmp + vm_bytes + kept_bytes)
+        human(swept.bytes + reaped.bytes + run_bytes + tmp + vm_bytes + kept_bytes + cache_bytes)
     ));
     let failed: Vec<String> = reaped
         .failed
