@@ -34,6 +34,8 @@ pub struct SettingsConfig {
     /// project folder.
     #[serde(default)]
     pub outside_sources: bool,
+    /// Baked layers fetched from (and `slate bake` sends to) this cache.
+    pub layer_cache: Option<Spanned<String>>,
     /// `[settings.logs]`: where every run's log is shipped.
     #[serde(default)]
     pub logs: LogsConfig,

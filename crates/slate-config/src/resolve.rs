@@ -210,7 +210,22 @@ impl Resolver<'_> {
             host_ca: file.settings.host_ca,
             ship: self.ship(file),
             ship_ca: file.settings.logs.ca.as_ref().map(|c| self.dir.join(c)),
+            layer_cache: self.layer_cache(file),
         }
+    }
+
+    fn layer_cache(&mut self, file: &ConfigFile) -> Option<String> {
+        let l = file.settings.layer_cache.as_ref()?;
+        let url = l.get_ref();
+        if url.starts_with("s3://") || url.starts_with("file://") {
+            return Some(url.clone());
+        }
+        self.err(
+            l,
+            format!("`layer_cache = \"{url}\"` is not a supported layer cache"),
+            Some("use `s3://BUCKET/PREFIX` or `file://PATH`".into()),
+        );
+        None
     }
 
     /// `[settings.logs] ship`, each checked for a known scheme.

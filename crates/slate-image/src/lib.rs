@@ -95,6 +95,18 @@ pub enum LayerState {
     Cached,
     Started,
     Built(Duration),
+    /// Fetched from a layer cache instead of baked.
+    Pulled(Duration),
+}
+
+/// Where a layer missing here may be fetched instead of baked: another
+/// machine's bakes (`--cache-from`).
+pub trait LayerSource: Sync {
+    /// Puts layer `key` into `store` (whose lock on `key` the caller
+    /// holds) when the source has it: `Ok(true)`. `Ok(false)` when it does
+    /// not; `Err` when what it has cannot be used (the caller bakes the
+    /// layer, saying why).
+    fn fetch(&self, store: &LayerStore, key: &str) -> Result<bool, String>;
 }
 
 /// Progress of a bake, drawn by whoever owns the terminal.
@@ -131,6 +143,8 @@ pub struct Baker<'a, P: Provider> {
     pub cancel: Cancel,
     /// Steps trust the host's CA bundle (`host_ca = true`).
     pub host_ca: bool,
+    /// Where missing layers are fetched from before they are baked.
+    pub source: Option<&'a dyn LayerSource>,
 }
 
 impl<P: Provider> Baker<'_, P> {
@@ -167,6 +181,28 @@ impl<P: Provider> Baker<'_, P> {
                 return Err(ImageError::Cancelled {
                     image: plan.name.clone(),
                 });
+            }
+            if let Some(src) = self.source {
+                let started = Instant::now();
+                match src.fetch(self.store, &layer.key) {
+                    Ok(true) if self.store.has(&layer.key) => {
+                        self.reporter.layer(
+                            &plan.name,
+                            layer,
+                            LayerState::Pulled(started.elapsed()),
+                        );
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(why) => self.reporter.output(
+                        &plan.name,
+                        Stream::Stderr,
+                        &format!(
+                            "layer {} from the layer cache refused, baking it: {why}",
+                            &layer.key[..12]
+                        ),
+                    ),
+                }
             }
             self.reporter.layer(&plan.name, layer, LayerState::Started);
             let started = Instant::now();

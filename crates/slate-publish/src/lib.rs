@@ -10,6 +10,7 @@
 //! sent again.
 
 mod dest;
+pub mod layers;
 
 pub use dest::{Destination, DestinationError};
 
@@ -285,11 +286,7 @@ struct Publisher<'a> {
 
 impl Publisher<'_> {
     fn remote(&self, op: &'static str, key: &ObjPath, e: object_store::Error) -> PublishError {
-        PublishError::Remote {
-            op,
-            url: self.dest.url_of(key),
-            source: self.dest.scrub(e),
-        }
+        remote(self.dest, op, key, e)
     }
 
     async fn one(&self, item: &Item) -> Result<(), PublishError> {
@@ -310,7 +307,7 @@ impl Publisher<'_> {
             self.files_skipped.fetch_add(1, Ordering::Relaxed);
             FileOutcome::Skipped { bytes: size }
         } else {
-            let parts = self.upload(&key, &local, &sha, size).await?;
+            let parts = upload(self.dest, &key, &local, &sha, size).await?;
             self.sent.fetch_add(size, Ordering::Relaxed);
             self.files_sent.fetch_add(1, Ordering::Relaxed);
             FileOutcome::Sent { bytes: size, parts }
@@ -357,71 +354,6 @@ impl Publisher<'_> {
         Ok(hex(&h.finalize()) == sha)
     }
 
-    /// Sends one file; returns the number of parts (1 for a plain put).
-    async fn upload(
-        &self,
-        key: &ObjPath,
-        local: &Path,
-        sha: &str,
-        size: u64,
-    ) -> Result<usize, PublishError> {
-        let store = self.dest.store();
-        let mut attributes = Attributes::new();
-        if self.dest.keeps_metadata() {
-            attributes.insert(Attribute::Metadata(SHA_KEY.into()), sha.to_string().into());
-        }
-        let opts = PutOptions {
-            attributes: attributes.clone(),
-            ..Default::default()
-        };
-        let read = |source| PublishError::Read {
-            path: local.to_path_buf(),
-            source,
-        };
-        if size < MULTIPART_THRESHOLD {
-            let data = tokio::fs::read(local).await.map_err(read)?;
-            store
-                .put_opts(key, PutPayload::from(data), opts)
-                .await
-                .map_err(|e| self.remote("upload", key, e))?;
-            return Ok(1);
-        }
-        let upload = store
-            .put_multipart_opts(
-                key,
-                PutMultipartOptions {
-                    attributes,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| self.remote("start a multipart upload of", key, e))?;
-        let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-        let mut f = tokio::fs::File::open(local).await.map_err(read)?;
-        let mut buf = vec![0u8; 1 << 20];
-        let res: Result<(), PublishError> = async {
-            loop {
-                let n = f.read(&mut buf).await.map_err(read)?;
-                if n == 0 {
-                    return Ok(());
-                }
-                w.wait_for_capacity(PARTS_IN_FLIGHT)
-                    .await
-                    .map_err(|e| self.remote("upload a part of", key, e))?;
-                w.write(&buf[..n]);
-            }
-        }
-        .await;
-        if let Err(e) = res {
-            let _ = w.abort().await;
-            return Err(e);
-        }
-        w.finish()
-            .await
-            .map_err(|e| self.remote("complete the multipart upload of", key, e))?;
-        Ok(size.div_ceil(PART_SIZE as u64) as usize)
-    }
-
     /// Points `PREFIX/latest` at this run (its id and a newline).
     async fn latest(&self) -> Result<(), PublishError> {
         let key = self.dest.prefix_key(LATEST);
@@ -447,3 +379,83 @@ async fn sha256_file(path: PathBuf) -> Result<(String, u64), PublishError> {
 
 #[cfg(test)]
 mod tests;
+
+/// Sends one file to `dest` under `key`, its sha256 kept as metadata where
+/// the store keeps any; returns the number of parts (1 for a plain put).
+pub(crate) async fn upload(
+    dest: &Destination,
+    key: &ObjPath,
+    local: &Path,
+    sha: &str,
+    size: u64,
+) -> Result<usize, PublishError> {
+    let store = dest.store();
+    let mut attributes = Attributes::new();
+    if dest.keeps_metadata() {
+        attributes.insert(Attribute::Metadata(SHA_KEY.into()), sha.to_string().into());
+    }
+    let opts = PutOptions {
+        attributes: attributes.clone(),
+        ..Default::default()
+    };
+    let read = |source| PublishError::Read {
+        path: local.to_path_buf(),
+        source,
+    };
+    if size < MULTIPART_THRESHOLD {
+        let data = tokio::fs::read(local).await.map_err(read)?;
+        store
+            .put_opts(key, PutPayload::from(data), opts)
+            .await
+            .map_err(|e| remote(dest, "upload", key, e))?;
+        return Ok(1);
+    }
+    let upload = store
+        .put_multipart_opts(
+            key,
+            PutMultipartOptions {
+                attributes,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| remote(dest, "start a multipart upload of", key, e))?;
+    let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+    let mut f = tokio::fs::File::open(local).await.map_err(read)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let res: Result<(), PublishError> = async {
+        loop {
+            let n = f.read(&mut buf).await.map_err(read)?;
+            if n == 0 {
+                return Ok(());
+            }
+            w.wait_for_capacity(PARTS_IN_FLIGHT)
+                .await
+                .map_err(|e| remote(dest, "upload a part of", key, e))?;
+            w.write(&buf[..n]);
+        }
+    }
+    .await;
+    if let Err(e) = res {
+        let _ = w.abort().await;
+        return Err(e);
+    }
+    w.finish()
+        .await
+        .map_err(|e| remote(dest, "complete the multipart upload of", key, e))?;
+    Ok(size.div_ceil(PART_SIZE as u64) as usize)
+}
+
+/// A storage error on `key` of `dest`, as the user sees it.
+pub(crate) fn remote(
+    dest: &Destination,
+    op: &'static str,
+    key: &ObjPath,
+    e: object_store::Error,
+) -> PublishError {
+    PublishError::Remote {
+        op,
+        url: dest.url_of(key),
+        source: dest.scrub(e),
+    }
+}

@@ -51,6 +51,8 @@ pub struct Orchestrator<'a, P: Provider> {
     pub provider: &'a P,
     pub sink: &'a dyn EventSink,
     pub cancel: Cancel,
+    /// Where missing layers are fetched from before they are baked.
+    pub layer_source: Option<&'a dyn slate_image::LayerSource>,
 }
 
 /// The values of a target's secrets, as this process sees them.
@@ -121,6 +123,7 @@ impl BakeReporter for BakeEvents<'_> {
             LayerState::Cached => ("cached", None),
             LayerState::Started => ("baking", None),
             LayerState::Built(d) => ("baked", Some(d.as_secs_f64())),
+            LayerState::Pulled(d) => ("pulled", Some(d.as_secs_f64())),
         };
         self.sink.event(&Event::new(
             Some(image),
@@ -273,6 +276,7 @@ impl<P: Provider> Orchestrator<'_, P> {
             reporter: &reporter,
             cancel: self.cancel.clone(),
             host_ca: self.project.settings.host_ca,
+            source: self.layer_source,
         };
         // Independent images bake at once; images that share layers meet at
         // the store's per-layer lock, and the second finds the layer cached.

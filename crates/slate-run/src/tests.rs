@@ -44,6 +44,7 @@ fn run(f: &Fixture, provider: &FakeProvider, sink: &events::Collect) -> TargetRe
         provider,
         sink,
         cancel: Cancel::new(),
+        layer_source: None,
     };
     let store = ArtifactStore::new(f.artifacts.clone(), "run1");
     let r = orch.run_target(&f.project.targets[0], &image(), &store, None);

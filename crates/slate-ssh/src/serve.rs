@@ -61,6 +61,12 @@ fn check_key(key: &str) -> io::Result<()> {
 pub fn receive_layer(store: &LayerStore, key: &str, input: impl Read) -> io::Result<()> {
     check_key(key)?;
     let _lock = store.lock(key)?;
+    receive_layer_locked(store, key, input)
+}
+
+/// As [`receive_layer`], for a caller that holds the store's lock on `key`.
+pub fn receive_layer_locked(store: &LayerStore, key: &str, input: impl Read) -> io::Result<()> {
+    check_key(key)?;
     if store.has(key) {
         // Another slate sent it meanwhile: read and drop this copy.
         io::copy(&mut { input }, &mut io::sink())?;

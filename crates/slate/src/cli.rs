@@ -77,6 +77,13 @@ pub enum Command {
         /// Allow plain http to a registry that is not on loopback
         #[arg(long)]
         insecure: bool,
+        /// Fetch layers missing here from this layer cache (s3://BUCKET/PREFIX
+        /// or file://PATH) instead of baking them; default: [settings] layer_cache
+        #[arg(long, value_name = "URL")]
+        cache_from: Option<String>,
+        /// Send the baked layers this cache lacks to it; default: [settings] layer_cache
+        #[arg(long, value_name = "URL")]
+        cache_to: Option<String>,
     },
     /// List baked images and layers with sizes
     Images,

@@ -205,6 +205,17 @@ impl Ctx {
         Ok(ec2)
     }
 
+    /// The layer cache of `[settings] layer_cache`, to fetch missing layers
+    /// from, when there is one.
+    pub fn layer_source(&self, project: &Project) -> Result<Option<commands::layercache::Remote>> {
+        project
+            .settings
+            .layer_cache
+            .as_deref()
+            .map(|url| commands::layercache::Remote::open(url, &project.dir))
+            .transpose()
+    }
+
     /// The ssh provider over `[providers.ssh]`'s hosts, shipping layers
     /// from the store at `layers_root`.
     pub fn ssh_provider(
@@ -293,7 +304,16 @@ fn main() -> ExitCode {
             export,
             push,
             insecure,
-        } => commands::bake::bake(&ctx, images, export.as_deref(), push.as_deref(), *insecure),
+            cache_from,
+            cache_to,
+        } => commands::bake::bake(
+            &ctx,
+            images,
+            export.as_deref(),
+            push.as_deref(),
+            *insecure,
+            (cache_from.as_deref(), cache_to.as_deref()),
+        ),
         Command::Images => commands::images::images(&ctx),
         Command::Gc { remote: true, .. } => commands::images::gc_remote(&ctx),
         Command::Gc {

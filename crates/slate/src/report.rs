@@ -17,6 +17,7 @@ pub enum Mode {
 struct State {
     baked: usize,
     cached: usize,
+    pulled: usize,
     running: BTreeMap<String, (String, Instant)>,
     drawn: usize,
     started: BTreeMap<String, Instant>,
@@ -40,6 +41,7 @@ impl Reporter {
             state: Mutex::new(State {
                 baked: 0,
                 cached: 0,
+                pulled: 0,
                 running: BTreeMap::new(),
                 drawn: 0,
                 started: BTreeMap::new(),
@@ -56,10 +58,10 @@ impl Reporter {
         self
     }
 
-    /// Layers baked and layers found cached so far.
-    pub fn bake_counts(&self) -> (usize, usize) {
+    /// Layers baked, found cached and pulled from a layer cache so far.
+    pub fn bake_counts(&self) -> (usize, usize, usize) {
         let st = self.state.lock().unwrap();
-        (st.baked, st.cached)
+        (st.baked, st.cached, st.pulled)
     }
 
     fn paint(&self, code: &str, s: &str) -> String {
@@ -156,6 +158,7 @@ impl EventSink for Reporter {
                 match state.as_str() {
                     "cached" => st.cached += 1,
                     "baked" => st.baked += 1,
+                    "pulled" => st.pulled += 1,
                     _ => {}
                 }
                 if self.quiet {
@@ -164,6 +167,13 @@ impl EventSink for Reporter {
                 let label = match state.as_str() {
                     "cached" => self.paint("2", "cached"),
                     "baking" => self.paint("33", "baking"),
+                    "pulled" => self.paint(
+                        "32",
+                        &format!(
+                            "pulled from the layer cache in {:.1}s",
+                            seconds.unwrap_or(0.0)
+                        ),
+                    ),
                     _ => self.paint("32", &format!("baked in {:.1}s", seconds.unwrap_or(0.0))),
                 };
                 self.print(&mut st, &format!("{prefix} {label} {description}"));

@@ -1824,3 +1824,117 @@ fn root_privileges_packages_lets_a_build_change_owners_and_nothing_more() {
     let o = p.run(&["build", "pkg"]);
     assert!(o.status.success(), "{}", text(&o));
 }
+
+#[test]
+#[ignore = "needs root and s3s-fs: scripts/test.sh runs it"]
+fn root_layers_sent_with_cache_to_are_pulled_whole_and_a_corrupt_one_is_refused_and_rebaked() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = common::S3Server::start(dir.path(), "layers");
+    let url = "s3://layers/team";
+    let a = Project::new(&format!(
+        "{IMAGE}[builds.app]\nimage = \"bb\"\nrun = [\"cat /etc/two\"]\n"
+    ));
+    let slate = |p: &Project, args: &[&str]| {
+        let o = p.cmd(args).envs(s3.env()).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", text(&o));
+        text(&o)
+    };
+    let out = slate(&a, &["bake", "--cache-to", url]);
+    assert!(out.contains("sent 3 layer(s)"), "{out}");
+    // Again: nothing is sent twice.
+    assert!(slate(&a, &["bake", "--cache-to", url]).contains("sent 0 layer(s)"));
+
+    // Another machine (an empty cache, the same recipe) pulls every layer.
+    let same_recipe = |p: &Project| {
+        std::fs::copy(a.project().join("bb.tar.gz"), p.project().join("bb.tar.gz")).unwrap();
+    };
+    let b = Project::new(&a.read("slate.toml"));
+    same_recipe(&b);
+    let out = slate(&b, &["bake", "--cache-from", url]);
+    assert!(
+        out.contains("0 layer(s) baked, 3 pulled from the layer cache"),
+        "{out}"
+    );
+    let keys: Vec<String> = std::fs::read_dir(a.cache.join("v1/layers"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(keys.len(), 3);
+    for key in &keys {
+        // What was pulled is what was baked, file for file.
+        let diff = Command::new("diff")
+            .arg("-r")
+            .arg(a.cache.join("v1/layers").join(key).join("fs"))
+            .arg(b.cache.join("v1/layers").join(key).join("fs"))
+            .output()
+            .unwrap();
+        assert!(
+            diff.status.success(),
+            "layer {key} differs: {}",
+            text(&diff)
+        );
+        // The object has the sha256 the cache's record names.
+        let obj = s3
+            .data
+            .join("layers/team/layers")
+            .join(format!("{key}.tar"));
+        let rec: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                s3.data
+                    .join("layers/team/layers")
+                    .join(format!("{key}.json")),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let sum = Command::new("sha256sum").arg(&obj).output().unwrap();
+        let sum = String::from_utf8_lossy(&sum.stdout);
+        assert_eq!(
+            sum.split_whitespace().next(),
+            rec["sha256"].as_str(),
+            "{rec}"
+        );
+    }
+    assert_eq!(
+        text(&b.run(&["run", "bb", "--", "cat", "/etc/two"])).trim(),
+        "two"
+    );
+
+    // A tar changed in the cache is refused and its layer baked here.
+    let victim = keys
+        .iter()
+        .find(|k| {
+            std::fs::read_to_string(a.cache.join("v1/layers").join(k).join("layer.json"))
+                .unwrap()
+                .contains("echo two")
+        })
+        .unwrap();
+    let obj = s3
+        .data
+        .join("layers/team/layers")
+        .join(format!("{victim}.tar"));
+    let mut data = std::fs::read(&obj).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 0xff;
+    std::fs::write(&obj, data).unwrap();
+    let c = Project::new(&a.read("slate.toml"));
+    same_recipe(&c);
+    let out = slate(&c, &["bake", "--cache-from", url]);
+    assert!(
+        out.contains(&format!(
+            "layer {} from the layer cache refused, baking it: its tar has sha256",
+            &victim[..12]
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("1 layer(s) baked, 2 pulled from the layer cache"),
+        "{out}"
+    );
+    assert_eq!(
+        text(&c.run(&["run", "bb", "--", "cat", "/etc/two"])).trim(),
+        "two"
+    );
+}

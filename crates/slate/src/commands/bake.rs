@@ -12,8 +12,13 @@ pub fn bake(
     export: Option<&[String]>,
     push: Option<&str>,
     insecure: bool,
+    (cache_from, cache_to): (Option<&str>, Option<&str>),
 ) -> CmdResult {
     let project = ctx.project()?;
+    let layer_cache = project.settings.layer_cache.as_deref();
+    let open = |url: &str| super::layercache::Remote::open(url, &ctx.cwd);
+    let from = cache_from.or(layer_cache).map(open).transpose()?;
+    let to = cache_to.or(layer_cache).map(open).transpose()?;
     let push_ref = push
         .map(|r| {
             one_image(
@@ -66,7 +71,10 @@ pub fn bake(
         }
     }
     let store = ctx.store_for(&project)?;
-    bake_images(ctx, &project, &store, &names)?;
+    bake_images(ctx, &project, &store, &names, from.as_ref())?;
+    if let Some(to) = &to {
+        push_layers(ctx, &project, &store, &names, to)?;
+    }
     if let Some(r) = push_ref {
         let name = &images[0];
         let p = slate_image::export::push_image(&project, &store, name, &r, insecure)
@@ -182,6 +190,38 @@ fn export_ami(
     Ok(())
 }
 
+/// Sends the layers of `names` the layer cache `to` lacks.
+fn push_layers(
+    ctx: &Ctx,
+    project: &slate_config::Project,
+    store: &slate_image::LayerStore,
+    names: &[String],
+    to: &super::layercache::Remote,
+) -> Result<(), CliError> {
+    let mut keys: Vec<String> = Vec::new();
+    for n in names {
+        let plan = slate_image::plan::plan_cached(project, n, store)
+            .map_err(|e| CliError::from_error(Exit::Usage, &e))?;
+        for l in plan.layers {
+            if !keys.contains(&l.key) {
+                keys.push(l.key);
+            }
+        }
+    }
+    let (sent, bytes, there) = to.push(store, &keys).map_err(|why| {
+        CliError::new(
+            Exit::Infra,
+            format!("cannot send layers to the layer cache {}: {why}", to.url()),
+        )
+        .hint("the layers stay baked here; `slate bake --cache-to URL` sends them later")
+    })?;
+    ctx.say(&format!(
+        "layer cache {}: sent {sent} layer(s), {bytes} bytes; {there} already there",
+        to.url()
+    ));
+    Ok(())
+}
+
 fn one_image(images: &[String], flag: &str, example: &str) -> Result<(), CliError> {
     if images.len() == 1 {
         return Ok(());
@@ -196,6 +236,7 @@ fn bake_images(
     project: &slate_config::Project,
     store: &slate_image::LayerStore,
     names: &[String],
+    from: Option<&super::layercache::Remote>,
 ) -> Result<(), CliError> {
     let provider = ctx.providers(store, project, Default::default())?;
     let reporter = ctx.reporter();
@@ -207,6 +248,7 @@ fn bake_images(
         provider: &provider,
         sink: &tee,
         cancel: run.cancel.clone(),
+        layer_source: from.map(|r| r as &dyn slate_image::LayerSource),
     };
     let results = orch.bake(names);
     run.recorder.event(&Event::new(
@@ -230,8 +272,12 @@ fn bake_images(
             }
         }
     }
-    let (baked, cached) = reporter.bake_counts();
-    if baked == 0 {
+    let (baked, cached, pulled) = reporter.bake_counts();
+    if pulled > 0 {
+        ctx.say(&format!(
+            "{baked} layer(s) baked, {pulled} pulled from the layer cache, {cached} cached"
+        ));
+    } else if baked == 0 {
         ctx.say(&format!("nothing to bake: all {cached} layers cached"));
     } else {
         ctx.say(&format!("{baked} layer(s) baked, {cached} cached"));

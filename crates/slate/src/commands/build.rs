@@ -51,12 +51,16 @@ pub fn build(ctx: &Ctx, args: &BuildArgs) -> CmdResult {
     let poke = super::runs::Poke(shipper.as_ref());
     let sinks: Vec<&dyn EventSink> = vec![recorder, &reporter, &poke];
     let tee = Tee(sinks);
+    let layer_source = ctx.layer_source(&project)?;
     let orch = Orchestrator {
         project: &project,
         store: &store,
         provider: &provider,
         sink: &tee,
         cancel: run.cancel.clone(),
+        layer_source: layer_source
+            .as_ref()
+            .map(|r| r as &dyn slate_image::LayerSource),
     };
     let opts = BuildOptions {
         run_id: run_id.clone(),
@@ -156,8 +160,12 @@ fn summarize(
     started: Instant,
 ) -> Exit {
     let count = |s: TargetStatus| results.iter().filter(|r| r.status == s).count();
-    let (baked, cached) = reporter.bake_counts();
-    if baked == 0 && cached > 0 {
+    let (baked, cached, pulled) = reporter.bake_counts();
+    if pulled > 0 {
+        ctx.say(&format!(
+            "images: {baked} layer(s) baked, {pulled} pulled from the layer cache, {cached} cached"
+        ));
+    } else if baked == 0 && cached > 0 {
         ctx.say(&format!(
             "images: nothing to bake, all {cached} layers cached"
         ));

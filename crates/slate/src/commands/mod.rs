@@ -4,6 +4,7 @@ pub mod bake;
 pub mod build;
 pub mod check;
 pub mod images;
+pub mod layercache;
 pub mod provenance;
 pub mod publish;
 pub mod remote;

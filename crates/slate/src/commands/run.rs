@@ -34,12 +34,16 @@ fn image(
         return Ok(BakedImage::from_store(&plan, store));
     }
     let reporter = ctx.reporter().on_stderr();
+    let layer_source = ctx.layer_source(project)?;
     let orch = Orchestrator {
         project,
         store,
         provider,
         sink: &reporter,
         cancel: Cancel::new(),
+        layer_source: layer_source
+            .as_ref()
+            .map(|r| r as &dyn slate_image::LayerSource),
     };
     let mut res = orch.bake(&[name.to_string()]);
     Ok(res.remove(name).expect("baked what was asked")?)

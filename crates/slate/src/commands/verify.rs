@@ -58,12 +58,16 @@ pub fn verify(ctx: &Ctx, name: &str) -> CmdResult {
     }
     let reporter = ctx.reporter();
     let tee = Tee(vec![&run.recorder as &dyn EventSink, &reporter]);
+    let layer_source = ctx.layer_source(&project)?;
     let orch = Orchestrator {
         project: &project,
         store: &store,
         provider: &provider,
         sink: &tee,
         cancel: run.cancel.clone(),
+        layer_source: layer_source
+            .as_ref()
+            .map(|r| r as &dyn slate_image::LayerSource),
     };
     let baked = orch.bake(std::slice::from_ref(&target.image));
     let img = match baked.into_values().next() {

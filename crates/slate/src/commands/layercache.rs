@@ -1,0 +1,100 @@
+//! `--cache-from` / `--cache-to` (and `[settings] layer_cache`): baked
+//! layers shared between machines through an S3 bucket or a folder.
+
+use crate::error::{CliError, Exit};
+use slate_image::{LayerSource, LayerStore};
+use slate_publish::layers::LayerCache;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// A layer cache to fetch missing layers from.
+pub struct Remote {
+    cache: LayerCache,
+}
+
+impl Remote {
+    pub fn open(url: &str, base_dir: &Path) -> Result<Remote, CliError> {
+        let dest = slate_publish::Destination::parse(url, base_dir, None).map_err(|e| {
+            let hint = e.hint();
+            let mut err = CliError::from_error(Exit::Usage, &e);
+            err.hint = hint.or(Some("use s3://BUCKET/PREFIX or file://PATH".into()));
+            err
+        })?;
+        let cache = LayerCache::new(dest).map_err(|e| CliError::from_error(Exit::Infra, &e))?;
+        Ok(Remote { cache })
+    }
+
+    pub fn url(&self) -> String {
+        self.cache.url()
+    }
+
+    /// Sends the layers `keys` the cache lacks: `(sent, bytes, already
+    /// there)`.
+    pub fn push(&self, store: &LayerStore, keys: &[String]) -> Result<(usize, u64, usize), String> {
+        let (mut sent, mut bytes, mut there) = (0, 0, 0);
+        for key in keys {
+            if self.cache.entry(key).map_err(|e| e.to_string())?.is_some() {
+                there += 1;
+                continue;
+            }
+            let dir = store
+                .staging(&format!("push-{key}"))
+                .map_err(|e| e.to_string())?;
+            let tar = dir.join("layer.tar");
+            let res = pack(&store.layer_dir(key), &tar).and_then(|()| {
+                let (sha, size) =
+                    slate_layers::hash::sha256_file(&tar).map_err(|e| e.to_string())?;
+                self.cache
+                    .push(key, &tar, &sha, size)
+                    .map_err(|e| e.to_string())?;
+                Ok(size)
+            });
+            let _ = slate_layers::store::remove_tree(&dir);
+            bytes += res?;
+            sent += 1;
+        }
+        Ok((sent, bytes, there))
+    }
+}
+
+/// A tar of a layer folder (its `fs` and record), as GNU tar writes what
+/// an overlay layer holds.
+fn pack(layer: &Path, to: &Path) -> Result<(), String> {
+    let out = Command::new("tar")
+        .args(slate_ssh::serve::TAR_FLAGS)
+        .arg("-C")
+        .arg(layer)
+        .arg("-cf")
+        .arg(to)
+        .args(["fs", "layer.json"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run tar: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "tar of `{}` failed: {}",
+            layer.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+impl LayerSource for Remote {
+    fn fetch(&self, store: &LayerStore, key: &str) -> Result<bool, String> {
+        let dir = store
+            .staging(&format!("pull-{key}"))
+            .map_err(|e| e.to_string())?;
+        let tar = dir.join("layer.tar");
+        let res = (|| {
+            let Some(_) = self.cache.fetch(key, &tar).map_err(|e| e.to_string())? else {
+                return Ok(false);
+            };
+            let f = fs_err::File::open(&tar).map_err(|e| e.to_string())?;
+            slate_ssh::serve::receive_layer_locked(store, key, f).map_err(|e| e.to_string())?;
+            Ok(true)
+        })();
+        let _ = slate_layers::store::remove_tree(&dir);
+        res
+    }
+}
