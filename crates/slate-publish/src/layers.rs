@@ -12,7 +12,6 @@ use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use slate_layers::hash::hex;
-use std::io::Write;
 use std::path::Path;
 
 /// What the cache says a layer's tar is.
@@ -39,12 +38,6 @@ pub enum FetchError {
     Corrupt { want: String, got: String },
     #[error("the cache's record of layer {key} is not valid: {why}")]
     Record { key: String, why: String },
-    #[error("cannot write `{path}`")]
-    Write {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 impl LayerCache {
@@ -114,51 +107,107 @@ impl LayerCache {
         })
     }
 
-    /// Fetches layer `key`'s tar into `to`, checked against the cache's
-    /// record: `None` when the cache does not hold the layer.
-    pub fn fetch(&self, key: &str, to: &Path) -> Result<Option<Entry>, FetchError> {
+    /// Layer `key`'s tar as a stream, read as it arrives: its end fails
+    /// (`InvalidData`) unless what came has the size and sha256 the cache's
+    /// record names, and it never gives more than that size. `None` when
+    /// the cache does not hold the layer.
+    pub fn reader(&self, key: &str) -> Result<Option<LayerReader>, FetchError> {
         let Some(entry) = self.entry(key)? else {
             return Ok(None);
         };
         let path = self.key(key, "tar");
-        let write = |source| FetchError::Write {
-            path: to.to_path_buf(),
-            source,
-        };
-        let got = self.rt.block_on(async {
-            let mut file = std::io::BufWriter::new(fs_err::File::create(to).map_err(write)?);
-            let mut h = Sha256::new();
-            let mut n = 0u64;
-            let res = self
-                .dest
-                .store()
-                .get(&path)
-                .await
-                .map_err(|e| remote(&self.dest, "read", &path, e))?;
+        let res = self
+            .rt
+            .block_on(self.dest.store().get(&path))
+            .map_err(|e| remote(&self.dest, "read", &path, e))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>, String>>(16);
+        let url = self.dest.url_of(&path);
+        self.rt.spawn(async move {
             let mut stream = res.into_stream();
             while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| remote(&self.dest, "read", &path, e))?;
-                // Never more than the record says: a cache cannot fill the disk.
-                n += chunk.len() as u64;
-                if n > entry.size {
-                    break;
+                let item = chunk
+                    .map(|c| c.to_vec())
+                    .map_err(|e| format!("reading {url}: {e}"));
+                let failed = item.is_err();
+                if tx.send(item).is_err() || failed {
+                    return;
                 }
-                h.update(&chunk);
-                file.write_all(&chunk).map_err(write)?;
             }
-            file.flush().map_err(write)?;
-            Ok::<_, FetchError>(if n == entry.size {
-                hex(&h.finalize())
-            } else {
-                format!("(of {n} bytes, not {})", entry.size)
-            })
-        })?;
-        if got != entry.sha256 {
-            return Err(FetchError::Corrupt {
-                want: entry.sha256,
-                got,
-            });
+        });
+        Ok(Some(LayerReader {
+            rx,
+            cur: Vec::new(),
+            at: 0,
+            hasher: Sha256::new(),
+            n: 0,
+            entry,
+            ended: false,
+        }))
+    }
+}
+
+/// A layer's tar as it arrives, checked at its end.
+pub struct LayerReader {
+    rx: std::sync::mpsc::Receiver<Result<Vec<u8>, String>>,
+    cur: Vec<u8>,
+    at: usize,
+    hasher: Sha256,
+    n: u64,
+    entry: Entry,
+    ended: bool,
+}
+
+impl LayerReader {
+    pub fn entry(&self) -> &Entry {
+        &self.entry
+    }
+}
+
+impl std::io::Read for LayerReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::{Error, ErrorKind};
+        loop {
+            if self.at < self.cur.len() {
+                let k = buf.len().min(self.cur.len() - self.at);
+                buf[..k].copy_from_slice(&self.cur[self.at..self.at + k]);
+                self.at += k;
+                return Ok(k);
+            }
+            if self.ended {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Ok(chunk)) => {
+                    self.n += chunk.len() as u64;
+                    if self.n > self.entry.size {
+                        return Err(Error::new(
+                            ErrorKind::InvalidData,
+                            format!(
+                                "its tar is longer than the {} bytes the cache's record says",
+                                self.entry.size
+                            ),
+                        ));
+                    }
+                    self.hasher.update(&chunk);
+                    self.cur = chunk;
+                    self.at = 0;
+                }
+                Ok(Err(why)) => return Err(Error::other(why)),
+                Err(_) => {
+                    self.ended = true;
+                    let got = hex(&std::mem::take(&mut self.hasher).finalize());
+                    if self.n != self.entry.size || got != self.entry.sha256 {
+                        return Err(Error::new(
+                            ErrorKind::InvalidData,
+                            format!(
+                                "its tar has sha256 {got} ({} bytes), the cache's record says {} ({} bytes): it was changed or cut short",
+                                self.n, self.entry.sha256, self.entry.size
+                            ),
+                        ));
+                    }
+                    return Ok(0);
+                }
+            }
         }
-        Ok(Some(entry))
     }
 }

@@ -114,19 +114,27 @@ fn untar(dir: &Path, mut input: impl Read) -> io::Result<()> {
         .map_err(|e| io::Error::new(e.kind(), format!("cannot run tar: {e}")))?;
     let copied = io::copy(&mut input, &mut child.stdin.take().expect("piped"));
     let out = child.wait_with_output()?;
-    // tar's own complaint first: a pipe it closed early is its symptom.
-    if !out.status.success() {
-        return Err(io::Error::other(format!(
+    let invalid = |e: &io::Error| e.kind() == io::ErrorKind::InvalidData;
+    let copied = match copied {
+        // tar stops at the archive's end marker (or at a broken header)
+        // and may leave the rest unread: it is read to the end all the
+        // same, for a source that checks what it sent when it ends.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+            io::copy(&mut input, &mut io::sink()).map(drop)
+        }
+        other => other.map(drop),
+    };
+    match copied {
+        // Such a source (a layer cache's record) knows better than tar
+        // why the archive was broken.
+        Err(e) if invalid(&e) => Err(e),
+        // tar's own complaint next: a pipe it closed early is its symptom.
+        _ if !out.status.success() => Err(io::Error::other(format!(
             "tar failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    match copied {
-        // tar stops at the archive's end marker and may leave the zero
-        // padding after it unread.
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        other => other.map(drop),
+        ))),
+        other => other,
     }
 }
 

@@ -82,19 +82,12 @@ fn pack(layer: &Path, to: &Path) -> Result<(), String> {
 
 impl LayerSource for Remote {
     fn fetch(&self, store: &LayerStore, key: &str) -> Result<bool, String> {
-        let dir = store
-            .staging(&format!("pull-{key}"))
-            .map_err(|e| e.to_string())?;
-        let tar = dir.join("layer.tar");
-        let res = (|| {
-            let Some(_) = self.cache.fetch(key, &tar).map_err(|e| e.to_string())? else {
-                return Ok(false);
-            };
-            let f = fs_err::File::open(&tar).map_err(|e| e.to_string())?;
-            slate_ssh::serve::receive_layer_locked(store, key, f).map_err(|e| e.to_string())?;
-            Ok(true)
-        })();
-        let _ = slate_layers::store::remove_tree(&dir);
-        res
+        // Unpacked as it arrives; the stream's end checks the tar against
+        // the cache's record, and the layer takes its name only after that.
+        let Some(reader) = self.cache.reader(key).map_err(|e| e.to_string())? else {
+            return Ok(false);
+        };
+        slate_ssh::serve::receive_layer_locked(store, key, reader).map_err(|e| e.to_string())?;
+        Ok(true)
     }
 }
