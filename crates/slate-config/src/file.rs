@@ -67,6 +67,9 @@ pub struct ImageConfig {
     pub variant: Option<Spanned<String>>,
     #[serde(default)]
     pub vm: bool,
+    /// Folders that outlive the bake's environments (as on builds).
+    #[serde(default)]
+    pub caches: Vec<Spanned<CacheConfig>>,
     /// Allow plain http to a non-loopback registry (`oci:` bases).
     #[serde(default)]
     pub insecure: bool,

@@ -404,6 +404,7 @@ impl Resolver<'_> {
                 .collect(),
             steps: img.steps.iter().map(|s| s.get_ref().clone()).collect(),
             vm: img.vm,
+            caches: self.caches(&img.caches),
         }
     }
 
@@ -613,7 +614,7 @@ impl Resolver<'_> {
         self.check_artifacts(bc);
         let inputs = self.inputs(name, bc);
         self.check_secrets(bc);
-        let caches = self.caches(bc);
+        let caches = self.caches(&bc.caches);
         let packages = self.packages(bc);
         let parts = BuildParts {
             command,
@@ -906,11 +907,14 @@ impl Resolver<'_> {
     }
 
     /// A build's `caches`, checked.
-    fn caches(&mut self, bc: &BuildConfig) -> Vec<crate::spec::CacheSpec> {
+    fn caches(
+        &mut self,
+        list: &[toml::Spanned<crate::file::CacheConfig>],
+    ) -> Vec<crate::spec::CacheSpec> {
         use crate::file::CacheConfig;
         use crate::spec::{CacheSpec, Sharing};
         let mut out: Vec<CacheSpec> = Vec::new();
-        for c in &bc.caches {
+        for c in list {
             let (path, id, sharing) = match c.get_ref() {
                 CacheConfig::Path(p) => (p.clone(), None, None),
                 CacheConfig::Table { path, id, sharing } => {

@@ -138,6 +138,9 @@ pub struct ImageSpec {
     pub env: Vec<(String, String)>,
     pub steps: Vec<String>,
     pub vm: bool,
+    /// Folders that outlive the bake's environments: downloads the steps
+    /// fetch, never part of a layer.
+    pub caches: Vec<CacheSpec>,
 }
 
 impl ImageSpec {

@@ -6,6 +6,7 @@ pub mod gc;
 pub mod plan;
 pub mod registry;
 pub use slate_layers::{store, unpack};
+pub mod caches;
 
 pub use plan::{plan, ImagePlan, LayerKind, LayerPlan};
 pub use store::{LayerMeta, LayerStore};
@@ -145,6 +146,8 @@ pub struct Baker<'a, P: Provider> {
     pub host_ca: bool,
     /// Where missing layers are fetched from before they are baked.
     pub source: Option<&'a dyn LayerSource>,
+    /// The project whose images these are: its images' cache mounts.
+    pub project: &'a slate_config::Project,
 }
 
 impl<P: Provider> Baker<'_, P> {
@@ -367,6 +370,24 @@ impl<P: Provider> Baker<'_, P> {
                 readonly: false,
             });
         }
+        // The image's own cache mounts, but where slate's apt cache is.
+        let caches: Vec<_> = self
+            .project
+            .image(&layer.image)
+            .map(|i| i.caches.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| !binds.iter().any(|b: &Bind| b.guest == c.path))
+            .collect();
+        let (cache_binds, _cache_locks) =
+            caches::take(self.store.root(), &self.project.dir, &caches).map_err(|source| {
+                ImageError::Store {
+                    image: plan.name.clone(),
+                    op: "prepare cache mounts".into(),
+                    source,
+                }
+            })?;
+        binds.extend(cache_binds);
         let spec = EnvSpec {
             name: format!("bake-{}", plan.name),
             layers: below.to_vec(),

@@ -22,7 +22,7 @@ pub const CREATE_ATTEMPTS: u32 = 3;
 /// The pids limit when a build sets none (a fork bomb must not take the host).
 pub const DEFAULT_PIDS: u64 = 32768;
 
-pub mod caches;
+pub use slate_image::caches;
 pub mod kept;
 
 pub struct BuildOptions {
@@ -277,6 +277,7 @@ impl<P: Provider> Orchestrator<'_, P> {
             cancel: self.cancel.clone(),
             host_ca: self.project.settings.host_ca,
             source: self.layer_source,
+            project: self.project,
         };
         // Independent images bake at once; images that share layers meet at
         // the store's per-layer lock, and the second finds the layer cached.

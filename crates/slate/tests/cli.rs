@@ -1754,7 +1754,11 @@ fn root_a_cache_mount_is_seen_by_the_next_target_and_never_in_artifacts_or_layer
          [builds.second]\nimage = \"bb\"\ncaches = [{{ path = \"/root/.cache/dl\", sharing = \"locked\" }}]\n\
          run = [\"mkdir -p out; cat /root/.cache/dl/fetched > out/b\"]\nartifacts = [\"out/*\"]\n\
          [builds.leak]\nimage = \"bb\"\nworkdir = \"/src\"\ncaches = [\"/src/target\"]\n\
-         run = [\"mkdir -p target; echo x > target/app\"]\nartifacts = [\"target/app\"]\n"
+         run = [\"mkdir -p target; echo x > target/app\"]\nartifacts = [\"target/app\"]\n\
+         [images.withcache]\nfrom = \"image:bb\"\ncaches = [\"/var/cache/dl\"]\n\
+         steps = [\"echo from-a-bake > /var/cache/dl/baked; echo built > /etc/built\"]\n\
+         [builds.reads]\nimage = \"withcache\"\ncaches = [\"/var/cache/dl\"]\n\
+         run = [\"mkdir -p out; cat /var/cache/dl/baked /etc/built > out/c\"]\nartifacts = [\"out/*\"]\n"
     );
     let p = Project::new(&config);
     let o = p.run(&["build", "first"]);
@@ -1777,6 +1781,17 @@ fn root_a_cache_mount_is_seen_by_the_next_target_and_never_in_artifacts_or_layer
     );
     let images = text(&p.run(&["images"]));
     assert!(images.contains("cache root-.cache-dl"), "{images}");
+    // An image's bake steps use caches too: what a step leaves there is in
+    // no layer, and a target naming the cache sees it.
+    let o = p.run(&["build", "reads"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(p.read("artifacts/reads/c"), "from-a-bake\nbuilt\n");
+    let baked: Vec<PathBuf> = all_files(&p.cache)
+        .into_iter()
+        .filter(|f| f.ends_with("baked"))
+        .collect();
+    assert_eq!(baked.len(), 1, "{baked:?}");
+    assert!(baked[0].to_string_lossy().contains("/caches/"), "{baked:?}");
     // An artifact inside a cache is refused, saying why.
     let o = p.run(&["build", "leak"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
@@ -1800,7 +1815,7 @@ fn root_a_cache_mount_is_seen_by_the_next_target_and_never_in_artifacts_or_layer
     assert!(text(&p.run(&["gc"])).contains("removed 0 cache mount(s)"));
     let o = p.run(&["gc", "--all"]);
     assert!(
-        text(&o).contains("removed 3 cache mount(s)"),
+        text(&o).contains("removed 4 cache mount(s)"),
         "{}",
         text(&o)
     );

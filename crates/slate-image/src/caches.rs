@@ -1,5 +1,5 @@
 //! Cache mounts: folders that outlive environments (`caches = [...]` on a
-//! build), kept in slate's cache under `caches/<project>/<id>/` and bound
+//! build or an image), kept in slate's cache under `caches/<project>/<id>/` and bound
 //! into each environment of the project's targets that names them. Shared
 //! by targets and runs of one project, never by two projects (a hostile
 //! build of one must not plant files for another), never part of a layer
