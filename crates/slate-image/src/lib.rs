@@ -150,7 +150,57 @@ pub struct Baker<'a, P: Provider> {
     pub project: &'a slate_config::Project,
 }
 
+/// Layers at once fetched from a layer cache.
+const FETCHES_AT_ONCE: usize = 4;
+
 impl<P: Provider> Baker<'_, P> {
+    /// Fetches every layer of `plan` missing here from the layer cache, up
+    /// to [`FETCHES_AT_ONCE`] at a time (each under the store's lock on its
+    /// key): what each fetch took, or why the cache's copy was refused.
+    /// Layers the cache lacks are not in the answer.
+    fn prefetch(
+        &self,
+        plan: &ImagePlan,
+    ) -> std::collections::HashMap<String, Result<Duration, String>> {
+        let out = std::sync::Mutex::new(std::collections::HashMap::new());
+        let Some(src) = self.source else {
+            return out.into_inner().unwrap();
+        };
+        let queue: std::sync::Mutex<Vec<&LayerPlan>> = std::sync::Mutex::new(
+            plan.layers
+                .iter()
+                .filter(|l| !self.store.has(&l.key))
+                .rev()
+                .collect(),
+        );
+        std::thread::scope(|s| {
+            for _ in 0..FETCHES_AT_ONCE {
+                s.spawn(|| loop {
+                    let Some(layer) = queue.lock().unwrap().pop() else {
+                        return;
+                    };
+                    if self.cancel.is_cancelled() {
+                        return;
+                    }
+                    let Ok(_lock) = self.store.lock(&layer.key) else {
+                        continue;
+                    };
+                    if self.store.has(&layer.key) {
+                        continue;
+                    }
+                    let started = Instant::now();
+                    let res = match src.fetch(self.store, &layer.key) {
+                        Ok(true) => Ok(started.elapsed()),
+                        Ok(false) => continue,
+                        Err(why) => Err(why),
+                    };
+                    out.lock().unwrap().insert(layer.key.clone(), res);
+                });
+            }
+        });
+        out.into_inner().unwrap()
+    }
+
     /// Bakes whatever layers of `plan` are missing.
     pub fn bake(&self, plan: &ImagePlan) -> Result<BakedImage, ImageError> {
         // A foreign image needs its emulator registered, baked or not.
@@ -168,10 +218,15 @@ impl<P: Provider> Baker<'_, P> {
             op: op.into(),
             source,
         };
+        let fetched = self.prefetch(plan);
         for (i, layer) in plan.layers.iter().enumerate() {
             if self.store.has(&layer.key) {
                 self.store.touch_used(&layer.key);
-                self.reporter.layer(&plan.name, layer, LayerState::Cached);
+                let state = match fetched.get(&layer.key) {
+                    Some(Ok(took)) => LayerState::Pulled(*took),
+                    _ => LayerState::Cached,
+                };
+                self.reporter.layer(&plan.name, layer, state);
                 continue;
             }
             let _lock = self.store.lock(&layer.key).map_err(|e| serr("lock", e))?;
@@ -187,7 +242,13 @@ impl<P: Provider> Baker<'_, P> {
             }
             if let Some(src) = self.source {
                 let started = Instant::now();
-                match src.fetch(self.store, &layer.key) {
+                // Fetched (or refused) already, all at once, above.
+                let first = match fetched.get(&layer.key) {
+                    Some(Err(why)) => Err(why.clone()),
+                    Some(Ok(_)) => Ok(false),
+                    None => src.fetch(self.store, &layer.key),
+                };
+                match first {
                     Ok(true) if self.store.has(&layer.key) => {
                         self.reporter.layer(
                             &plan.name,
