@@ -319,7 +319,7 @@ impl Elastic {
                  events {{ worker_connections 64; }}\n\
                  http {{ access_log off; client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
                  fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
-                 map $http_authorization $ok {{ default 0; \"ApiKey {API_KEY}\" 1; }}\n\
+                 map $http_authorization $ok {{ default 0; \"ApiKey {API_KEY}\" 1; \"Basic c2xhdGU6czNjcmV0\" 1; }}\n\
                  server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {c}/cert.pem; ssl_certificate_key {c}/key.pem;\n\
                  client_max_body_size 100m;\n\
                  location / {{ if ($ok = 0) {{ return 401; }} proxy_pass http://127.0.0.1:{osmem_port}; }} }} }}\n"
@@ -470,4 +470,21 @@ fn root_elasticsearch_bulk_over_https_with_an_api_key_loses_nothing_across_an_ou
     let (out, _, _) = build("d3Jvbmc6a2V5");
     assert!(out.contains("refused the credentials (401)"), "{out}");
     assert_eq!(es.count("slate-logs"), (docs1.len() + docs2.len()) as u64);
+    // Basic auth (user slate, password s3cret) instead of a key.
+    let o = p
+        .cmd(&["build"])
+        .env("SLATE_ELASTICSEARCH_USER", "slate")
+        .env("SLATE_ELASTICSEARCH_PASSWORD", "s3cret")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success() && !text(&o).contains("not delivered"),
+        "{}",
+        text(&o)
+    );
+    let (_, docs4) = ecs_docs(&p);
+    assert_eq!(
+        es.count("slate-logs"),
+        (docs1.len() + docs2.len() + docs4.len()) as u64
+    );
 }
