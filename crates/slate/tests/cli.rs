@@ -1534,14 +1534,7 @@ fn root_every_run_writes_its_log_as_ecs_ndjson() {
     ));
     let o = p.run(&["build"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    let runs = p.project().join(".slate/runs");
-    let run = std::fs::read_dir(&runs)
-        .unwrap()
-        .flatten()
-        .next()
-        .unwrap()
-        .path();
-    let run_id = run.file_name().unwrap().to_string_lossy().into_owned();
+    let (run_id, run) = p.last_run();
     let text = std::fs::read_to_string(run.join("run.ecs.ndjson")).unwrap();
     let docs: Vec<serde_json::Value> = text
         .lines()

@@ -157,13 +157,7 @@ fn root_report_shows_one_bar_per_target_marks_the_failure_and_shows_a_log_on_cli
     let o = p.run(&["build"]);
     let out = text(&o);
     assert_eq!(o.status.code(), Some(1), "{out}");
-    let runs = p.project().join(".slate/runs");
-    let run = std::fs::read_dir(&runs)
-        .unwrap()
-        .flatten()
-        .next()
-        .unwrap()
-        .path();
+    let (_, run) = p.last_run();
     let page = run.join("report.html");
     assert!(page.is_file(), "{out}");
     assert!(out.contains("report: .slate/runs/"), "{out}");

@@ -162,17 +162,10 @@ impl Drop for Rsyslog {
     }
 }
 
-/// The run's ECS documents, in order.
+/// The newest run's ECS documents, in order.
 fn ecs_docs(p: &Project) -> (String, Vec<serde_json::Value>) {
-    let runs = p.project().join(".slate/runs");
-    let mut ids: Vec<String> = std::fs::read_dir(&runs)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    ids.sort();
-    let id = ids.pop().unwrap();
-    let docs = std::fs::read_to_string(runs.join(&id).join("run.ecs.ndjson"))
+    let (id, dir) = p.last_run();
+    let docs = std::fs::read_to_string(dir.join("run.ecs.ndjson"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

@@ -155,13 +155,7 @@ fn root_vm_verify_of_a_vm_target_builds_it_in_vms() {
         "{out}"
     );
     let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let runs = p.project().join(".slate/runs");
-    let run = std::fs::read_dir(&runs)
-        .unwrap()
-        .flatten()
-        .next()
-        .unwrap()
-        .path();
+    let (_, run) = p.last_run();
     for build in ["same-a", "same-b"] {
         let kernel =
             std::fs::read_to_string(run.join("verify").join(build).join("kernel.txt")).unwrap();

@@ -165,6 +165,21 @@ impl Project {
         self.cmd(args).output().unwrap()
     }
 
+    /// The newest run's id and folder (`.slate/runs/<id>`).
+    pub fn last_run(&self) -> (String, PathBuf) {
+        let runs = self.project().join(".slate/runs");
+        let mut ids: Vec<String> = std::fs::read_dir(&runs)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        ids.sort();
+        let id = ids.pop().expect("a run");
+        let dir = runs.join(&id);
+        (id, dir)
+    }
+
     /// slate `args` (one shell word each, unquoted) on a real terminal, as
     /// a person would run it: util-linux `script` gives it a
     /// pseudo-terminal, whose input is `input`. NO_COLOR is not set
