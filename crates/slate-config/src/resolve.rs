@@ -953,7 +953,9 @@ impl Resolver<'_> {
                 continue;
             }
             // apt takes a lock in its archive folder and fails when another
-            // holds it: its caches default to one at a time.
+            // holds it: its caches default to one per environment at a time,
+            // a second one for a target that runs meanwhile (`locked` would
+            // make targets wait for each other's whole build).
             let apt = [
                 "/var/cache/apt/archives",
                 "/var/cache/apt",
@@ -961,7 +963,7 @@ impl Resolver<'_> {
             ]
             .contains(&clean);
             let sharing = match sharing.as_deref() {
-                None if apt => Sharing::Locked,
+                None if apt => Sharing::Private,
                 None | Some("shared") => Sharing::Shared,
                 Some("locked") => Sharing::Locked,
                 Some("private") => Sharing::Private,
