@@ -165,18 +165,26 @@ impl Project {
         self.cmd(args).output().unwrap()
     }
 
-    /// The newest run's id and folder (`.slate/runs/<id>`).
+    /// The newest run's id and folder (`.slate/runs/<id>`): by the start
+    /// its record names (ids of runs that start within one second sort by
+    /// their random part).
     pub fn last_run(&self) -> (String, PathBuf) {
         let runs = self.project().join(".slate/runs");
-        let mut ids: Vec<String> = std::fs::read_dir(&runs)
+        let started = |dir: &Path| -> f64 {
+            std::fs::read_to_string(dir.join("run.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|v| v["started"].as_f64())
+                .unwrap_or(0.0)
+        };
+        let dir = std::fs::read_dir(&runs)
             .unwrap()
             .flatten()
-            .filter(|e| e.path().is_dir())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        ids.sort();
-        let id = ids.pop().expect("a run");
-        let dir = runs.join(&id);
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .max_by(|a, b| started(a).total_cmp(&started(b)))
+            .expect("a run");
+        let id = dir.file_name().unwrap().to_string_lossy().into_owned();
         (id, dir)
     }
 
