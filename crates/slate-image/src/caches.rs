@@ -64,8 +64,11 @@ pub fn take(
         };
         let host = dir.join(&chosen);
         fs_err::create_dir_all(&host)?;
-        // When it was last used: what `slate gc --older-than` goes by.
-        let _ = filetime_now(&host);
+        // When it was last used: what `slate gc --older-than` goes by. The
+        // stamp is beside the folder, never in it: what is in it is the
+        // builds', and a build could make any name there a symlink to a
+        // host file.
+        fs_err::write(dir.join(format!("{chosen}.used")), b"")?;
         binds.push(Bind {
             host,
             guest: c.path.clone(),
@@ -84,11 +87,6 @@ pub fn take(
         }
     }
     Ok((binds, locks))
-}
-
-/// Marks `dir` as used now.
-fn filetime_now(dir: &Path) -> std::io::Result<()> {
-    fs_err::write(dir.join(".slate-used"), b"")
 }
 
 /// The cache among `caches` that `path` (inside the environment) lies in.
@@ -119,8 +117,11 @@ pub fn list(store_root: &Path) -> Vec<CacheDir> {
             continue;
         };
         for e in entries.flatten().filter(|e| e.path().is_dir()) {
-            let used = std::fs::metadata(e.path().join(".slate-used"))
-                .or_else(|_| std::fs::metadata(e.path()))
+            let stamp = p
+                .path()
+                .join(format!("{}.used", e.file_name().to_string_lossy()));
+            let used = std::fs::symlink_metadata(&stamp)
+                .or_else(|_| std::fs::symlink_metadata(e.path()))
                 .and_then(|m| m.modified())
                 .ok();
             let idle = used

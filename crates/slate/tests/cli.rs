@@ -1946,3 +1946,30 @@ fn root_layers_sent_with_cache_to_are_pulled_whole_and_a_corrupt_one_is_refused_
         "two"
     );
 }
+
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_a_build_cannot_make_slate_write_a_host_file_through_its_cache() {
+    require_root();
+    let p = Project::new(&format!(
+        "{IMAGE}[builds.plant]\nimage = \"bb\"\ncaches = [\"/root/.cache/dl\"]\n\
+         env = {{ VICTIM = \"{victim}\" }}\n\
+         run = [\"for n in .slate-used root-.cache-dl.used used lock; do ln -sfn \\\"$VICTIM\\\" /root/.cache/dl/$n; done\"]\n",
+        victim = "VICTIM_PATH"
+    ));
+    // A host file the build knows the path of, as a hostile build could
+    // guess /etc/shadow.
+    let victim = p.path().join("victim");
+    std::fs::write(&victim, "keep me\n").unwrap();
+    let config = p
+        .read("slate.toml")
+        .replace("VICTIM_PATH", &victim.display().to_string());
+    p.write("slate.toml", &config);
+    // The first build plants symlinks in the cache; the second (and gc,
+    // which reads the cache's age) make slate touch the cache again.
+    for args in [&["build"][..], &["build"], &["gc", "--older-than", "300d"]] {
+        let o = p.run(args);
+        assert!(o.status.success(), "{args:?}: {}", text(&o));
+    }
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me\n");
+}

@@ -118,6 +118,9 @@ fn prune_caches(store_root: &std::path::Path, all: bool, idle: Option<u64>) -> (
     for c in slate_run::caches::list(store_root) {
         let due = all || idle.is_some_and(|i| c.idle >= i);
         if due && slate_layers::store::remove_tree(&c.path).is_ok() {
+            if let Some(dir) = c.path.parent() {
+                let _ = std::fs::remove_file(dir.join(format!("{}.used", c.id)));
+            }
             n += 1;
             bytes += c.bytes;
         }
