@@ -99,14 +99,25 @@ pub fn file_digest(path: &Path, digests: Option<&Path>) -> std::io::Result<Strin
         m.ino()
     );
     let slot = digests.map(|d| d.join(hash(&[id.as_bytes()])));
-    if let Some(cached) = slot.as_ref().and_then(|s| fs_err::read_to_string(s).ok()) {
+    // Only a whole digest counts: anything else (a slot another slate is
+    // writing, a damaged one) is recomputed.
+    let cached = slot.as_ref().and_then(|s| fs_err::read_to_string(s).ok());
+    if let Some(cached) = cached.filter(|c| is_sha256_hex(c)) {
         return Ok(cached);
     }
     let (d, _) = slate_layers::hash::sha256_file(path)?;
     if let Some(s) = slot {
-        let _ = fs_err::write(s, &d);
+        // Written aside and renamed, so a reader sees all of it or none.
+        let tmp = s.with_extension(format!("{}.tmp", std::process::id()));
+        if fs_err::write(&tmp, &d).is_ok() && fs_err::rename(&tmp, &s).is_err() {
+            let _ = fs_err::remove_file(&tmp);
+        }
     }
     Ok(d)
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Plans `name` and, through `image:` bases, the images below it, hashing
@@ -324,6 +335,41 @@ mod tests {
     }
 
     const BASE: &str = "[images.a]\nfrom = \"debian:bookworm\"\npackages = [\"make\"]\nsteps = [\"echo 1\", \"echo 2\"]\n";
+
+    #[test]
+    fn a_remembered_digest_that_is_not_whole_is_computed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, digests) = (dir.path().join("base.tar"), dir.path().join("digests"));
+        std::fs::create_dir(&digests).unwrap();
+        std::fs::write(&file, b"hello").unwrap();
+        let right = file_digest(&file, None).unwrap();
+        assert_eq!(file_digest(&file, Some(&digests)).unwrap(), right);
+        let slot = std::fs::read_dir(&digests)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        assert_eq!(std::fs::read_to_string(&slot).unwrap(), right);
+        // As another slate's reader would see it while the slot is written.
+        for seen in [
+            "",
+            &right[..20],
+            "not a digest at all, but 64 characters long, padded to fit it..",
+        ] {
+            std::fs::write(&slot, seen).unwrap();
+            assert_eq!(
+                file_digest(&file, Some(&digests)).unwrap(),
+                right,
+                "slot {seen:?}"
+            );
+        }
+        assert_eq!(
+            std::fs::read_dir(&digests).unwrap().count(),
+            1,
+            "no temporary file is left"
+        );
+    }
 
     #[test]
     fn changing_a_step_changes_it_and_later_keys_only() {
