@@ -136,6 +136,7 @@ pub struct SandboxConfig {}
 pub struct VmConfig {
     pub accel: Option<Spanned<String>>,
     pub init: Option<Spanned<String>>,
+    pub snapshots: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]

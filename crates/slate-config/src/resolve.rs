@@ -1054,6 +1054,7 @@ fn vm_spec(file: &ConfigFile) -> VmSpec {
                 .as_ref()
                 .map(|i| i.get_ref().clone())
                 .unwrap_or_else(|| "slate".into()),
+            snapshots: vm.snapshots.unwrap_or(true),
         })
         .unwrap_or_default()
 }

@@ -68,6 +68,8 @@ pub struct VmSpec {
     pub accel: String,
     /// `slate` (slate's agent as PID 1) or `systemd`.
     pub init: String,
+    /// Start machines from one saved after its boot (the default).
+    pub snapshots: bool,
 }
 
 impl Default for VmSpec {
@@ -75,6 +77,7 @@ impl Default for VmSpec {
         VmSpec {
             accel: "auto".into(),
             init: "slate".into(),
+            snapshots: true,
         }
     }
 }

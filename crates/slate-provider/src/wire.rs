@@ -23,6 +23,9 @@ pub const LIST: u8 = 6;
 pub const FETCH: u8 = 7;
 /// The environment to make, to a slate serving one over ssh (its first frame).
 pub const CREATE: u8 = 8;
+/// What makes a VM's guest this environment's (`Start`): the answer to
+/// `READY`. A guest restored from a saved machine gets it after the restore.
+pub const START: u8 = 9;
 // Guest to host.
 pub const HELLO: u8 = 20;
 pub const STDOUT: u8 = 21;
@@ -32,6 +35,9 @@ pub const OK: u8 = 24;
 pub const ERR: u8 = 25;
 /// Before a fetch's data: the file's size (`FileSize`).
 pub const RESULT: u8 = 26;
+/// A VM's agent is up, its disk not yet mounted: the point at which a
+/// machine is saved, and at which it waits for `START`.
+pub const READY: u8 = 27;
 
 /// Frames larger than this are refused (a corrupt stream, not a big file:
 /// files travel in many frames).
@@ -56,6 +62,18 @@ pub struct Exit {
 pub struct Hello {
     pub kernel: String,
     pub cpus: usize,
+}
+
+/// What no two VMs share, even two restored from one saved machine.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Start {
+    pub hostname: String,
+    /// The host's clock: seconds and nanoseconds since the epoch.
+    pub secs: i64,
+    pub nanos: u32,
+    /// Fresh random bytes for the guest kernel's pool, credited, after
+    /// which the kernel reseeds its generator.
+    pub seed: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -3,9 +3,12 @@
 //! what slate asks over the `slate.agent` virtio-serial port: run commands
 //! (streaming their output), copy files in and out, power off.
 //!
-//! It reads its settings from the kernel command line: `slate.hostname=`,
-//! `slate.net=1` (configure `eth0` for QEMU's user-mode network) and
-//! `slate.probe=1` (print a marker and power off: the KVM probe).
+//! It reads its settings from the kernel command line: `slate.net=1`
+//! (configure `eth0` for QEMU's user-mode network) and `slate.probe=1`
+//! (print a marker and power off: the KVM probe). Once its port is open it
+//! says `READY` and waits for `START` (its hostname, the clock, a random
+//! seed) before it mounts the disk: slate may save the machine in between
+//! and restore it for every environment of the image.
 
 use slate_provider::wire::{self as proto, DataReader};
 use std::ffi::CString;
@@ -111,9 +114,18 @@ fn run() -> io::Result<()> {
     if cmdline_value(&cmdline, "slate.net").is_some() {
         load_modules("order-net")?;
     }
-    let port = find_port()?;
+    let mut port = find_port()?;
     wait_for(Path::new("/sys/block/vda"), "the disk /dev/vda")?;
-    mount("/dev/vda", "/newroot", "ext4", 0, "noinit_itable")?;
+    // Read-only until `START`: nothing is written to the disk before the
+    // machine may be saved, so the disk under every restored machine is the
+    // one it saw.
+    mount(
+        "/dev/vda",
+        "/newroot",
+        "ext4",
+        libc::MS_RDONLY,
+        "noinit_itable",
+    )?;
     for d in ["proc", "sys", "dev"] {
         mount(
             &format!("/{d}"),
@@ -132,18 +144,112 @@ fn run() -> io::Result<()> {
         "newinstance,ptmxmode=0666",
     );
     let _ = mount("tmpfs", "/dev/shm", "tmpfs", 0, "mode=1777");
+    warm_page_cache();
+    // Up to here every guest of one image is the same, and has run nothing
+    // of the image: slate may save the machine now, and restore it for each
+    // environment.
+    proto::write_frame(&mut port, proto::READY, b"")?;
+    let start = match proto::read_frame(&mut port)? {
+        Some((proto::START, payload)) => proto::parse::<proto::Start>(&payload)?,
+        Some((k, _)) => return Err(io::Error::other(format!("slate sent {k} before start"))),
+        None => return Err(io::Error::other("slate closed the port before start")),
+    };
+    make_unique(&start)?;
+    mount("", "/", "", libc::MS_REMOUNT, "noinit_itable")?;
     mount("tmpfs", "/tmp", "tmpfs", 0, "mode=1777")?;
     mount("tmpfs", "/run", "tmpfs", 0, "mode=0755")?;
-    if let Some(h) = cmdline_value(&cmdline, "slate.hostname") {
-        // SAFETY: a valid buffer and its length.
-        unsafe { libc::sethostname(h.as_ptr().cast(), h.len()) };
-    }
+    // SAFETY: a valid buffer and its length.
+    unsafe { libc::sethostname(start.hostname.as_ptr().cast(), start.hostname.len()) };
     crate::net::up("lo", None)?;
     if cmdline_value(&cmdline, "slate.net").is_some() {
         crate::net::up("eth0", Some(crate::net::USER_NET))?;
         let _ = std::fs::write("/etc/resolv.conf", "nameserver 10.0.2.3\n");
     }
     serve(port)
+}
+
+/// Reads what nearly every command loads (the shell, the dynamic loader,
+/// the C library) into the page cache, so that a machine saved now starts
+/// its first command without going to the disk. Only regular files, and
+/// only their first 32 MiB: nothing of the image runs, and no image can
+/// make this wait.
+fn warm_page_cache() {
+    const FILES: [&str; 6] = [
+        "/bin/sh",
+        "/bin/bash",
+        "/usr/bin/env",
+        "/lib64/ld-linux-x86-64.so.2",
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib/x86_64-linux-gnu/libtinfo.so.6",
+    ];
+    use std::os::unix::fs::OpenOptionsExt;
+    for path in FILES {
+        let Ok(f) = File::options()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+        else {
+            continue;
+        };
+        if f.metadata().is_ok_and(|m| m.is_file()) {
+            let _ = io::copy(&mut f.take(32 << 20), &mut io::sink());
+        }
+    }
+}
+
+/// What no two guests may share, even two restored from one saved machine:
+/// the clock is set to the host's, and the kernel's random pool gets fresh
+/// bytes, credited, after which its generator reseeds at once (so what a
+/// restored guest draws owes nothing to the state that was saved).
+fn make_unique(start: &proto::Start) -> io::Result<()> {
+    let now = libc::timespec {
+        tv_sec: start.secs as libc::time_t,
+        tv_nsec: start.nanos as libc::c_long,
+    };
+    // SAFETY: a valid timespec.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &now) } != 0 {
+        return Err(io::Error::other(format!(
+            "set the clock: {}",
+            io::Error::last_os_error()
+        )));
+    }
+    const SEED: usize = 64;
+    if start.seed.len() < 32 || start.seed.len() > SEED {
+        return Err(io::Error::other("slate sent no usable seed"));
+    }
+    #[repr(C)]
+    struct PoolInfo {
+        entropy_count: libc::c_int,
+        buf_size: libc::c_int,
+        buf: [u8; SEED],
+    }
+    let mut info = PoolInfo {
+        entropy_count: (start.seed.len() * 8) as libc::c_int,
+        buf_size: start.seed.len() as libc::c_int,
+        buf: [0; SEED],
+    };
+    info.buf[..start.seed.len()].copy_from_slice(&start.seed);
+    // _IOW('R', 0x03, int[2]) and _IO('R', 0x07), from <linux/random.h>.
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    let urandom = File::options().write(true).open("/dev/urandom")?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&urandom);
+    // SAFETY: the ioctls of <linux/random.h> with the struct they take.
+    unsafe {
+        if libc::ioctl(fd, RNDADDENTROPY as _, &info) != 0 {
+            return Err(io::Error::other(format!(
+                "seed the kernel's random pool: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        if libc::ioctl(fd, RNDRESEEDCRNG as _) != 0 {
+            return Err(io::Error::other(format!(
+                "reseed the kernel's generator: {}",
+                io::Error::last_os_error()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Loads `/modules/*.ko` in the order the list `/modules/LIST` gives

@@ -472,7 +472,8 @@ pub fn gc(cache: &Path) -> (usize, u64) {
             }
         }
     }
-    (n, bytes)
+    let (saved, saved_bytes) = crate::snapshot::gc(cache);
+    (n + saved, bytes + saved_bytes)
 }
 
 /// The agent binary beside slate's own (`SLATE_AGENT` overrides).

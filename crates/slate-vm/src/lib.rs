@@ -17,6 +17,8 @@ pub mod agent;
 pub mod boot;
 pub mod jail;
 mod net;
+mod qmp;
+pub mod snapshot;
 
 use slate_provider::lease::take_lease;
 use slate_provider::session::{self, Carrier, Session};
@@ -91,6 +93,9 @@ pub struct VmSettings {
     pub accel: Accel,
     /// How long a guest may take to come up.
     pub boot_timeout: Duration,
+    /// Start machines by restoring one saved after its boot (see
+    /// [`snapshot`]) instead of booting each.
+    pub snapshots: bool,
 }
 
 impl Default for VmSettings {
@@ -101,6 +106,7 @@ impl Default for VmSettings {
             // not up in a minute is stuck (see `FATAL_CONSOLE`), and a new
             // one is the quickest way on.
             boot_timeout: Duration::from_secs(60),
+            snapshots: true,
         }
     }
 }
@@ -120,6 +126,8 @@ pub struct VmProvider {
     accel: OnceLock<Result<&'static str, String>>,
     /// Told once, e.g. that KVM does not work here.
     notes: Mutex<NoteSink>,
+    /// What [`VmProvider::note_once`] has said.
+    noted: Mutex<std::collections::HashSet<String>>,
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -146,6 +154,7 @@ impl VmProvider {
             agent,
             accel: OnceLock::new(),
             notes: Mutex::new(Box::new(|_| {})),
+            noted: Mutex::new(Default::default()),
         })
     }
 
@@ -345,7 +354,7 @@ fn tsc_khz() -> Option<u64> {
 fn kernel_cmdline() -> String {
     let mut c = String::from(
         "console=ttyS0 panic=-1 reboot=t quiet mitigations=off cryptomgr.notests audit=0 \
-         apparmor=0 security=none ipv6.disable=1 rcupdate.rcu_expedited=1 8250.nr_uarts=1 nowatchdog",
+         apparmor=0 security=none ipv6.disable=1 rcupdate.rcu_expedited=1 8250.nr_uarts=1 nowatchdog init_on_free=1",
     );
     if let Some(k) = tsc_khz() {
         c.push_str(&format!(" tsc_early_khz={k}"));
@@ -476,6 +485,114 @@ impl Provider for VmProvider {
         let boot = boot::prepare(&self.cache, &spec.layers, &self.agent)
             .map_err(|e| cerr(format!("cannot prepare the VM's boot files: {e}")))?;
         let accel = self.accel(&boot).map_err(cerr)?;
+        let host_ca = if spec.network && spec.host_ca {
+            let bundle =
+                slate_provider::hostnet::host_ca_bundle().map_err(|what| ProviderError::Other {
+                    env: spec.name.clone(),
+                    what,
+                })?;
+            Some(fs_err::read(&bundle).map_err(|e| {
+                cerr(format!(
+                    "cannot read the host's CA bundle `{}`: {e}",
+                    bundle.display()
+                ))
+            })?)
+        } else {
+            None
+        };
+        let mut env = match self.saved_machine(spec, &boot, accel) {
+            Some(Ok(state)) => match self.start(spec, &boot, accel, Start::Restore(&state)) {
+                Ok(env) => env,
+                Err(e) => {
+                    // Whatever is wrong with it, the next start saves it anew.
+                    let _ = fs_err::remove_file(&state.path);
+                    self.note_once(&format!(
+                        "vm: a saved machine could not be restored ({}); booting instead",
+                        first_line(&e.to_string())
+                    ));
+                    self.start(spec, &boot, accel, Start::Boot)?
+                }
+            },
+            Some(Err(why)) => {
+                self.note_once(&format!(
+                    "vm: cannot save a booted machine to restore ({why}); every VM boots its kernel"
+                ));
+                self.start(spec, &boot, accel, Start::Boot)?
+            }
+            None => self.start(spec, &boot, accel, Start::Boot)?,
+        };
+        if let Some(bundle) = host_ca {
+            // The guest's /run is its own tmpfs: never part of the base disk.
+            env.put_bytes(&bundle, slate_provider::hostnet::CA_PATH, 0o644)?;
+        }
+        Ok(env)
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("")
+}
+
+/// How an environment's machine comes up.
+enum Start<'a> {
+    /// The kernel boots.
+    Boot,
+    /// The kernel boots; at the agent's `READY` the machine is saved into
+    /// the file, and the environment is good for nothing else.
+    Save(&'a std::fs::File),
+    /// Restored from a saved machine.
+    Restore(&'a snapshot::Saved),
+}
+
+impl VmProvider {
+    /// Says `msg` unless it was said before by this provider.
+    fn note_once(&self, msg: &str) {
+        if self.noted.lock().unwrap().insert(msg.to_string()) {
+            self.note(msg);
+        }
+    }
+
+    /// The saved machine for environments like `spec`, saved now if there
+    /// is none yet: `None` when machines are not saved (turned off).
+    fn saved_machine(
+        &self,
+        spec: &EnvSpec,
+        boot: &boot::BootFiles,
+        accel: &'static str,
+    ) -> Option<Result<snapshot::Saved, String>> {
+        if !self.settings.snapshots {
+            return None;
+        }
+        let (cpus, mem_mib) = machine_size(spec);
+        let key = snapshot::Key {
+            qemu: &self.qemu,
+            accel,
+            cpus,
+            mem_mib,
+            network: spec.network,
+            cmdline: &guest_cmdline(spec),
+            boot,
+        };
+        Some(snapshot::find_or_save(&self.cache, &key, |out| {
+            self.start(spec, boot, accel, Start::Save(out))
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }))
+    }
+
+    /// Makes an environment's folder and brings its machine up `how`.
+    fn start(
+        &self,
+        spec: &EnvSpec,
+        boot: &boot::BootFiles,
+        accel: &str,
+        how: Start,
+    ) -> Result<VmEnv, ProviderError> {
+        let cerr = |what: String| ProviderError::Create {
+            env: spec.name.clone(),
+            what,
+            source: None,
+        };
         // Short: the agent's socket path must fit a Unix socket address.
         let name: String = sanitize(&spec.name).chars().take(24).collect();
         let id = format!(
@@ -493,21 +610,6 @@ impl Provider for VmProvider {
         std::fs::create_dir_all(&dir)
             .map_err(|e| cerr(format!("create `{}`: {e}", dir.display())))?;
         let lease = take_lease(&dir.join("lease")).map_err(|e| cerr(format!("take lease: {e}")))?;
-        let host_ca = if spec.network && spec.host_ca {
-            let bundle =
-                slate_provider::hostnet::host_ca_bundle().map_err(|what| ProviderError::Other {
-                    env: spec.name.clone(),
-                    what,
-                })?;
-            Some(fs_err::read(&bundle).map_err(|e| {
-                cerr(format!(
-                    "cannot read the host's CA bundle `{}`: {e}",
-                    bundle.display()
-                ))
-            })?)
-        } else {
-            None
-        };
         let mut session = Session::new(&id, "the guest's agent");
         // Nothing the guest holds is larger than its disk.
         session.max_fetch = qcow2_size(&boot.disk).unwrap_or(MAX_FETCH_FALLBACK);
@@ -527,14 +629,36 @@ impl Provider for VmProvider {
             },
             destroyed: false,
         };
-        env.boot(self, spec, &boot, accel)
+        env.boot(self, spec, boot, accel, how)
             .map_err(|e| cerr(format!("{e}{}", console_tail(&dir.join("console.log")))))?;
-        if let Some(bundle) = host_ca {
-            // The guest's /run is its own tmpfs: never part of the base disk.
-            env.put_bytes(&bundle, slate_provider::hostnet::CA_PATH, 0o644)?;
-        }
         Ok(env)
     }
+}
+
+/// The CPUs and memory (MiB) of a machine for `spec`.
+fn machine_size(spec: &EnvSpec) -> (u64, u64) {
+    let cpus = spec
+        .limits
+        .cpus
+        .map(|c| c.ceil().max(1.0) as u64)
+        .unwrap_or(1);
+    let mem_mib = spec
+        .limits
+        .memory
+        .map(|m| (m >> 20).max(128))
+        .unwrap_or(1024);
+    (cpus, mem_mib)
+}
+
+/// The guest kernel's command line: the same for every environment of one
+/// image and network setting (what differs goes in `START`), so a saved
+/// machine fits them all.
+fn guest_cmdline(spec: &EnvSpec) -> String {
+    let mut append = kernel_cmdline();
+    if spec.network {
+        append.push_str(" slate.net=1");
+    }
+    append
 }
 
 /// Lines a guest that will never come up prints: fail at once instead of
@@ -624,12 +748,34 @@ impl VmEnv {
         spec: &EnvSpec,
         boot: &boot::BootFiles,
         accel: &str,
+        how: Start,
     ) -> io::Result<()> {
         let who = jail::Identity::take(&p.cache.join("ids"), accel == "kvm")?;
-        let (qdir, listener) = self.agent_listener(&who)?;
+        let qdir = self.qemu_dir(&who)?;
+        let listener = listen(&qdir, "agent.sock", &who)?;
+        let monitor = match how {
+            Start::Boot => None,
+            Start::Save(_) | Start::Restore(_) => Some(listen(&qdir, "qmp.sock", &who)?),
+        };
         let files = Handed::boot(boot, &qdir)?;
         let mut cmd = self.qemu_command(&p.qemu, spec, accel, &files)?;
-        who.apply(&mut cmd, files.fds());
+        let mut keep = files.fds();
+        if monitor.is_some() {
+            cmd.arg("-chardev")
+                .arg(format!(
+                    "socket,id=qmp,path={}/qmp.sock,server=off",
+                    files.dir.path().display()
+                ))
+                .args(["-mon", "chardev=qmp,mode=control"]);
+        }
+        match how {
+            Start::Boot | Start::Save(_) => {}
+            Start::Restore(saved) => {
+                cmd.args(["-incoming", "defer"]);
+                keep.push(saved.file.as_raw_fd());
+            }
+        }
+        who.apply(&mut cmd, keep);
         let child = cmd
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("cannot start QEMU: {e}")))?;
@@ -638,24 +784,57 @@ impl VmEnv {
         self.machine.identity = Some(who);
 
         let deadline = Instant::now() + p.settings.boot_timeout;
-        let stream = self.accept_agent(&listener, deadline)?;
+        let stream = self.accept(&listener, deadline, "the agent's port")?;
         self.connect_agent(stream)?;
-        self.wait_for_hello(deadline, p.settings.boot_timeout)
+        match how {
+            Start::Boot => {
+                self.wait_for(wire::READY, deadline, p.settings.boot_timeout)?;
+                self.send_start(spec)?;
+            }
+            Start::Save(out) => {
+                let monitor = monitor.expect("made for saving");
+                let stream = self.accept(&monitor, deadline, "its monitor")?;
+                self.wait_for(wire::READY, deadline, p.settings.boot_timeout)?;
+                return qmp::Qmp::open(stream, deadline)?.save_to(out);
+            }
+            Start::Restore(saved) => {
+                let monitor = monitor.expect("made for restoring");
+                let stream = self.accept(&monitor, deadline, "its monitor")?;
+                // Once it runs, the saved agent waits for its start.
+                qmp::Qmp::open(stream, deadline)?.restore_from(saved.file.as_raw_fd())?;
+                self.send_start(spec)?;
+            }
+        }
+        self.wait_for(wire::HELLO, deadline, p.settings.boot_timeout)
+            .map(drop)
     }
 
-    /// Makes QEMU's folder and binds the agent's socket in it, both given
-    /// to QEMU's user; returns the folder and the listening socket.
-    fn agent_listener(&self, who: &jail::Identity) -> io::Result<(PathBuf, UnixListener)> {
-        // QEMU's own folder: its socket, and the temporary overlay of
-        // `snapshot=on` (TMPDIR).
+    /// What makes this guest unlike any other: its name, the host's clock
+    /// and fresh random bytes.
+    fn send_start(&mut self, spec: &EnvSpec) -> io::Result<()> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut seed = vec![0u8; 64];
+        getrandom(&mut seed)?;
+        self.session.send_json(
+            wire::START,
+            &wire::Start {
+                hostname: sanitize(&spec.name),
+                secs: now.as_secs() as i64,
+                nanos: now.subsec_nanos(),
+                seed,
+            },
+        )
+    }
+
+    /// Makes QEMU's folder, given to QEMU's user: its sockets, and the
+    /// temporary overlay of `snapshot=on` (TMPDIR).
+    fn qemu_dir(&self, who: &jail::Identity) -> io::Result<PathBuf> {
         let qdir = self.machine.dir.join(QEMU_DIR);
         std::fs::DirBuilder::new().mode(0o700).create(&qdir)?;
         jail::give(&qdir, who)?;
-        let sock = qdir.join("agent.sock");
-        let listener = UnixListener::bind(&sock)?;
-        jail::give(&sock, who)?;
-        listener.set_nonblocking(true)?;
-        Ok((qdir, listener))
+        Ok(qdir)
     }
 
     /// QEMU's command line for this environment, its output going to the
@@ -667,28 +846,11 @@ impl VmEnv {
         accel: &str,
         files: &Handed,
     ) -> io::Result<Command> {
-        let cpus = spec
-            .limits
-            .cpus
-            .map(|c| c.ceil().max(1.0) as u64)
-            .unwrap_or(1);
-        let mem_mib = spec
-            .limits
-            .memory
-            .map(|m| (m >> 20).max(128))
-            .unwrap_or(1024);
-        let mut append = format!(
-            "{} slate.hostname={}",
-            kernel_cmdline(),
-            sanitize(&spec.name)
-        );
-        if spec.network {
-            append.push_str(" slate.net=1");
-        }
+        let (cpus, mem_mib) = machine_size(spec);
         let console = std::fs::File::create(self.machine.dir.join("console.log"))?;
         let mut cmd = Command::new(qemu);
         add_machine_args(&mut cmd, self.session.id(), accel, cpus, mem_mib);
-        add_boot_args(&mut cmd, files, &append);
+        add_boot_args(&mut cmd, files, &guest_cmdline(spec));
         if spec.network {
             cmd.args([
                 "-netdev",
@@ -707,11 +869,12 @@ impl VmEnv {
         Ok(cmd)
     }
 
-    /// Waits for QEMU to connect the agent's port.
-    fn accept_agent(
+    /// Waits for QEMU to connect `what` (a socket of QEMU's folder).
+    fn accept(
         &mut self,
         listener: &UnixListener,
         deadline: Instant,
+        what: &str,
     ) -> io::Result<UnixStream> {
         // Woken by the connection, or by QEMU's end (its pidfd), not by a
         // timer; without a pidfd (kernels before 5.3), every 50 ms.
@@ -725,10 +888,10 @@ impl VmEnv {
                 Ok((s, _)) => return Ok(s),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.machine
-                        .check_alive("before connecting to the agent's port")?;
+                        .check_alive(&format!("before connecting {what}"))?;
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        return Err(io::Error::other("QEMU did not connect the agent's port"));
+                        return Err(io::Error::other(format!("QEMU did not connect {what}")));
                     }
                     let wait = if pidfd >= 0 {
                         left
@@ -768,17 +931,22 @@ impl VmEnv {
         Ok(())
     }
 
-    /// Waits for the agent's hello, failing early when QEMU exits or the
-    /// console shows a guest that will not come up.
-    fn wait_for_hello(&mut self, deadline: Instant, timeout: Duration) -> io::Result<()> {
+    /// Waits for the agent's frame `want` (`READY`, `HELLO`), failing
+    /// early when QEMU exits or the console shows a guest that will not
+    /// come up.
+    fn wait_for(&mut self, want: u8, deadline: Instant, timeout: Duration) -> io::Result<Vec<u8>> {
         loop {
             match self.session.recv(Duration::from_millis(100)) {
-                Ok(Some((wire::HELLO, payload))) => {
-                    wire::parse::<wire::Hello>(&payload)?;
-                    return Ok(());
+                Ok(Some((k, payload))) if k == want => {
+                    if k == wire::HELLO {
+                        wire::parse::<wire::Hello>(&payload)?;
+                    }
+                    return Ok(payload);
                 }
                 Ok(Some((k, _))) => {
-                    return Err(io::Error::other(format!("the agent said {k} before hello")))
+                    return Err(io::Error::other(format!(
+                        "the agent said {k} when {want} was due"
+                    )))
                 }
                 Ok(None) => {
                     self.machine.check_alive("while booting")?;
@@ -801,6 +969,33 @@ impl VmEnv {
             }
         }
     }
+}
+
+/// Binds the socket `name` in QEMU's folder `qdir`, given to QEMU's user.
+fn listen(qdir: &Path, name: &str, who: &jail::Identity) -> io::Result<UnixListener> {
+    let sock = qdir.join(name);
+    let listener = UnixListener::bind(&sock)?;
+    jail::give(&sock, who)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Fills `buf` from the kernel's generator.
+fn getrandom(buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: writes at most the rest of `buf`.
+        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += n as usize;
+    }
+    Ok(())
 }
 
 impl Environment for VmEnv {

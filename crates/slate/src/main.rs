@@ -114,6 +114,7 @@ impl Ctx {
             }
             let settings = slate_vm::VmSettings {
                 accel: slate_vm::Accel::parse(&project.vm.accel).unwrap_or(slate_vm::Accel::Auto),
+                snapshots: project.vm.snapshots,
                 ..Default::default()
             };
             let vm = slate_vm::VmProvider::new(store.root().join("vm"), store.envs_dir(), settings)

@@ -369,3 +369,100 @@ fn root_vm_inputs_leave_out_what_exclude_and_gitignore_leave_out() {
         "./.gitignore\n./slate.toml\n./src/main.c\n"
     );
 }
+
+/// The saved machines in the cache of machines with `mem_mib` of memory.
+fn saved_machines(cache: &Path, mem_mib: u64) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(cache.join("v1/vm/snapshots"))
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                    name.ends_with(".vmstate") && name.contains(&format!("-{mem_mib}M"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+#[ignore = "needs root, QEMU and the Debian archive: scripts/test.sh runs it"]
+fn root_vm_machines_restored_from_one_save_share_no_randomness_clock_or_writes() {
+    require_vm_host();
+    // A machine size of this test's own: its saved machine is its own.
+    let mem_mib = 600 + u64::from(std::process::id() % 97);
+    let script = "mkdir -p out; cat /proc/sys/kernel/random/boot_id > out/boot_id; \
+                  head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > out/random; \
+                  date +%s > out/clock; hostname > out/host; \
+                  if test -e /root/mark; then echo dirty; else echo clean; fi > out/before; \
+                  echo \"$(hostname)\" > /root/mark";
+    let builds: String = ["one", "two", "three"]
+        .iter()
+        .map(|n| {
+            format!(
+                "[builds.{n}]\nimage = \"vm\"\nprovider = \"vm\"\nmemory = \"{mem_mib}MiB\"\nrun = [{script:?}]\nartifacts = [\"out/*\"]\n"
+            )
+        })
+        .collect();
+    let p = vm_project(&builds);
+    let before = saved_machines(&p.cache, mem_mib);
+    let o = p.run(&["build", "one"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let after = saved_machines(&p.cache, mem_mib);
+    let new: Vec<_> = after.iter().filter(|f| !before.contains(f)).collect();
+    assert_eq!(new.len(), 1, "the first VM saved one machine: {after:?}");
+    let saved = new[0].clone();
+    let o = p.run(&["build", "two"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // Taken after two whole VMs ran since the save: a guest that kept the
+    // saved clock would be behind it.
+    let host_secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let o = p.run(&["build", "three"]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        !out.contains("could not be restored") && !out.contains("cannot save"),
+        "{out}"
+    );
+    assert_eq!(
+        saved_machines(&p.cache, mem_mib),
+        after,
+        "restored, not saved again"
+    );
+    let read = |t: &str, f: &str| p.read(&format!("artifacts/{t}/{f}")).trim().to_string();
+    for t in ["one", "two", "three"] {
+        assert_eq!(read(t, "before"), "clean", "{t} saw another VM's write");
+        assert_eq!(read(t, "host"), t);
+    }
+    for f in ["boot_id", "random"] {
+        let seen: std::collections::HashSet<String> =
+            ["one", "two", "three"].iter().map(|t| read(t, f)).collect();
+        assert_eq!(seen.len(), 3, "{f} repeats between VMs: {seen:?}");
+    }
+    let guest_secs: u64 = read("three", "clock").parse().unwrap();
+    assert!(
+        guest_secs >= host_secs,
+        "the guest's clock ({guest_secs}) is behind the host's ({host_secs})"
+    );
+
+    // A damaged save is not used: the VM boots instead, says so, and the
+    // next one saves the machine anew.
+    std::fs::write(&saved, b"QEVM not really a saved machine").unwrap();
+    let o = p.run(&["build", "two"]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("could not be restored"), "{out}");
+    assert_eq!(read("two", "before"), "clean");
+    let o = p.run(&["build", "three"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        std::fs::metadata(&saved).unwrap().len() > 1 << 20,
+        "saved anew"
+    );
+    let _ = std::fs::remove_file(&saved);
+}
