@@ -48,6 +48,8 @@ pub struct LogsConfig {
     pub ship: Vec<Spanned<String>>,
     /// PEM certificates trusted besides the system's, for TLS sinks.
     pub ca: Option<String>,
+    /// How events are printed when `--log-format` is not given.
+    pub format: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -210,8 +210,22 @@ impl Resolver<'_> {
             host_ca: file.settings.host_ca,
             ship: self.ship(file),
             ship_ca: file.settings.logs.ca.as_ref().map(|c| self.dir.join(c)),
+            log_format: self.log_format(file),
             layer_cache: self.layer_cache(file),
         }
+    }
+
+    fn log_format(&mut self, file: &ConfigFile) -> Option<String> {
+        let f = file.settings.logs.format.as_ref()?;
+        if ["text", "json"].contains(&f.get_ref().as_str()) {
+            return Some(f.get_ref().clone());
+        }
+        self.err(
+            f,
+            format!("unknown log format `{}`", f.get_ref()),
+            Some("use `text` (lines for people) or `json` (one event per line)".into()),
+        );
+        None
     }
 
     fn layer_cache(&mut self, file: &ConfigFile) -> Option<String> {
@@ -1342,6 +1356,20 @@ memory = "2GiB"
             d[0].message
         );
         assert_eq!(d[0].hint.as_deref(), Some("did you mean `packages`?"));
+    }
+
+    #[test]
+    fn log_format_is_text_or_json() {
+        let p = load_text("[settings.logs]\nformat = \"json\"\n").unwrap();
+        assert_eq!(p.settings.log_format.as_deref(), Some("json"));
+        assert_eq!(load_text("").unwrap().settings.log_format, None);
+        let d = diags("[settings.logs]\nformat = \"xml\"\n");
+        assert_eq!(d[0].line, 2);
+        assert!(
+            d[0].message.contains("unknown log format `xml`"),
+            "{}",
+            d[0].message
+        );
     }
 
     #[test]

@@ -106,6 +106,9 @@ pub struct Settings {
     pub ship: Vec<String>,
     /// PEM certificates trusted besides the system's, for TLS sinks.
     pub ship_ca: Option<PathBuf>,
+    /// `[settings.logs] format`: `text` or `json`, when the command line
+    /// does not say.
+    pub log_format: Option<String>,
     /// A layer cache (`s3://BUCKET/PREFIX` or `file://PATH`) missing layers
     /// are fetched from, and `slate bake` sends its layers to.
     pub layer_cache: Option<String>,

@@ -16,9 +16,9 @@ pub struct Cli {
     /// The config file (default: slate.toml here or above)
     #[arg(short = 'f', long = "file", global = true, value_name = "FILE")]
     pub file: Option<PathBuf>,
-    /// How events are printed
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    /// How events are printed (default: `[settings.logs] format`, else text)
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
     /// Print only errors and the summary
     #[arg(short, long, global = true)]
     pub quiet: bool,

@@ -22,6 +22,8 @@ use std::process::ExitCode;
 pub struct Ctx {
     pub cli: Cli,
     pub cwd: PathBuf,
+    /// `--log-format`, else the config's `[settings.logs] format`.
+    log_format: LogFormat,
 }
 
 impl Ctx {
@@ -262,8 +264,13 @@ impl Ctx {
         }
     }
 
+    /// `--log-format`, else the config's `[settings.logs] format`, else text.
+    pub fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
+
     pub fn reporter(&self) -> report::Reporter {
-        let mode = match self.cli.log_format {
+        let mode = match self.log_format() {
             LogFormat::Json => report::Mode::Json,
             LogFormat::Text if self.cli.quiet => report::Mode::Plain,
             LogFormat::Text if self.cli.progress == Progress::Live => report::Mode::Live,
@@ -279,7 +286,7 @@ impl Ctx {
 
     /// Prints a line of the command's own output (not progress).
     pub fn say(&self, line: &str) {
-        if !self.cli.quiet && self.cli.log_format == LogFormat::Text {
+        if !self.cli.quiet && self.log_format() == LogFormat::Text {
             println!("{line}");
         }
     }
@@ -292,7 +299,22 @@ fn main() -> ExitCode {
         None => std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
     };
     let cwd = fs_err::canonicalize(&cwd).unwrap_or(cwd);
-    let ctx = Ctx { cli, cwd };
+    let log_format = cli.log_format.unwrap_or_else(|| {
+        // A config that does not load is reported by the command itself.
+        match slate_config::load(&cwd, cli.file.as_deref())
+            .ok()
+            .and_then(|p| p.settings.log_format)
+            .as_deref()
+        {
+            Some("json") => LogFormat::Json,
+            _ => LogFormat::Text,
+        }
+    });
+    let ctx = Ctx {
+        cli,
+        cwd,
+        log_format,
+    };
     let color = ctx.color()
         || (matches!(ctx.cli.color, Color::Auto)
             && std::io::stderr().is_terminal()

@@ -97,6 +97,35 @@ fn build_bakes_then_builds_and_reports_each_target() {
     snapshot!("bake_cached", seen(&p, &o));
 }
 
+/// `[settings.logs] format = "json"` is the default `--log-format`; the
+/// flag still wins.
+#[test]
+fn the_configs_log_format_is_used_unless_the_flag_says_otherwise() {
+    let p = project(&format!("[settings.logs]\nformat = \"json\"\n{CONFIG}"));
+    let o = run(&p, &["build", "app"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!out.is_empty());
+    for line in out.lines() {
+        let e: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(e["event"].is_string(), "{line}");
+    }
+    let o = run(&p, &["--log-format", "text", "build", "app"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("[app]"), "{out}");
+    assert!(
+        out.lines()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_err()),
+        "{out}"
+    );
+}
+
 #[test]
 fn bake_reports_layers_and_digest() {
     let p = project(CONFIG);

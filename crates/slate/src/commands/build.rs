@@ -182,7 +182,7 @@ fn summarize(
         started.elapsed().as_secs_f64(),
         project.settings.artifacts.display(),
     );
-    if ctx.cli.log_format == crate::cli::LogFormat::Text {
+    if ctx.log_format() == crate::cli::LogFormat::Text {
         println!("{summary}");
     }
     if signals::interrupted() {

@@ -77,7 +77,7 @@ pub fn publish_run(
         c
     })?;
     let secs = started.elapsed().as_secs_f64();
-    match ctx.cli.log_format {
+    match ctx.log_format() {
         crate::cli::LogFormat::Json => println!(
             "{}",
             serde_json::json!({
