@@ -418,7 +418,7 @@ impl Resolver<'_> {
                 .collect(),
             steps: img.steps.iter().map(|s| s.get_ref().clone()).collect(),
             vm: img.vm,
-            caches: self.caches(&img.caches),
+            caches: self.caches(&img.caches, false),
         }
     }
 
@@ -628,7 +628,7 @@ impl Resolver<'_> {
         self.check_artifacts(bc);
         let inputs = self.inputs(name, bc);
         self.check_secrets(bc);
-        let caches = self.caches(&bc.caches);
+        let caches = self.caches(&bc.caches, true);
         let packages = self.packages(bc);
         let parts = BuildParts {
             command,
@@ -684,6 +684,27 @@ impl Resolver<'_> {
     /// `artifacts`, names a matrix axis; reports the first that does not.
     fn check_placeholders(&mut self, name: &str, bc: &BuildConfig, axes: &[Axis]) -> bool {
         let axis_names: Vec<&str> = axes.iter().map(|(a, _)| a.as_str()).collect();
+        for c in &bc.caches {
+            if let crate::file::CacheConfig::Table { id: Some(id), .. } = c.get_ref() {
+                if let Some(ph) = placeholders(id)
+                    .into_iter()
+                    .find(|p| !axis_names.contains(&p.as_str()))
+                {
+                    self.err(
+                        c,
+                        format!(
+                            "build `{name}`: cache id placeholder `{{{ph}}}` has no matrix axis"
+                        ),
+                        Some(if axis_names.is_empty() {
+                            format!("add `matrix = {{ {ph} = [...] }}` to `[builds.{name}]`")
+                        } else {
+                            format!("the matrix axes are: {}", axis_names.join(", "))
+                        }),
+                    );
+                    return false;
+                }
+            }
+        }
         let mut strict = vec![&bc.image];
         strict.extend(bc.artifacts.iter());
         for s in strict {
@@ -894,6 +915,19 @@ impl Resolver<'_> {
             );
             return None;
         }
+        let mut caches = parts.caches.clone();
+        for c in &mut caches {
+            let id = subst(&c.id);
+            if !cache_id_ok(&id) {
+                self.err(
+                    &bc.image,
+                    format!("target `{target_name}`: cache id `{id}` (from `{}`) must be letters, digits, `.`, `_` and `-`", c.id),
+                    Some("use matrix values that make a valid id, or another id".into()),
+                );
+                return None;
+            }
+            c.id = id;
+        }
         Some(TargetSpec {
             name: target_name,
             build: name.to_string(),
@@ -915,15 +949,17 @@ impl Resolver<'_> {
             pids: bc.pids.as_ref().map(|p| *p.get_ref()),
             timeout: parts.timeout,
             provider: parts.provider,
-            caches: parts.caches.clone(),
+            caches,
             packages: parts.packages,
         })
     }
 
-    /// A build's `caches`, checked.
+    /// A build's (or an image's) `caches`, checked; a build's ids may hold
+    /// matrix placeholders (`{suite}`), checked with the matrix.
     fn caches(
         &mut self,
         list: &[toml::Spanned<crate::file::CacheConfig>],
+        matrix: bool,
     ) -> Vec<crate::spec::CacheSpec> {
         use crate::file::CacheConfig;
         use crate::spec::{CacheSpec, Sharing};
@@ -952,13 +988,14 @@ impl Resolver<'_> {
                 continue;
             }
             let id = id.unwrap_or_else(|| clean.trim_start_matches('/').replace('/', "-"));
-            if id.is_empty()
-                || id.len() > 100
-                || id.starts_with('.')
-                || !id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-            {
+            let bare = if matrix {
+                placeholders(&id)
+                    .iter()
+                    .fold(id.clone(), |s, p| s.replace(&format!("{{{p}}}"), "x"))
+            } else {
+                id.clone()
+            };
+            if !cache_id_ok(&bare) {
                 self.err(
                     c,
                     format!("cache id `{id}` must be letters, digits, `.`, `_` and `-`"),
@@ -1204,6 +1241,16 @@ fn combinations(axes: &[Axis]) -> Vec<Vec<(String, String)>> {
 }
 
 /// `{name}` placeholders in `s`; `${name}` is shell syntax, not a placeholder.
+/// Whether `id` may name a cache (a folder in slate's cache).
+fn cache_id_ok(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 100
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
 pub fn placeholders(s: &str) -> Vec<String> {
     let mut out = Vec::new();
     let b = s.as_bytes();
@@ -1356,6 +1403,34 @@ memory = "2GiB"
             d[0].message
         );
         assert_eq!(d[0].hint.as_deref(), Some("did you mean `packages`?"));
+    }
+
+    #[test]
+    fn a_cache_id_may_take_matrix_values() {
+        let src = "[images.a]\nfrom = \"debian:bookworm\"\n[builds.b]\nimage = \"a\"\nrun = [\"true\"]\nmatrix = { suite = [\"bookworm\", \"trixie\"] }\ncaches = [{ path = \"/var/cache/apt/archives\", id = \"apt-{suite}\" }]\n";
+        let p = load_text(src).unwrap();
+        let ids: Vec<&str> = p.targets.iter().map(|t| t.caches[0].id.as_str()).collect();
+        assert_eq!(ids, ["apt-bookworm", "apt-trixie"]);
+        let d = diags(&src.replace("apt-{suite}", "apt-{distro}"));
+        assert!(
+            d[0].message
+                .contains("placeholder `{distro}` has no matrix axis"),
+            "{}",
+            d[0].message
+        );
+        let d = diags(&src.replace("\"trixie\"", "\"../x\""));
+        assert!(
+            d[0].message.contains("cache id `apt-../x`"),
+            "{}",
+            d[0].message
+        );
+        // An image has no matrix: braces are not an id there.
+        let d = diags("[images.a]\nfrom = \"debian:bookworm\"\ncaches = [{ path = \"/x\", id = \"c-{suite}\" }]\n");
+        assert!(
+            d[0].message.contains("cache id `c-{suite}`"),
+            "{}",
+            d[0].message
+        );
     }
 
     #[test]
