@@ -231,13 +231,16 @@ impl Resolver<'_> {
     fn layer_cache(&mut self, file: &ConfigFile) -> Option<String> {
         let l = file.settings.layer_cache.as_ref()?;
         let url = l.get_ref();
-        if url.starts_with("s3://") || url.starts_with("file://") {
+        if ["s3://", "file://", "oci://", "oci+http://"]
+            .iter()
+            .any(|s| url.starts_with(s))
+        {
             return Some(url.clone());
         }
         self.err(
             l,
             format!("`layer_cache = \"{url}\"` is not a supported layer cache"),
-            Some("use `s3://BUCKET/PREFIX` or `file://PATH`".into()),
+            Some("use `s3://BUCKET/PREFIX`, `oci://REGISTRY/REPOSITORY` or `file://PATH`".into()),
         );
         None
     }

@@ -3,6 +3,7 @@
 pub mod binfmt;
 pub mod export;
 pub mod gc;
+pub mod layerrepo;
 pub mod plan;
 pub mod registry;
 pub use slate_layers::{store, unpack};

@@ -39,6 +39,8 @@ pub enum RegistryError {
         registry: String,
         repository: String,
     },
+    #[error("registry `{registry}`: {what} answered 404 (not found)")]
+    NotFound { registry: String, what: String },
     #[error("blob `{digest}` does not match its digest (got `{got}`)")]
     Digest { digest: String, got: String },
     #[error("the registry sent `{got}` for the manifest `{want}`")]
@@ -237,7 +239,7 @@ pub struct Client {
 }
 
 /// A request body that can be sent again after an auth challenge.
-enum Body<'a> {
+pub(crate) enum Body<'a> {
     None,
     Bytes(&'a [u8]),
     File(&'a Path),
@@ -259,7 +261,7 @@ impl Client {
         }
     }
 
-    fn http_err(&self, what: String) -> RegistryError {
+    pub(crate) fn http_err(&self, what: String) -> RegistryError {
         RegistryError::Http {
             registry: self.r.registry.clone(),
             what,
@@ -267,7 +269,7 @@ impl Client {
     }
 
     /// Sends a request, answering one auth challenge (basic or bearer).
-    fn send(
+    pub(crate) fn send(
         &mut self,
         method: &str,
         url: &str,
@@ -312,6 +314,12 @@ impl Client {
                     return Err(RegistryError::Unauthorized {
                         registry: self.r.registry.clone(),
                         repository: self.r.repository.clone(),
+                    })
+                }
+                Err(ureq::Error::Status(404, _)) => {
+                    return Err(RegistryError::NotFound {
+                        registry: self.r.registry.clone(),
+                        what: format!("{method} {}", url.split('?').next().unwrap_or(url)),
                     })
                 }
                 Err(ureq::Error::Status(code, r)) => {
@@ -380,14 +388,14 @@ impl Client {
         Ok(())
     }
 
-    fn url(&self, tail: &str) -> String {
+    pub(crate) fn url(&self, tail: &str) -> String {
         format!("{}/v2/{}/{tail}", self.base, self.r.repository)
     }
 
     /// Fetches the manifest or index `reference` (a tag or a checked
     /// digest), at most [`MANIFEST_LIMIT`] bytes of it. One fetched by digest
     /// must hash to that digest.
-    fn get_manifest(
+    pub(crate) fn get_manifest(
         &mut self,
         reference: &str,
         accept: &str,
@@ -513,6 +521,36 @@ impl Client {
         Ok(())
     }
 
+    /// Uploads the blob `d` (a checked digest) unless the registry has it:
+    /// whether it was sent.
+    pub(crate) fn put_blob(&mut self, d: &str, body: Body) -> Result<bool, RegistryError> {
+        let head = self.url(&format!("blobs/{d}"));
+        if self.send("HEAD", &head, &[], Body::None, true).is_ok() {
+            return Ok(false);
+        }
+        let start = self.url("blobs/uploads/");
+        let r = self.send("POST", &start, &[("Content-Length", "0")], Body::None, true)?;
+        let loc = r
+            .header("Location")
+            .ok_or_else(|| self.http_err("upload answer has no Location".into()))?
+            .to_string();
+        let loc = if loc.starts_with('/') {
+            format!("{}{loc}", self.base)
+        } else {
+            loc
+        };
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        let put = format!("{loc}{sep}digest={d}");
+        self.send(
+            "PUT",
+            &put,
+            &[("Content-Type", "application/octet-stream")],
+            body,
+            true,
+        )?;
+        Ok(true)
+    }
+
     /// Pushes an OCI layout (as written by `export_oci`) under this reference.
     pub fn push_layout(&mut self, layout: &Path) -> Result<(String, u64, u64), RegistryError> {
         let index: Value = serde_json::from_slice(
@@ -547,32 +585,11 @@ impl Client {
         for d in blobs {
             let path = blob_path(&d);
             let size = fs_err::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            let head = self.url(&format!("blobs/{d}"));
-            if self.send("HEAD", &head, &[], Body::None, true).is_ok() {
-                skipped += size;
-                continue;
-            }
-            let start = self.url("blobs/uploads/");
-            let r = self.send("POST", &start, &[("Content-Length", "0")], Body::None, true)?;
-            let loc = r
-                .header("Location")
-                .ok_or_else(|| self.http_err("upload answer has no Location".into()))?
-                .to_string();
-            let loc = if loc.starts_with('/') {
-                format!("{}{loc}", self.base)
+            if self.put_blob(&d, Body::File(&path))? {
+                sent += size;
             } else {
-                loc
-            };
-            let sep = if loc.contains('?') { '&' } else { '?' };
-            let put = format!("{loc}{sep}digest={d}");
-            self.send(
-                "PUT",
-                &put,
-                &[("Content-Type", "application/octet-stream")],
-                Body::File(&path),
-                true,
-            )?;
-            sent += size;
+                skipped += size;
+            }
         }
         let url = self.url(&format!("manifests/{}", self.r.reference));
         self.send(

@@ -1947,6 +1947,130 @@ fn root_layers_sent_with_cache_to_are_pulled_whole_and_a_corrupt_one_is_refused_
     );
 }
 
+/// The layer cache in a real OCI registry (Debian's docker-registry): each
+/// layer an artifact tagged with its key, pulled whole, and a blob changed
+/// in the registry's storage refused and its layer baked.
+#[test]
+#[ignore = "needs root and docker-registry: scripts/test.sh runs it"]
+fn root_layers_sent_to_a_registry_are_pulled_by_digest_and_a_changed_one_is_rebaked() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let reg = common::Registry::start(dir.path());
+    let url = format!("oci://{}/team/layers", reg.addr);
+    let a = Project::new(&format!(
+        "{IMAGE}[builds.app]\nimage = \"bb\"\nrun = [\"cat /etc/two\"]\n"
+    ));
+    let slate = |p: &Project, args: &[&str]| {
+        let o = p.run(args);
+        assert!(o.status.success(), "{args:?}: {}", text(&o));
+        text(&o)
+    };
+    let out = slate(&a, &["bake", "--cache-to", &url]);
+    assert!(out.contains("sent 3 layer(s)"), "{out}");
+    assert!(slate(&a, &["bake", "--cache-to", &url]).contains("sent 0 layer(s)"));
+    let keys: Vec<String> = std::fs::read_dir(a.cache.join("v1/layers"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    // Each layer is a manifest tagged with its key (read with curl, not slate).
+    let tags = Command::new("curl")
+        .args([
+            "-sf",
+            &format!("http://{}/v2/team/layers/tags/list", reg.addr),
+        ])
+        .output()
+        .unwrap();
+    let tags: serde_json::Value = serde_json::from_slice(&tags.stdout).unwrap();
+    let mut listed: Vec<String> = tags["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    listed.sort();
+    let mut want = keys.clone();
+    want.sort();
+    assert_eq!(listed, want);
+
+    let same_recipe = |p: &Project| {
+        std::fs::copy(a.project().join("bb.tar.gz"), p.project().join("bb.tar.gz")).unwrap();
+    };
+    let b = Project::new(&a.read("slate.toml"));
+    same_recipe(&b);
+    let out = slate(&b, &["bake", "--cache-from", &url]);
+    assert!(
+        out.contains("0 layer(s) baked, 3 pulled from the layer cache"),
+        "{out}"
+    );
+    for key in &keys {
+        let diff = Command::new("diff")
+            .arg("-r")
+            .arg(a.cache.join("v1/layers").join(key).join("fs"))
+            .arg(b.cache.join("v1/layers").join(key).join("fs"))
+            .output()
+            .unwrap();
+        assert!(
+            diff.status.success(),
+            "layer {key} differs: {}",
+            text(&diff)
+        );
+    }
+
+    // Change the tar of the `echo two` layer in the registry's storage.
+    let victim = keys
+        .iter()
+        .find(|k| {
+            std::fs::read_to_string(a.cache.join("v1/layers").join(k).join("layer.json"))
+                .unwrap()
+                .contains("echo two")
+        })
+        .unwrap();
+    let manifest = Command::new("curl")
+        .args([
+            "-sf",
+            "-H",
+            "Accept: application/vnd.oci.image.manifest.v1+json",
+            &format!("http://{}/v2/team/layers/manifests/{victim}", reg.addr),
+        ])
+        .output()
+        .unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest.stdout).unwrap();
+    let hex = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let blob = dir
+        .path()
+        .join("regdata/docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(&hex)
+        .join("data");
+    let mut data = std::fs::read(&blob).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 0xff;
+    std::fs::write(&blob, data).unwrap();
+    let c = Project::new(&a.read("slate.toml"));
+    same_recipe(&c);
+    let out = slate(&c, &["bake", "--cache-from", &url]);
+    assert!(
+        out.contains(&format!(
+            "layer {} from the layer cache refused, baking it: its tar has sha256",
+            &victim[..12]
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("1 layer(s) baked, 2 pulled from the layer cache"),
+        "{out}"
+    );
+    assert_eq!(
+        text(&c.run(&["run", "bb", "--", "cat", "/etc/two"])).trim(),
+        "two"
+    );
+}
+
 #[test]
 #[ignore = "needs root: scripts/test.sh runs it"]
 fn root_a_build_cannot_make_slate_write_a_host_file_through_its_cache() {
