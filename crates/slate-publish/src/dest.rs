@@ -162,6 +162,23 @@ impl Destination {
         self.store.as_ref()
     }
 
+    /// A destination over `store`, for tests of what reads it.
+    #[cfg(test)]
+    pub(crate) fn over(store: Arc<dyn ObjectStore>, base: &str) -> Destination {
+        Destination {
+            store,
+            prefix: String::new(),
+            base: base.into(),
+            metadata: false,
+            secrets: Vec::new(),
+        }
+    }
+
+    /// The store, for a task that outlives this borrow.
+    pub(crate) fn shared_store(&self) -> Arc<dyn ObjectStore> {
+        self.store.clone()
+    }
+
     pub(crate) fn keeps_metadata(&self) -> bool {
         self.metadata
     }
