@@ -354,7 +354,7 @@ fn tsc_khz() -> Option<u64> {
 fn kernel_cmdline() -> String {
     let mut c = String::from(
         "console=ttyS0 panic=-1 reboot=t quiet mitigations=off cryptomgr.notests audit=0 \
-         apparmor=0 security=none ipv6.disable=1 rcupdate.rcu_expedited=1 8250.nr_uarts=1 nowatchdog init_on_free=1",
+         apparmor=0 security=none ipv6.disable=1 rcupdate.rcu_expedited=1 8250.nr_uarts=1 nowatchdog",
     );
     if let Some(k) = tsc_khz() {
         c.push_str(&format!(" tsc_early_khz={k}"));
