@@ -34,7 +34,8 @@ pub struct Session {
     id: String,
     /// Who answers, for messages: "the guest's agent".
     peer: &'static str,
-    to: Option<Box<dyn Write + Send>>,
+    /// Shared with the thread that forwards an interactive command's input.
+    to: Option<Writer>,
     from: Option<Receiver<Frame>>,
     /// Variables every command gets before its own.
     pub base_env: Vec<(String, String)>,
@@ -43,9 +44,14 @@ pub struct Session {
     /// Why a file over `max_fetch` is refused, and what to do: given its
     /// size and the cap.
     pub oversize: fn(u64, u64) -> String,
-    /// The answer to an interactive command.
+    /// The answer to an interactive command, where the agent cannot run
+    /// one.
     pub no_interactive: &'static str,
+    /// Whether the agent runs interactive commands on a terminal of its own.
+    pub interactive: bool,
 }
+
+type Writer = std::sync::Arc<std::sync::Mutex<Box<dyn Write + Send>>>;
 
 fn default_oversize(size: u64, cap: u64) -> String {
     format!("it is {size} bytes, more than the {cap} bytes one artifact may have here")
@@ -63,6 +69,7 @@ impl Session {
             max_fetch: 64 << 30,
             oversize: default_oversize,
             no_interactive: "interactive commands are not available with this provider",
+            interactive: false,
         }
     }
 
@@ -83,7 +90,7 @@ impl Session {
                 }
             }
         });
-        self.to = Some(Box::new(writer));
+        self.to = Some(std::sync::Arc::new(std::sync::Mutex::new(Box::new(writer))));
         self.from = Some(rx);
     }
 
@@ -112,8 +119,9 @@ impl Session {
     }
 
     pub fn send(&mut self, kind: u8, payload: &[u8]) -> io::Result<()> {
-        let s = self.to.as_mut().ok_or_else(not_connected)?;
-        wire::write_frame(s, kind, payload)
+        let to = self.to.clone().ok_or_else(not_connected)?;
+        let mut s = to.lock().unwrap();
+        wire::write_frame(&mut *s, kind, payload)
     }
 
     pub fn send_json(&mut self, kind: u8, v: &impl serde::Serialize) -> io::Result<()> {
@@ -176,8 +184,9 @@ impl Session {
         let id = self.id.clone();
         let res = (|| {
             self.ask(wire::PUT_TAR, dest, 0)?;
-            let s = self.to.as_mut().ok_or_else(not_connected)?;
-            let mut b = tar::Builder::new(wire::DataWriter::new(&mut *s));
+            let to = self.to.clone().ok_or_else(not_connected)?;
+            let mut s = to.lock().unwrap();
+            let mut b = tar::Builder::new(wire::DataWriter::new(&mut **s));
             b.follow_symlinks(false);
             for e in entries {
                 let src = base.join(e);
@@ -199,6 +208,7 @@ impl Session {
                 }
             }
             b.into_inner()?.finish()?;
+            drop(s);
             self.expect_ok()
         })();
         match (res, failed) {
@@ -215,8 +225,8 @@ impl Session {
     pub fn put_bytes(&mut self, data: &[u8], dest: &str, mode: u32) -> Result<(), ProviderError> {
         let res = (|| {
             self.ask(wire::PUT_FILE, dest, mode)?;
-            let s = self.to.as_mut().ok_or_else(not_connected)?;
-            wire::send_data(s, &mut &data[..])?;
+            let to = self.to.clone().ok_or_else(not_connected)?;
+            wire::send_data(&mut *to.lock().unwrap(), &mut &data[..])?;
             self.expect_ok()
         })();
         res.map_err(|e| self.err(format!("write `{dest}`"), e))
@@ -232,17 +242,21 @@ impl Session {
         out: &mut dyn OutputSink,
         cancel: &Cancel,
     ) -> Result<ExecOutcome, ProviderError> {
-        if spec.interactive {
+        if spec.interactive && !self.interactive {
             return Err(ProviderError::Other {
                 env: self.id.clone(),
                 what: self.no_interactive.into(),
             });
+        }
+        if spec.interactive {
+            return self.exec_on_terminal(carrier, spec);
         }
         let what = spec.argv.first().cloned().unwrap_or_default();
         let req = wire::Exec {
             argv: spec.argv.clone(),
             env: self.base_env.iter().chain(&spec.env).cloned().collect(),
             cwd: spec.cwd.clone(),
+            tty: None,
         };
         self.send_json(wire::EXEC, &req)
             .map_err(|e| self.err(format!("run `{what}`"), e))?;
@@ -318,6 +332,100 @@ impl Session {
                     ))
                 }
                 None => {}
+            }
+        }
+    }
+
+    /// Runs one command on a terminal inside, with this process's terminal
+    /// (raw while it runs) as its keyboard and screen: keys go as STDIN
+    /// frames, its output comes back raw, and size changes follow.
+    fn exec_on_terminal(
+        &mut self,
+        carrier: &mut dyn Carrier,
+        spec: &ExecSpec,
+    ) -> Result<ExecOutcome, ProviderError> {
+        let what = spec.argv.first().cloned().unwrap_or_default();
+        let mut env: Vec<(String, String)> =
+            self.base_env.iter().chain(&spec.env).cloned().collect();
+        if let Some(term) = std::env::var_os("TERM") {
+            env.push(("TERM".into(), term.to_string_lossy().into_owned()));
+        }
+        let mut size = terminal::size();
+        let req = wire::Exec {
+            argv: spec.argv.clone(),
+            env,
+            cwd: spec.cwd.clone(),
+            tty: Some(size),
+        };
+        let _raw = terminal::Raw::enter();
+        self.send_json(wire::EXEC, &req)
+            .map_err(|e| self.err(format!("run `{what}`"), e))?;
+        // Keys, as they are typed; the thread ends with this process (a
+        // read of the keyboard cannot be interrupted) and sends nothing
+        // once the session is gone.
+        let to = self
+            .to
+            .clone()
+            .ok_or_else(not_connected)
+            .map_err(|e| self.err("run", e))?;
+        let weak = std::sync::Arc::downgrade(&to);
+        drop(to);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            let mut stdin = io::stdin();
+            loop {
+                let n = stdin.read(&mut buf).unwrap_or(0);
+                let Some(to) = weak.upgrade() else { return };
+                let sent = wire::write_frame(&mut *to.lock().unwrap(), wire::STDIN, &buf[..n]);
+                if n == 0 || sent.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut stdout = io::stdout();
+        loop {
+            let frame = match self.recv(Duration::from_millis(100)) {
+                Ok(f) => f,
+                Err(e) => {
+                    let e = carrier
+                        .check_alive("while a command ran")
+                        .err()
+                        .unwrap_or(e);
+                    return Err(self.err(format!("run `{what}`"), e));
+                }
+            };
+            match frame {
+                Some((wire::STDOUT | wire::STDERR, d)) => {
+                    let _ = stdout.write_all(&d);
+                    let _ = stdout.flush();
+                }
+                Some((wire::EXIT, d)) => {
+                    let exit: wire::Exit =
+                        wire::parse(&d).map_err(|e| self.err("read the exit status", e))?;
+                    return Ok(match (exit.code, exit.signal) {
+                        (Some(c), _) => ExecOutcome::Exited(c),
+                        (None, Some(s)) => ExecOutcome::Signaled(s),
+                        _ => ExecOutcome::Exited(-1),
+                    });
+                }
+                Some((wire::ERR, m)) => {
+                    return Err(self.err(
+                        format!("run `{what}`"),
+                        io::Error::other(String::from_utf8_lossy(&m).into_owned()),
+                    ))
+                }
+                Some((k, _)) => {
+                    return Err(self.err(
+                        format!("run `{what}`"),
+                        io::Error::other(format!("unexpected frame {k}")),
+                    ))
+                }
+                None => {}
+            }
+            let now = terminal::size();
+            if now != size {
+                size = now;
+                let _ = self.send_json(wire::RESIZE, &size);
             }
         }
     }
@@ -467,5 +575,57 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::FileTooLarge);
         assert!(e.to_string().contains("more than the 1000 bytes"), "{e}");
         assert_eq!(out.len(), 1000);
+    }
+}
+
+/// This process's terminal, for interactive commands.
+mod terminal {
+    use crate::wire::Tty;
+
+    /// The size of the terminal on stdin (80x24 when it is not one).
+    pub fn size() -> Tty {
+        // SAFETY: winsize is plain data; TIOCGWINSZ fills it or fails.
+        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let ok = unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut ws) } == 0;
+        if ok && ws.ws_row > 0 && ws.ws_col > 0 {
+            Tty {
+                rows: ws.ws_row,
+                cols: ws.ws_col,
+            }
+        } else {
+            Tty { rows: 24, cols: 80 }
+        }
+    }
+
+    /// The terminal on stdin in raw mode (keys pass as they are typed,
+    /// Ctrl-C included, to the command inside) until dropped.
+    pub struct Raw(Option<libc::termios>);
+
+    impl Raw {
+        pub fn enter() -> Raw {
+            // SAFETY: termios is plain data; tcgetattr fills it or fails.
+            let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+            // SAFETY: as above, on fd 0.
+            if unsafe { libc::tcgetattr(0, &mut saved) } != 0 {
+                return Raw(None);
+            }
+            let mut raw = saved;
+            // SAFETY: cfmakeraw edits the struct we own; tcsetattr on fd 0.
+            unsafe {
+                libc::cfmakeraw(&mut raw);
+                libc::tcsetattr(0, libc::TCSANOW, &raw);
+            }
+            Raw(Some(saved))
+        }
+    }
+
+    impl Drop for Raw {
+        fn drop(&mut self) {
+            if let Some(saved) = &self.0 {
+                // SAFETY: restoring the settings read at the start.
+                unsafe { libc::tcsetattr(0, libc::TCSANOW, saved) };
+            }
+        }
     }
 }

@@ -26,6 +26,11 @@ pub const CREATE: u8 = 8;
 /// What makes a VM's guest this environment's (`Start`): the answer to
 /// `READY`. A guest restored from a saved machine gets it after the restore.
 pub const START: u8 = 9;
+/// Keys typed into an interactive command's terminal (empty: its input
+/// ended).
+pub const STDIN: u8 = 10;
+/// The terminal of an interactive command changed size (`Tty`).
+pub const RESIZE: u8 = 11;
 // Guest to host.
 pub const HELLO: u8 = 20;
 pub const STDOUT: u8 = 21;
@@ -50,6 +55,17 @@ pub struct Exec {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: String,
+    /// Run on a terminal of this size (an interactive command): its output
+    /// comes as STDOUT frames, raw, and its input as STDIN frames.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<Tty>,
+}
+
+/// A terminal's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tty {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -294,6 +310,7 @@ mod tests {
                 argv: vec!["true".into()],
                 env: vec![],
                 cwd: "/".into(),
+                tty: None,
             },
         )
         .unwrap();

@@ -433,6 +433,22 @@ fn exec(
         return send(out, proto::ERR, b"empty command");
     };
     let mut cmd = command(&spec, prog, args);
+    // An interactive command gets a terminal: its output comes through the
+    // terminal's other side.
+    let terminal = match spec
+        .tty
+        .map(|size| open_terminal(&mut cmd, size))
+        .transpose()
+    {
+        Ok(t) => t,
+        Err(e) => {
+            return send(
+                out,
+                proto::ERR,
+                format!("cannot make a terminal: {e}").as_bytes(),
+            )
+        }
+    };
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -443,7 +459,12 @@ fn exec(
             );
         }
     };
+    drop(cmd);
     let pid = child.id() as i32;
+    let terminal_out = terminal
+        .as_ref()
+        .map(|t| t.try_clone().map(|f| Box::new(f) as Box<dyn Read + Send>))
+        .transpose()?;
     // Output frames go only while `open`: once EXIT is sent, a pump still
     // held up by a stray descendant holding the pipe can send nothing more.
     let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -452,10 +473,12 @@ fn exec(
         out,
         &open,
         &done_tx,
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        terminal_out.or_else(|| {
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>)
+        }),
         proto::STDOUT,
     );
     pump(
@@ -474,7 +497,7 @@ fn exec(
             let _ = waiter_tx.send(Msg::Exited(st));
         }
     });
-    let (status, host_gone) = wait_for_exit(rx);
+    let (status, host_gone) = wait_for_exit(rx, terminal.as_ref());
     send_exit(out, pid, &open, &done_rx, status)?;
     if host_gone {
         return Err(io::Error::new(io::ErrorKind::BrokenPipe, "slate went away"));
@@ -494,9 +517,79 @@ fn command(spec: &proto::Exec, prog: &str, args: &[String]) -> Command {
         .current_dir(if spec.cwd.is_empty() { "/" } else { &spec.cwd })
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+        .stderr(Stdio::piped());
+    // A group of its own, to kill with everything it started; one on a
+    // terminal gets a session of its own instead (see `open_terminal`).
+    if spec.tty.is_none() {
+        cmd.process_group(0);
+    }
     cmd
+}
+
+/// Makes a terminal of `size` for `cmd`: its input, output and error, and
+/// its controlling terminal in a session of its own. Returns the other side.
+fn open_terminal(cmd: &mut Command, size: proto::Tty) -> io::Result<File> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    // SAFETY: posix_openpt returns a new descriptor or -1.
+    let master = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    if master < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor we own from here on.
+    let master = unsafe { File::from_raw_fd(master) };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&master);
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: the terminal calls of <stdlib.h> on our descriptor, and a
+    // buffer of the size given.
+    unsafe {
+        if libc::grantpt(fd) != 0
+            || libc::unlockpt(fd) != 0
+            || libc::ptsname_r(fd, name.as_mut_ptr(), name.len()) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // SAFETY: ptsname_r wrote a NUL-terminated path.
+    let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    let slave = File::options()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&path)?;
+    set_size(&master, size);
+    cmd.stdin(slave.try_clone()?)
+        .stdout(slave.try_clone()?)
+        .stderr(slave);
+    // SAFETY: only raw system calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(master)
+}
+
+fn set_size(terminal: &File, size: proto::Tty) {
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ with a winsize.
+    unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(terminal),
+            libc::TIOCSWINSZ,
+            &ws,
+        )
+    };
 }
 
 /// Sends what `r` yields as `kind` frames, on a thread of its own, while
@@ -532,7 +625,10 @@ fn pump(
 
 /// Waits for the command's exit status, killing everything but PID 1 on a
 /// KILL request or when the host goes; the flag says whether it went.
-fn wait_for_exit(rx: &mpsc::Receiver<Msg>) -> (std::process::ExitStatus, bool) {
+fn wait_for_exit(
+    rx: &mpsc::Receiver<Msg>,
+    terminal: Option<&File>,
+) -> (std::process::ExitStatus, bool) {
     let mut host_gone = false;
     let status = loop {
         match rx.recv() {
@@ -543,6 +639,17 @@ fn wait_for_exit(rx: &mpsc::Receiver<Msg>) -> (std::process::ExitStatus, bool) {
             Ok(Msg::Frame(proto::KILL, _)) => unsafe {
                 libc::kill(-1, libc::SIGKILL);
             },
+            Ok(Msg::Frame(proto::STDIN, keys)) => {
+                if let Some(mut t) = terminal {
+                    // Input that ended: the terminal's end-of-file key.
+                    let _ = t.write_all(if keys.is_empty() { b"\x04" } else { &keys });
+                }
+            }
+            Ok(Msg::Frame(proto::RESIZE, size)) => {
+                if let (Some(t), Ok(size)) = (terminal, proto::parse::<proto::Tty>(&size)) {
+                    set_size(t, size);
+                }
+            }
             Ok(Msg::Frame(k, _)) => log(&format!("ignored request {k} while a command runs")),
             Ok(Msg::Gone) | Err(_) => {
                 host_gone = true;

@@ -614,7 +614,7 @@ impl VmProvider {
         // Nothing the guest holds is larger than its disk.
         session.max_fetch = qcow2_size(&boot.disk).unwrap_or(MAX_FETCH_FALLBACK);
         session.oversize = oversize;
-        session.no_interactive = "interactive shells are not available with the vm provider yet; use the sandbox provider for `slate shell`";
+        session.interactive = true;
         if spec.network {
             // The host's proxy (and CA) variables, for every command.
             session.base_env = net::guest_env(slate_provider::hostnet::env(spec.host_ca));

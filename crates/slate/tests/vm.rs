@@ -466,3 +466,31 @@ fn root_vm_machines_restored_from_one_save_share_no_randomness_clock_or_writes()
     );
     let _ = std::fs::remove_file(&saved);
 }
+
+#[test]
+#[ignore = "needs root, QEMU and the Debian archive: scripts/test.sh runs it"]
+fn root_vm_shell_is_interactive_on_a_terminal_inside_the_guest() {
+    require_vm_host();
+    let p = vm_project(
+        "[builds.inside]\nimage = \"vm\"\nprovider = \"vm\"\nworkdir = \"/work\"\nrun = [\"true\"]\n",
+    );
+    let o = p.on_terminal(
+        "shell inside",
+        b"echo \"in=$(pwd):$(hostname):$(tty):$(stty size)\"; uname -r; exit 7\n",
+        &[],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(7), "{out}");
+    // A terminal of its own in the guest, the size of this one.
+    assert!(out.contains("in=/work:inside:/dev/pts/"), "{out}");
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert!(out.contains("-amd64"), "{out}");
+    assert!(
+        !out.lines().any(|l| l.trim() == host_kernel.trim()),
+        "ran on the host's kernel: {out}"
+    );
+    assert!(
+        qemus_with("vm-inside-").is_empty(),
+        "the VM was left running"
+    );
+}

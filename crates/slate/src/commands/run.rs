@@ -187,6 +187,9 @@ pub fn shell(ctx: &Ctx, name: &str) -> CmdResult {
         "if [ -x /bin/bash ]; then exec /bin/bash -l; else exec /bin/sh -l; fi".into(),
     ];
     if let Some(t) = project.target(name) {
+        if t.provider == slate_config::ProviderKind::Vm {
+            return shell_in_vm(ctx, &project, &store, t, argv);
+        }
         let img = image(ctx, &project, &store, &provider, &t.image)?;
         let mut vars = img.env.clone();
         vars.extend(t.env.iter().cloned());
@@ -236,6 +239,64 @@ pub fn shell(ctx: &Ctx, name: &str) -> CmdResult {
         interactive: true,
     };
     run_in(&provider, spec, exec, |_| Ok(()))
+}
+
+/// `slate shell TARGET` for a target built in VMs: a fresh VM, the
+/// target's inputs in its workdir, a shell on a terminal inside the guest.
+fn shell_in_vm(
+    ctx: &Ctx,
+    project: &slate_config::Project,
+    store: &LayerStore,
+    t: &slate_config::TargetSpec,
+    argv: Vec<String>,
+) -> CmdResult {
+    let providers = ctx.providers(
+        store,
+        project,
+        slate_run::targets::Needs {
+            vm: true,
+            ssh: false,
+            ec2: false,
+        },
+    )?;
+    let img = image(ctx, project, store, &providers.sandbox, &t.image)?;
+    let mut vars = img.env.clone();
+    vars.extend(t.env.iter().cloned());
+    let spec = EnvSpec {
+        name: t.name.clone(),
+        layers: img.layers,
+        network: t.network,
+        host_ca: t.network && project.settings.host_ca,
+        kind: slate_provider::EnvKind::Vm,
+        ..Default::default()
+    };
+    let exec = ExecSpec {
+        argv,
+        env: vars,
+        cwd: t.workdir.clone(),
+        interactive: true,
+    };
+    let mut env = providers.create(&spec)?;
+    let skip = vec![
+        project.dir.join(".slate"),
+        project.dir.join(&project.settings.artifacts),
+    ];
+    let res = (|| -> Result<ExecOutcome, CliError> {
+        for input in &t.inputs {
+            let set = slate_run::inputs::collect(input, &t.exclude, &skip)
+                .map_err(|e| CliError::from_error(Exit::Infra, &e))?;
+            env.put(&set.base, &set.entries, &t.workdir)?;
+        }
+        env.put(std::path::Path::new("/"), &[], &t.workdir)?;
+        // Ctrl-C is a key for the shell inside, not the end of slate.
+        signals::ignore_interrupts();
+        let mut none = |_: slate_provider::Stream, _: &str| {};
+        Ok(env.exec(&exec, &mut none, &Cancel::new())?)
+    })();
+    let destroyed = env.destroy();
+    let outcome = res?;
+    destroyed?;
+    Ok(exit_of(outcome))
 }
 
 /// `slate shell --keep RUN/TARGET`: a shell in a kept environment as it was
