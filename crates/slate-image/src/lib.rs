@@ -463,6 +463,7 @@ impl<P: Provider> Baker<'_, P> {
             // apt and dpkg set owners and switch users; devices, mounts and
             // kernel settings stay out of reach as in builds.
             privileges: slate_provider::Privileges::Packages,
+            ..Default::default()
         };
         let mut envir = self.provider.create(&spec)?;
         let mut sink = |s: Stream, l: &str| self.reporter.output(&plan.name, s, l);

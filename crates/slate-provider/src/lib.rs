@@ -50,6 +50,13 @@ pub struct EnvSpec {
     /// What the commands may do as root inside a sandbox (a VM's guest is
     /// its own kernel and keeps its root).
     pub privileges: Privileges,
+    /// The environment may be kept after a failure (`Environment::keep`):
+    /// a VM then writes to a disk file of its own instead of QEMU's
+    /// throwaway overlay.
+    pub keepable: bool,
+    /// A VM starts from this kept disk (over the image's base disk) instead
+    /// of the base disk alone; what it writes is thrown away.
+    pub start_disk: Option<PathBuf>,
 }
 
 /// The capabilities a sandboxed command keeps. Neither level allows device

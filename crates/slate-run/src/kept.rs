@@ -1,6 +1,7 @@
 //! Environments kept after a failed build (`slate build --keep-failed`):
 //! `<cache>/kept/<run>/<target>/` holds what the build wrote over its image
-//! (`upper/`, an overlay upper folder) and `kept.json`, what `slate shell
+//! (`upper/`, an overlay upper folder; for a VM, `disk.qcow2`, a disk
+//! overlay over the image's base disk) and `kept.json`, what `slate shell
 //! --keep RUN/TARGET` needs to enter it as it was: the image's layers, the
 //! environment variables, the working folder. `slate runs` lists them and
 //! `slate gc` removes them after [`TTL`].
@@ -28,6 +29,10 @@ pub struct Kept {
     pub network: bool,
     /// Seconds since the epoch.
     pub created: f64,
+    /// A VM's: `disk.qcow2` (what the build wrote, over the image's base
+    /// disk) instead of `upper/`.
+    #[serde(default)]
+    pub vm: bool,
 }
 
 /// Where a run's kept environments go.

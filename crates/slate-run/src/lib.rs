@@ -471,6 +471,8 @@ impl<P: Provider> Orchestrator<'_, P> {
             } else {
                 slate_provider::Privileges::None
             },
+            keepable: false,
+            start_disk: None,
         }
     }
 
@@ -590,6 +592,7 @@ impl<P: Provider> Orchestrator<'_, P> {
             return self.fail(t, TargetError::Unavailable(t.provider.name()));
         };
         let mut spec = self.env_spec(t, img, kind);
+        spec.keepable = keep.is_some();
         if !t.caches.is_empty() && kind != EnvKind::Sandbox {
             return self.fail(t, TargetError::CachesUnsupported(kind.name()));
         }
@@ -627,7 +630,27 @@ impl<P: Provider> Orchestrator<'_, P> {
             let result = self.in_env(t, img, &mut env, &secrets, &secret_values, store);
             let build_failed = matches!(&result, Err(e) if e.status().0 == TargetStatus::Failed);
             let destroyed = match keep {
-                Some(dir) if build_failed => self.keep(t, img, env, &dir.join(&t.name)),
+                Some(dir) if build_failed => {
+                    let kept = self.keep(t, img, env, &dir.join(&t.name));
+                    // The build's failure is the target's; why its
+                    // environment was not kept is said beside it.
+                    if let Err(e) = &kept {
+                        self.sink.event(&Event::new(
+                            Some(&t.name),
+                            EventKind::Output {
+                                stream: "stderr",
+                                line: mask(
+                                    &format!(
+                                        "slate: could not keep the environment: {}",
+                                        error_chain(e)
+                                    ),
+                                    &secret_values,
+                                ),
+                            },
+                        ));
+                    }
+                    kept
+                }
                 _ => self.phase(t, "destroy", || {
                     env.destroy().map_err(TargetError::Provider)
                 }),
@@ -674,6 +697,7 @@ impl<P: Provider> Orchestrator<'_, P> {
                 workdir: t.workdir.clone(),
                 network: t.network,
                 created: events::now(),
+                vm: t.provider == slate_config::ProviderKind::Vm,
             };
             kept::write(dest, &record).map_err(TargetError::Staging)
         })

@@ -280,6 +280,7 @@ fn create(store: &LayerStore, spec: &RemoteSpec) -> Result<slate_sandbox::Sandbo
             ephemeral: false,
             kind: EnvKind::Sandbox,
             privileges: Privileges::None,
+            ..Default::default()
         })
         .map_err(|e| error_chain(&e))
 }

@@ -384,24 +384,100 @@ struct Handed {
     initramfs: jail::Handed,
     disk: jail::Handed,
     dir: jail::Handed,
+    /// A kept disk to start from, over `disk`.
+    start: Option<jail::Handed>,
 }
 
 impl Handed {
-    fn boot(boot: &boot::BootFiles, dir: &Path) -> io::Result<Handed> {
+    fn boot(boot: &boot::BootFiles, dir: &Path, start: Option<&Path>) -> io::Result<Handed> {
         Ok(Handed {
             kernel: jail::Handed::open(&boot.kernel)?,
             initramfs: jail::Handed::open(&boot.initramfs)?,
             disk: jail::Handed::open(&boot.disk)?,
             dir: jail::Handed::open(dir)?,
+            start: start.map(jail::Handed::open).transpose()?,
         })
     }
 
     fn fds(&self) -> Vec<std::os::fd::RawFd> {
         [&self.kernel, &self.initramfs, &self.disk, &self.dir]
-            .iter()
+            .into_iter()
+            .chain(self.start.as_ref())
             .map(|h| h.fd())
             .collect()
     }
+}
+
+/// Where a VM's disk writes go.
+#[derive(Clone, Copy, PartialEq)]
+enum Disk {
+    /// QEMU's throwaway overlay over the base disk.
+    Throwaway,
+    /// A disk file of the environment's own over the base disk
+    /// (`q/disk.qcow2`), kept by `keep`.
+    Own,
+    /// QEMU's throwaway overlay over a kept disk over the base disk.
+    FromKept,
+}
+
+/// Copies QEMU's disk file `from` (in QEMU's folder, which QEMU's user
+/// owns and could have changed) to `to` as slate's own (root's, 0600). Only
+/// the plain file QEMU's user owns, with no other name, is taken: a
+/// symlink or a hard link to a host file is refused, never followed, and
+/// nothing is changed through it.
+fn take_disk(from: &Path, to: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let src = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(from);
+    let refused = || {
+        io::Error::other(
+            "the VM's disk file is not the plain file slate made for QEMU (a link, or another owner's); it was not kept",
+        )
+    };
+    let mut src = match src {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(refused()),
+        Err(e) => {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("open the VM's disk file: {e}"),
+            ))
+        }
+    };
+    let m = src.metadata()?;
+    if !m.is_file() || m.nlink() != 1 || owner.is_some_and(|(uid, _)| m.uid() != uid) {
+        return Err(refused());
+    }
+    let mut dst = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)?;
+    io::copy(&mut src, &mut dst)?;
+    dst.sync_all()
+}
+
+/// Makes `path`, an empty qcow2 overlay over `base`, for QEMU's user.
+fn make_overlay(base: &Path, path: &Path, who: &jail::Identity) -> io::Result<()> {
+    let size = qcow2_size(base)
+        .ok_or_else(|| io::Error::other(format!("`{}` is not a qcow2 disk", base.display())))?;
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-u", "-b"])
+        .arg(base)
+        .arg(path)
+        .arg(size.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot run qemu-img: {e}")))?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "qemu-img create failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    jail::give(path, who)
 }
 
 /// QEMU's accelerator, CPUs, memory, machine and name.
@@ -424,7 +500,30 @@ fn add_machine_args(cmd: &mut Command, name: &str, accel: &str, cpus: u64, mem_m
 
 /// What QEMU boots: the kernel, initramfs and disk slate holds open, the
 /// kernel's command line, and the agent's port.
-fn add_boot_args(cmd: &mut Command, files: &Handed, append: &str) {
+fn add_boot_args(cmd: &mut Command, files: &Handed, append: &str, disk: Disk) {
+    // snapshot=on: QEMU keeps the guest's writes in a temporary overlay of
+    // its own, unlinked at once, so not even a kill -9 leaves it behind;
+    // the base disk is opened read-only and never written. An overlay file
+    // names its backing file by a path QEMU's user cannot reach: it is
+    // given the base disk's descriptor instead.
+    let backing = format!(
+        "backing.driver=qcow2,backing.file.driver=file,backing.file.filename={}",
+        files.disk.path().display()
+    );
+    let drive = match (disk, &files.start) {
+        (Disk::Own, _) => format!(
+            "id=root,file={}/disk.qcow2,if=none,format=qcow2,cache=unsafe,{backing}",
+            files.dir.path().display()
+        ),
+        (Disk::FromKept, Some(start)) => format!(
+            "id=root,file={},if=none,format=qcow2,snapshot=on,cache=unsafe,{backing}",
+            start.path().display()
+        ),
+        _ => format!(
+            "id=root,file={},if=none,format=qcow2,snapshot=on,cache=unsafe",
+            files.disk.path().display()
+        ),
+    };
     cmd.arg("-kernel")
         .arg(files.kernel.path())
         .arg("-initrd")
@@ -432,13 +531,7 @@ fn add_boot_args(cmd: &mut Command, files: &Handed, append: &str) {
         .arg("-append")
         .arg(append)
         .arg("-drive")
-        // snapshot=on: QEMU keeps the guest's writes in a temporary overlay
-        // of its own, unlinked at once, so not even a kill -9 leaves it
-        // behind; the base disk is opened read-only and never written.
-        .arg(format!(
-            "id=root,file={},if=none,format=qcow2,snapshot=on,cache=unsafe",
-            files.disk.path().display()
-        ))
+        .arg(drive)
         .args(["-device", "virtio-blk-pci,drive=root"])
         .arg("-chardev")
         .arg(format!(
@@ -500,7 +593,12 @@ impl Provider for VmProvider {
         } else {
             None
         };
-        let mut env = match self.saved_machine(spec, &boot, accel) {
+        // A kept disk is not the disk the saved machine read: it boots.
+        let saved = match spec.start_disk {
+            Some(_) => None,
+            None => self.saved_machine(spec, &boot, accel),
+        };
+        let mut env = match saved {
             Some(Ok(state)) => match self.start(spec, &boot, accel, Start::Restore(&state)) {
                 Ok(env) => env,
                 Err(e) => {
@@ -628,6 +726,11 @@ impl VmProvider {
                 _lease: lease,
             },
             destroyed: false,
+            disk: match (&spec.start_disk, spec.keepable) {
+                (Some(_), _) => Disk::FromKept,
+                (None, true) => Disk::Own,
+                (None, false) => Disk::Throwaway,
+            },
         };
         env.boot(self, spec, boot, accel, how)
             .map_err(|e| cerr(format!("{e}{}", console_tail(&dir.join("console.log")))))?;
@@ -693,6 +796,7 @@ pub struct VmEnv {
     session: Session,
     machine: Machine,
     destroyed: bool,
+    disk: Disk,
 }
 
 /// What carries a VM's session: QEMU, the ids it runs as, its folder.
@@ -757,7 +861,13 @@ impl VmEnv {
             Start::Boot => None,
             Start::Save(_) | Start::Restore(_) => Some(listen(&qdir, "qmp.sock", &who)?),
         };
-        let files = Handed::boot(boot, &qdir)?;
+        if self.disk == Disk::Own {
+            make_overlay(&boot.disk, &qdir.join("disk.qcow2"), &who)?;
+        }
+        if let Some(start) = &spec.start_disk {
+            jail::grant_read(start)?;
+        }
+        let files = Handed::boot(boot, &qdir, spec.start_disk.as_deref())?;
         let mut cmd = self.qemu_command(&p.qemu, spec, accel, &files)?;
         let mut keep = files.fds();
         if monitor.is_some() {
@@ -850,7 +960,7 @@ impl VmEnv {
         let console = std::fs::File::create(self.machine.dir.join("console.log"))?;
         let mut cmd = Command::new(qemu);
         add_machine_args(&mut cmd, self.session.id(), accel, cpus, mem_mib);
-        add_boot_args(&mut cmd, files, &guest_cmdline(spec));
+        add_boot_args(&mut cmd, files, &guest_cmdline(spec), self.disk);
         if spec.network {
             cmd.args([
                 "-netdev",
@@ -1026,6 +1136,47 @@ impl Environment for VmEnv {
 
     fn fetch(&mut self, src: &str, dest: &Path) -> Result<u64, ProviderError> {
         self.session.fetch(&mut self.machine, src, dest)
+    }
+
+    fn keep(mut self, dest: &Path) -> Result<(), ProviderError> {
+        let id = self.session.id().to_string();
+        if self.disk != Disk::Own {
+            self.destroyed = true;
+            self.machine.stop();
+            return Err(ProviderError::Other {
+                env: self.session.id().to_string(),
+                what: "this VM wrote to a throwaway overlay; it was destroyed".into(),
+            });
+        }
+        // What the guest has not written to its disk yet goes there first
+        // (a guest that does not answer in 30 s is kept as its disk is).
+        let sync = ExecSpec {
+            argv: vec!["sync".into()],
+            env: vec![],
+            cwd: "/".into(),
+            interactive: false,
+        };
+        let mut none = |_: Stream, _: &str| {};
+        let cancel = Cancel::new().with_timeout(Some(Duration::from_secs(30)));
+        let _ = self
+            .session
+            .exec(&mut self.machine, &sync, &mut none, &cancel);
+        if let Some(mut c) = self.machine.qemu.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let disk = self.machine.dir.join(QEMU_DIR).join("disk.qcow2");
+        let owner = self.machine.identity.as_ref().and_then(|i| i.owner());
+        let kept = fs_err::create_dir_all(dest)
+            .and_then(|()| take_disk(&disk, &dest.join("disk.qcow2"), owner));
+        if kept.is_err() {
+            let _ = fs_err::remove_dir_all(dest);
+        }
+        self.destroyed = true;
+        self.machine.stop();
+        kept.map_err(|e| {
+            ProviderError::op(&id, format!("keep its disk in `{}`", dest.display()), e)
+        })
     }
 
     fn destroy(mut self) -> Result<(), ProviderError> {

@@ -494,3 +494,114 @@ fn root_vm_shell_is_interactive_on_a_terminal_inside_the_guest() {
         "the VM was left running"
     );
 }
+
+#[test]
+#[ignore = "needs root, QEMU and the Debian archive: scripts/test.sh runs it"]
+fn root_vm_keep_failed_keeps_the_guests_disk_to_enter_as_it_was() {
+    require_vm_host();
+    let p = vm_project(
+        "[builds.sunk]\nimage = \"vm\"\nprovider = \"vm\"\nworkdir = \"/work\"\n\
+         run = [\"echo from-the-build > /root/evidence\", \"rm /etc/hostname\", \"exit 3\"]\n",
+    );
+    let o = p.run(&["build", "--keep-failed"]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    let id = out
+        .lines()
+        .find(|l| l.starts_with("kept sunk's environment"))
+        .and_then(|l| l.split('`').nth(1))
+        .and_then(|c| c.strip_prefix("slate shell --keep "))
+        .unwrap_or_else(|| panic!("no kept environment said: {out}"))
+        .to_string();
+    assert!(qemus_with("vm-sunk-").is_empty(), "the VM was left running");
+    let disk = p
+        .cache
+        .join("v1/kept")
+        .join(id.split('/').next().unwrap())
+        .join("sunk/disk.qcow2");
+    assert!(disk.is_file(), "no kept disk at {}", disk.display());
+
+    let enter = |input: &[u8]| {
+        let o = p.on_terminal(&format!("shell --keep {id}"), input, &[]);
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let seen = enter(
+        b"echo \"at=$(pwd) has=$(cat /root/evidence) host=$(test -e /etc/hostname && echo yes || echo no)\"; echo changed > /root/evidence; exit\n",
+    );
+    assert!(
+        seen.contains("at=/work has=from-the-build host=no"),
+        "{seen}"
+    );
+    // What a shell writes is thrown away: the next one sees the failure's
+    // state again.
+    let seen = enter(b"echo \"has=$(cat /root/evidence)\"; exit\n");
+    assert!(seen.contains("has=from-the-build"), "{seen}");
+    assert!(qemus_with("vm-sunk-").is_empty(), "a VM was left running");
+}
+
+/// Whoever runs as QEMU's user (a guest that broke out into QEMU) owns
+/// QEMU's folder, so the disk file slate keeps could be swapped for a
+/// symlink to a host file: keeping must neither follow it nor change the
+/// host file.
+#[test]
+#[ignore = "needs root, QEMU and the Debian archive: scripts/test.sh runs it"]
+fn root_vm_keep_failed_never_follows_a_link_planted_in_qemus_folder() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::PermissionsExt;
+    require_vm_host();
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "host file\n").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // The guest waits on this socket, so the disk file is swapped while
+    // the VM runs, before the target fails.
+    let gate = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = gate.local_addr().unwrap().port();
+    let p = vm_project(&format!(
+        "[builds.trap]\nimage = \"vm\"\nprovider = \"vm\"\nnetwork = true\n\
+         run = [\"bash -c 'exec 3<>/dev/tcp/10.0.2.2/{port}; read go <&3; exit 3'\"]\n"
+    ));
+    let mut slate = p
+        .cmd(&["build", "--keep-failed"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut conn, _) = gate.accept().unwrap();
+    let envs: Vec<_> = std::fs::read_dir(p.cache.join("v1/envs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|d| {
+            d.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("vm-trap-")
+        })
+        .collect();
+    assert_eq!(envs.len(), 1, "{envs:?}");
+    let disk = envs[0].join("q/disk.qcow2");
+    assert!(disk.is_file());
+    std::fs::remove_file(&disk).unwrap();
+    std::os::unix::fs::symlink(&victim, &disk).unwrap();
+    conn.write_all(b"go\n").unwrap();
+    drop(conn);
+    let mut out = String::new();
+    for l in BufReader::new(slate.stdout.take().unwrap()).lines() {
+        out.push_str(&l.unwrap());
+        out.push('\n');
+    }
+    let status = slate.wait().unwrap();
+    let m = std::fs::metadata(&victim).unwrap();
+    assert_eq!(
+        m.permissions().mode() & 0o7777,
+        0o644,
+        "the host file's mode changed"
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((m.uid(), m.gid()), (0, 0), "the host file's owner changed");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "host file\n");
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(out.contains("it was not kept"), "{out}");
+    assert!(qemus_with("vm-trap-").is_empty(), "the VM was left running");
+}

@@ -315,6 +315,14 @@ pub fn shell_kept(ctx: &Ctx, id: &str) -> CmdResult {
         ))
         .hint(format!("`slate bake {}` bakes it again", kept.image)));
     }
+    let argv = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "if [ -x /bin/bash ]; then exec /bin/bash -l; else exec /bin/sh -l; fi".into(),
+    ];
+    if kept.vm {
+        return shell_kept_vm(ctx, &store, &dir, &kept, argv);
+    }
     let mut layers = kept.layers.clone();
     // What the build wrote, on top of its image, read-only: the shell
     // writes to a fresh layer above it.
@@ -326,14 +334,55 @@ pub fn shell_kept(ctx: &Ctx, id: &str) -> CmdResult {
         ..Default::default()
     };
     let exec = ExecSpec {
-        argv: vec![
-            "/bin/sh".into(),
-            "-c".into(),
-            "if [ -x /bin/bash ]; then exec /bin/bash -l; else exec /bin/sh -l; fi".into(),
-        ],
+        argv,
         env: kept.env.clone(),
         cwd: kept.workdir.clone(),
         interactive: true,
     };
     run_in(&provider, spec, exec, |_| Ok(()))
+}
+
+/// A shell in a VM booted from a kept VM's disk (over its image's base
+/// disk); what the shell writes goes to a throwaway overlay.
+fn shell_kept_vm(
+    ctx: &Ctx,
+    store: &LayerStore,
+    dir: &std::path::Path,
+    kept: &slate_run::kept::Kept,
+    argv: Vec<String>,
+) -> CmdResult {
+    let project = ctx
+        .project()
+        .or_else(|_| slate_config::load(&kept.project, None).map_err(CliError::from))?;
+    let providers = ctx.providers(
+        store,
+        &project,
+        slate_run::targets::Needs {
+            vm: true,
+            ssh: false,
+            ec2: false,
+        },
+    )?;
+    let spec = EnvSpec {
+        name: kept.target.clone(),
+        layers: kept.layers.clone(),
+        network: kept.network,
+        kind: slate_provider::EnvKind::Vm,
+        start_disk: Some(dir.join("disk.qcow2")),
+        ..Default::default()
+    };
+    let exec = ExecSpec {
+        argv,
+        env: kept.env.clone(),
+        cwd: kept.workdir.clone(),
+        interactive: true,
+    };
+    let mut env = providers.create(&spec)?;
+    signals::ignore_interrupts();
+    let mut none = |_: slate_provider::Stream, _: &str| {};
+    let res = env.exec(&exec, &mut none, &Cancel::new());
+    let destroyed = env.destroy();
+    let outcome = res?;
+    destroyed?;
+    Ok(exit_of(outcome))
 }
