@@ -311,29 +311,32 @@ impl Session {
                     if let Some(s) = stopped {
                         return Ok(s);
                     }
-                    let exit: wire::Exit =
-                        wire::parse(&d).map_err(|e| self.err("read the exit status", e))?;
-                    return Ok(match (exit.code, exit.signal) {
-                        (Some(c), _) => ExecOutcome::Exited(c),
-                        (None, Some(s)) => ExecOutcome::Signaled(s),
-                        _ => ExecOutcome::Exited(-1),
-                    });
+                    return self.exit_outcome(&d);
                 }
-                Some((wire::ERR, m)) => {
-                    return Err(self.err(
-                        format!("run `{what}`"),
-                        io::Error::other(String::from_utf8_lossy(&m).into_owned()),
-                    ))
-                }
-                Some((k, _)) => {
-                    return Err(self.err(
-                        format!("run `{what}`"),
-                        io::Error::other(format!("unexpected frame {k}")),
-                    ))
-                }
+                Some(f) => return Err(self.unexpected(&what, f)),
                 None => {}
             }
         }
+    }
+
+    /// What an EXIT frame says.
+    fn exit_outcome(&self, d: &[u8]) -> Result<ExecOutcome, ProviderError> {
+        let exit: wire::Exit = wire::parse(d).map_err(|e| self.err("read the exit status", e))?;
+        Ok(match (exit.code, exit.signal) {
+            (Some(c), _) => ExecOutcome::Exited(c),
+            (None, Some(s)) => ExecOutcome::Signaled(s),
+            _ => ExecOutcome::Exited(-1),
+        })
+    }
+
+    /// The error an agent's ERR, or a frame out of turn, makes of `what`.
+    fn unexpected(&self, what: &str, (k, m): Frame) -> ProviderError {
+        let e = if k == wire::ERR {
+            io::Error::other(String::from_utf8_lossy(&m).into_owned())
+        } else {
+            io::Error::other(format!("unexpected frame {k}"))
+        };
+        self.err(format!("run `{what}`"), e)
     }
 
     /// Runs one command on a terminal inside, with this process's terminal
@@ -400,26 +403,9 @@ impl Session {
                     let _ = stdout.flush();
                 }
                 Some((wire::EXIT, d)) => {
-                    let exit: wire::Exit =
-                        wire::parse(&d).map_err(|e| self.err("read the exit status", e))?;
-                    return Ok(match (exit.code, exit.signal) {
-                        (Some(c), _) => ExecOutcome::Exited(c),
-                        (None, Some(s)) => ExecOutcome::Signaled(s),
-                        _ => ExecOutcome::Exited(-1),
-                    });
+                    return self.exit_outcome(&d);
                 }
-                Some((wire::ERR, m)) => {
-                    return Err(self.err(
-                        format!("run `{what}`"),
-                        io::Error::other(String::from_utf8_lossy(&m).into_owned()),
-                    ))
-                }
-                Some((k, _)) => {
-                    return Err(self.err(
-                        format!("run `{what}`"),
-                        io::Error::other(format!("unexpected frame {k}")),
-                    ))
-                }
+                Some(f) => return Err(self.unexpected(&what, f)),
                 None => {}
             }
             let now = terminal::size();

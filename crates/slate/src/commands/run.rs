@@ -58,11 +58,11 @@ fn exit_of(o: ExecOutcome) -> ExitCode {
 }
 
 /// Runs `argv` in a fresh environment with the terminal handed over.
-fn run_in(
-    provider: &slate_sandbox::SandboxProvider,
+fn run_in<P: slate_provider::Provider>(
+    provider: &P,
     spec: EnvSpec,
     exec: ExecSpec,
-    setup: impl FnOnce(&mut slate_sandbox::SandboxEnv) -> Result<(), CliError>,
+    setup: impl FnOnce(&mut P::Env) -> Result<(), CliError>,
 ) -> CmdResult {
     let mut env = provider.create(&spec)?;
     let res = setup(&mut env).and_then(|()| {
@@ -116,6 +116,23 @@ pub fn run(
     run_in(&provider, spec, exec, |_| Ok(()))
 }
 
+/// The providers with the vm provider set up (and the sandbox, which bakes).
+fn vm_providers(
+    ctx: &Ctx,
+    store: &LayerStore,
+    project: &slate_config::Project,
+) -> Result<crate::providers::Providers, CliError> {
+    ctx.providers(
+        store,
+        project,
+        slate_run::targets::Needs {
+            vm: true,
+            ssh: false,
+            ec2: false,
+        },
+    )
+}
+
 /// `slate run --provider vm`: the command's output streams through the
 /// agent (a VM has no terminal to hand over); Ctrl-C stops it and the VM.
 fn run_in_vm(
@@ -126,15 +143,7 @@ fn run_in_vm(
     network: bool,
     command: &[String],
 ) -> CmdResult {
-    let providers = ctx.providers(
-        store,
-        project,
-        slate_run::targets::Needs {
-            vm: true,
-            ssh: false,
-            ec2: false,
-        },
-    )?;
+    let providers = vm_providers(ctx, store, project)?;
     let img = image(ctx, project, store, &providers.sandbox, name)?;
     let spec = EnvSpec {
         name: name.to_string(),
@@ -206,18 +215,8 @@ pub fn shell(ctx: &Ctx, name: &str) -> CmdResult {
             cwd: t.workdir.clone(),
             interactive: true,
         };
-        let skip = vec![
-            project.dir.join(".slate"),
-            project.dir.join(&project.settings.artifacts),
-        ];
         return run_in(&provider, spec, exec, |env| {
-            for input in &t.inputs {
-                let set = slate_run::inputs::collect(input, &t.exclude, &skip)
-                    .map_err(|e| CliError::from_error(Exit::Infra, &e))?;
-                env.put(&set.base, &set.entries, &t.workdir)?;
-            }
-            env.put(std::path::Path::new("/"), &[], &t.workdir)?;
-            Ok(())
+            put_target_inputs(&project, t, env)
         });
     }
     if project.image(name).is_none() {
@@ -250,15 +249,7 @@ fn shell_in_vm(
     t: &slate_config::TargetSpec,
     argv: Vec<String>,
 ) -> CmdResult {
-    let providers = ctx.providers(
-        store,
-        project,
-        slate_run::targets::Needs {
-            vm: true,
-            ssh: false,
-            ec2: false,
-        },
-    )?;
+    let providers = vm_providers(ctx, store, project)?;
     let img = image(ctx, project, store, &providers.sandbox, &t.image)?;
     let mut vars = img.env.clone();
     vars.extend(t.env.iter().cloned());
@@ -276,27 +267,28 @@ fn shell_in_vm(
         cwd: t.workdir.clone(),
         interactive: true,
     };
-    let mut env = providers.create(&spec)?;
+    run_in(&providers, spec, exec, |env| {
+        put_target_inputs(project, t, env)
+    })
+}
+
+/// A target's inputs into its workdir (which is made even without any).
+fn put_target_inputs(
+    project: &slate_config::Project,
+    t: &slate_config::TargetSpec,
+    env: &mut impl slate_provider::Environment,
+) -> Result<(), CliError> {
     let skip = vec![
         project.dir.join(".slate"),
         project.dir.join(&project.settings.artifacts),
     ];
-    let res = (|| -> Result<ExecOutcome, CliError> {
-        for input in &t.inputs {
-            let set = slate_run::inputs::collect(input, &t.exclude, &skip)
-                .map_err(|e| CliError::from_error(Exit::Infra, &e))?;
-            env.put(&set.base, &set.entries, &t.workdir)?;
-        }
-        env.put(std::path::Path::new("/"), &[], &t.workdir)?;
-        // Ctrl-C is a key for the shell inside, not the end of slate.
-        signals::ignore_interrupts();
-        let mut none = |_: slate_provider::Stream, _: &str| {};
-        Ok(env.exec(&exec, &mut none, &Cancel::new())?)
-    })();
-    let destroyed = env.destroy();
-    let outcome = res?;
-    destroyed?;
-    Ok(exit_of(outcome))
+    for input in &t.inputs {
+        let set = slate_run::inputs::collect(input, &t.exclude, &skip)
+            .map_err(|e| CliError::from_error(Exit::Infra, &e))?;
+        env.put(&set.base, &set.entries, &t.workdir)?;
+    }
+    env.put(std::path::Path::new("/"), &[], &t.workdir)?;
+    Ok(())
 }
 
 /// `slate shell --keep RUN/TARGET`: a shell in a kept environment as it was
@@ -354,15 +346,7 @@ fn shell_kept_vm(
     let project = ctx
         .project()
         .or_else(|_| slate_config::load(&kept.project, None).map_err(CliError::from))?;
-    let providers = ctx.providers(
-        store,
-        &project,
-        slate_run::targets::Needs {
-            vm: true,
-            ssh: false,
-            ec2: false,
-        },
-    )?;
+    let providers = vm_providers(ctx, store, &project)?;
     let spec = EnvSpec {
         name: kept.target.clone(),
         layers: kept.layers.clone(),
@@ -377,12 +361,5 @@ fn shell_kept_vm(
         cwd: kept.workdir.clone(),
         interactive: true,
     };
-    let mut env = providers.create(&spec)?;
-    signals::ignore_interrupts();
-    let mut none = |_: slate_provider::Stream, _: &str| {};
-    let res = env.exec(&exec, &mut none, &Cancel::new());
-    let destroyed = env.destroy();
-    let outcome = res?;
-    destroyed?;
-    Ok(exit_of(outcome))
+    run_in(&providers, spec, exec, |_| Ok(()))
 }
