@@ -15,7 +15,7 @@ use slate_store::events::{self, Event, EventKind, EventSink, TargetStatus};
 use slate_store::{dsse, provenance};
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// How many times making an environment is tried before it counts as failed.
 pub const CREATE_ATTEMPTS: u32 = 3;
@@ -270,15 +270,7 @@ impl<P: Provider> Orchestrator<'_, P> {
     /// Bakes `names` (and the images below them); returns each image or its error.
     pub fn bake(&self, names: &[String]) -> BTreeMap<String, Result<BakedImage, ImageError>> {
         let reporter = BakeEvents { sink: self.sink };
-        let baker = Baker {
-            store: self.store,
-            provider: self.provider,
-            reporter: &reporter,
-            cancel: self.cancel.clone(),
-            host_ca: self.project.settings.host_ca,
-            source: self.layer_source,
-            project: self.project,
-        };
+        let baker = self.baker(&reporter);
         // Independent images bake at once; images that share layers meet at
         // the store's per-layer lock, and the second finds the layer cached.
         let out = Mutex::new(BTreeMap::new());
@@ -286,16 +278,7 @@ impl<P: Provider> Orchestrator<'_, P> {
             for name in names {
                 let (baker, out) = (&baker, &out);
                 s.spawn(move || {
-                    let res = slate_image::plan::plan_cached(self.project, name, self.store)
-                        .and_then(|p| baker.bake(&p));
-                    if let Err(e) = &res {
-                        self.sink.event(&Event::new(
-                            Some(name),
-                            EventKind::BakeFailed {
-                                error: error_chain(e),
-                            },
-                        ));
-                    }
+                    let res = self.bake_one(baker, name);
                     out.lock().unwrap().insert(name.clone(), res);
                 });
             }
@@ -303,7 +286,36 @@ impl<P: Provider> Orchestrator<'_, P> {
         out.into_inner().unwrap()
     }
 
-    /// Builds `targets`: bake, then run them `jobs` at a time.
+    fn baker<'b>(&'b self, reporter: &'b BakeEvents<'b>) -> Baker<'b, P> {
+        Baker {
+            store: self.store,
+            provider: self.provider,
+            reporter,
+            cancel: self.cancel.clone(),
+            host_ca: self.project.settings.host_ca,
+            source: self.layer_source,
+            project: self.project,
+        }
+    }
+
+    /// Plans and bakes one image, saying so when it fails.
+    fn bake_one(&self, baker: &Baker<P>, name: &str) -> Result<BakedImage, ImageError> {
+        let res = slate_image::plan::plan_cached(self.project, name, self.store)
+            .and_then(|p| baker.bake(&p));
+        if let Err(e) = &res {
+            self.sink.event(&Event::new(
+                Some(name),
+                EventKind::BakeFailed {
+                    error: error_chain(e),
+                },
+            ));
+        }
+        res
+    }
+
+    /// Builds `targets` `jobs` at a time, each as soon as its image is
+    /// baked: every image bakes on a thread of its own meanwhile, so a
+    /// target whose image is ready does not wait for the others'.
     pub fn build(&self, targets: &[&TargetSpec], opts: &BuildOptions) -> Vec<TargetResult> {
         self.sink.event(&Event::new(
             None,
@@ -315,10 +327,13 @@ impl<P: Provider> Orchestrator<'_, P> {
         let mut images: Vec<String> = targets.iter().map(|t| t.image.clone()).collect();
         images.sort();
         images.dedup();
-        let baked = self.bake(&images);
         let store = ArtifactStore::new(opts.artifacts_dir.clone(), &opts.run_id)
             .with_signer(opts.signer.clone());
-        let queue: Mutex<VecDeque<&TargetSpec>> = Mutex::new(targets.iter().copied().collect());
+        let state = Mutex::new(Ready {
+            queue: targets.iter().copied().collect(),
+            baked: BTreeMap::new(),
+        });
+        let woken = std::sync::Condvar::new();
         let results: Mutex<Vec<TargetResult>> = Mutex::new(Vec::new());
         let failed_fast = std::sync::atomic::AtomicBool::new(false);
         for t in targets {
@@ -330,17 +345,32 @@ impl<P: Provider> Orchestrator<'_, P> {
                 },
             ));
         }
+        let reporter = BakeEvents { sink: self.sink };
+        let baker = self.baker(&reporter);
         std::thread::scope(|s| {
-            for _ in 0..opts.jobs.max(1).min(targets.len().max(1)) {
-                s.spawn(|| loop {
-                    let Some(t) = queue.lock().unwrap().pop_front() else {
-                        break;
+            for name in &images {
+                let (baker, state, woken) = (&baker, &state, &woken);
+                s.spawn(move || {
+                    // Said to be done even if the bake panics: no target
+                    // waits for it forever.
+                    let mut done = Published {
+                        name,
+                        state,
+                        woken,
+                        res: None,
                     };
-                    let res = self.start_one(t, &baked, &store, &failed_fast, opts);
-                    if res.status != TargetStatus::Succeeded {
-                        self.on_failure(t, &res, &baked, &store, opts, &failed_fast);
+                    done.res = Some(self.bake_one(baker, name));
+                });
+            }
+            for _ in 0..opts.jobs.max(1).min(targets.len().max(1)) {
+                s.spawn(|| {
+                    while let Some((t, img)) = next_ready(&state, &woken) {
+                        let res = self.start_one(t, &img, &store, &failed_fast, opts);
+                        if res.status != TargetStatus::Succeeded {
+                            self.on_failure(t, &res, &img, &store, opts, &failed_fast);
+                        }
+                        results.lock().unwrap().push(res);
                     }
-                    results.lock().unwrap().push(res);
                 });
             }
         });
@@ -366,7 +396,7 @@ impl<P: Provider> Orchestrator<'_, P> {
     fn start_one(
         &self,
         t: &TargetSpec,
-        baked: &BTreeMap<String, Result<BakedImage, ImageError>>,
+        baked: &Result<BakedImage, ImageError>,
         store: &ArtifactStore,
         failed_fast: &std::sync::atomic::AtomicBool,
         opts: &BuildOptions,
@@ -389,7 +419,7 @@ impl<P: Provider> Orchestrator<'_, P> {
                 vec![],
             );
         }
-        match &baked[&t.image] {
+        match baked {
             Ok(img) => {
                 let keep = opts
                     .keep_failed
@@ -425,7 +455,7 @@ impl<P: Provider> Orchestrator<'_, P> {
         &self,
         t: &TargetSpec,
         res: &TargetResult,
-        baked: &BTreeMap<String, Result<BakedImage, ImageError>>,
+        baked: &Result<BakedImage, ImageError>,
         store: &ArtifactStore,
         opts: &BuildOptions,
         failed_fast: &std::sync::atomic::AtomicBool,
@@ -434,10 +464,7 @@ impl<P: Provider> Orchestrator<'_, P> {
             name: t.name.clone(),
             status: res.status.as_str().into(),
             image: t.image.clone(),
-            image_digest: baked[&t.image]
-                .as_ref()
-                .map(|b| b.digest.clone())
-                .unwrap_or_default(),
+            image_digest: baked.as_ref().map(|b| b.digest.clone()).unwrap_or_default(),
             provider: t.provider.name().into(),
             artifacts: vec![],
         });
@@ -971,3 +998,56 @@ pub use slate_provider::error_chain;
 
 #[cfg(test)]
 mod tests;
+
+/// The targets not started yet, and the images baked so far.
+struct Ready<'t> {
+    queue: VecDeque<&'t TargetSpec>,
+    baked: BTreeMap<String, Arc<Result<BakedImage, ImageError>>>,
+}
+
+/// The first queued target whose image is baked, waiting until there is
+/// one; `None` once none is left.
+fn next_ready<'t>(
+    state: &Mutex<Ready<'t>>,
+    woken: &std::sync::Condvar,
+) -> Option<(&'t TargetSpec, Arc<Result<BakedImage, ImageError>>)> {
+    let mut st = state.lock().unwrap();
+    loop {
+        if st.queue.is_empty() {
+            return None;
+        }
+        let ready = st
+            .queue
+            .iter()
+            .position(|t| st.baked.contains_key(&t.image));
+        if let Some(i) = ready {
+            let t = st.queue.remove(i).expect("a position in the queue");
+            let img = st.baked[&t.image].clone();
+            return Some((t, img));
+        }
+        st = woken.wait(st).unwrap();
+    }
+}
+
+/// An image's bake, published to the targets waiting for it when dropped
+/// (as cancelled if the bake never finished).
+struct Published<'a, 't> {
+    name: &'a str,
+    state: &'a Mutex<Ready<'t>>,
+    woken: &'a std::sync::Condvar,
+    res: Option<Result<BakedImage, ImageError>>,
+}
+
+impl Drop for Published<'_, '_> {
+    fn drop(&mut self) {
+        let res = self.res.take().unwrap_or_else(|| {
+            Err(ImageError::Cancelled {
+                image: self.name.to_string(),
+            })
+        });
+        if let Ok(mut st) = self.state.lock() {
+            st.baked.insert(self.name.to_string(), Arc::new(res));
+        }
+        self.woken.notify_all();
+    }
+}

@@ -495,6 +495,66 @@ fn root_shell_is_interactive_in_the_targets_workdir_and_thrown_away() {
     assert_eq!(p.envs_left(), 0);
 }
 
+/// A target whose image is baked starts while another image still bakes:
+/// the slow image's bake waits on the test (an HTTP request it makes)
+/// until the quick target has finished, so without the overlap the run
+/// could not go on.
+#[test]
+#[ignore = "needs root: scripts/test.sh runs it"]
+fn root_a_target_builds_while_another_targets_image_still_bakes() {
+    use std::io::Write;
+    require_root();
+    let gate = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = gate.local_addr().unwrap().port();
+    let p = Project::new(&format!(
+        "{IMAGE}[images.slow]\nfrom = \"image:bb\"\nsteps = [\"wget -q -O /got http://127.0.0.1:{port}/\"]\n\
+         [builds.quick]\nimage = \"bb\"\nrun = [\"cat /etc/two\"]\n\
+         [builds.late]\nimage = \"slow\"\nrun = [\"cat /got\"]\n"
+    ));
+    let mut slate = p
+        .cmd(&["--progress", "plain", "build", "-j", "2"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = slate.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stdout).lines() {
+            let _ = tx.send(l.unwrap());
+        }
+    });
+    // The slow image's bake step is waiting for an answer now.
+    let (mut conn, _) = gate.accept().unwrap();
+    let mut seen = Vec::new();
+    let quick_done = loop {
+        match rx.recv_timeout(std::time::Duration::from_secs(120)) {
+            Ok(l) => {
+                let done = l.starts_with("[quick] ✓ succeeded");
+                seen.push(l);
+                if done {
+                    break true;
+                }
+            }
+            Err(_) => break false,
+        }
+    };
+    let mut request = [0u8; 1024];
+    let _ = conn.read(&mut request);
+    conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+        .unwrap();
+    drop(conn);
+    let status = slate.wait().unwrap();
+    seen.extend(rx.try_iter());
+    let out = seen.join("\n");
+    assert!(
+        quick_done,
+        "the quick target did not finish while the slow image baked: {out}"
+    );
+    assert!(status.success(), "{out}");
+    assert!(out.contains("[quick] two"), "{out}");
+    assert!(out.contains("[late] ok"), "{out}");
+}
+
 #[test]
 #[ignore = "needs root: scripts/test.sh runs it"]
 fn root_concurrent_bakes_of_one_image_bake_each_layer_once() {
