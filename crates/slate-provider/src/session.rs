@@ -290,16 +290,7 @@ impl Session {
                     }
                 }
             }
-            let frame = match self.recv(Duration::from_millis(50)) {
-                Ok(f) => f,
-                Err(e) => {
-                    let e = carrier
-                        .check_alive("while a command ran")
-                        .err()
-                        .unwrap_or(e);
-                    return Err(self.err(format!("run `{what}`"), e));
-                }
-            };
+            let frame = self.command_frame(carrier, &what, Duration::from_millis(50))?;
             match frame {
                 // After a kill, output still in flight is dropped.
                 Some((wire::STDOUT | wire::STDERR, _)) if stopped.is_some() => {}
@@ -317,6 +308,24 @@ impl Session {
                 None => {}
             }
         }
+    }
+
+    /// The agent's next frame while command `what` runs (`None` when
+    /// `wait` passes first); a stream that ends is blamed on what carries
+    /// it when that has gone.
+    fn command_frame(
+        &self,
+        carrier: &mut dyn Carrier,
+        what: &str,
+        wait: Duration,
+    ) -> Result<Option<Frame>, ProviderError> {
+        self.recv(wait).map_err(|e| {
+            let e = carrier
+                .check_alive("while a command ran")
+                .err()
+                .unwrap_or(e);
+            self.err(format!("run `{what}`"), e)
+        })
     }
 
     /// What an EXIT frame says.
@@ -387,16 +396,7 @@ impl Session {
         });
         let mut stdout = io::stdout();
         loop {
-            let frame = match self.recv(Duration::from_millis(100)) {
-                Ok(f) => f,
-                Err(e) => {
-                    let e = carrier
-                        .check_alive("while a command ran")
-                        .err()
-                        .unwrap_or(e);
-                    return Err(self.err(format!("run `{what}`"), e));
-                }
-            };
+            let frame = self.command_frame(carrier, &what, Duration::from_millis(100))?;
             match frame {
                 Some((wire::STDOUT | wire::STDERR, d)) => {
                     let _ = stdout.write_all(&d);

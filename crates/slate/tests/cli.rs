@@ -1899,12 +1899,106 @@ fn root_layers_sent_with_cache_to_are_pulled_whole_and_a_corrupt_one_is_refused_
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let s3 = common::S3Server::start(dir.path(), "layers");
-    let url = "s3://layers/team";
+    let objects = s3.data.join("layers/team/layers");
+    layer_cache_round_trip(
+        "s3://layers/team",
+        &s3.env(),
+        |keys| {
+            for key in keys {
+                // The object has the sha256 the cache's record names.
+                let rec: serde_json::Value = serde_json::from_str(
+                    &std::fs::read_to_string(objects.join(format!("{key}.json"))).unwrap(),
+                )
+                .unwrap();
+                let sum = Command::new("sha256sum")
+                    .arg(objects.join(format!("{key}.tar")))
+                    .output()
+                    .unwrap();
+                let sum = String::from_utf8_lossy(&sum.stdout);
+                assert_eq!(
+                    sum.split_whitespace().next(),
+                    rec["sha256"].as_str(),
+                    "{rec}"
+                );
+            }
+        },
+        |victim| objects.join(format!("{victim}.tar")),
+    );
+}
+
+/// The layer cache in a real OCI registry (Debian's docker-registry): each
+/// layer an artifact tagged with its key, pulled whole, and a blob changed
+/// in the registry's storage refused and its layer baked.
+#[test]
+#[ignore = "needs root and docker-registry: scripts/test.sh runs it"]
+fn root_layers_sent_to_a_registry_are_pulled_by_digest_and_a_changed_one_is_rebaked() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let reg = common::Registry::start(dir.path());
+    let curl = |path: &str| -> serde_json::Value {
+        let o = Command::new("curl")
+            .args([
+                "-sf",
+                "-H",
+                "Accept: application/vnd.oci.image.manifest.v1+json",
+                &format!("http://{}/v2/team/layers/{path}", reg.addr),
+            ])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    layer_cache_round_trip(
+        &format!("oci://{}/team/layers", reg.addr),
+        &[],
+        |keys| {
+            // Each layer is a manifest tagged with its key (read with curl,
+            // not slate).
+            let mut listed: Vec<String> = curl("tags/list")["tags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap().to_string())
+                .collect();
+            listed.sort();
+            assert_eq!(listed, keys);
+        },
+        |victim| {
+            let manifest = curl(&format!("manifests/{victim}"));
+            let hex = manifest["layers"][0]["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:")
+                .to_string();
+            dir.path()
+                .join("regdata/docker/registry/v2/blobs/sha256")
+                .join(&hex[..2])
+                .join(&hex)
+                .join("data")
+        },
+    );
+}
+
+/// A layer cache at `url` (reached with `env`), for real: three layers sent
+/// once; a machine with an empty cache pulls them, each identical to what
+/// was baked (`stored` checks the cache's own side, given the sorted
+/// keys); then one byte of the `echo two` layer's tar is changed where the
+/// cache keeps it (`tar_of` names that file) and the next machine refuses
+/// that layer, bakes it, and pulls the others.
+fn layer_cache_round_trip(
+    url: &str,
+    env: &[(&'static str, String)],
+    stored: impl Fn(&[String]),
+    tar_of: impl Fn(&str) -> PathBuf,
+) {
     let a = Project::new(&format!(
         "{IMAGE}[builds.app]\nimage = \"bb\"\nrun = [\"cat /etc/two\"]\n"
     ));
     let slate = |p: &Project, args: &[&str]| {
-        let o = p.cmd(args).envs(s3.env()).output().unwrap();
+        let o = p
+            .cmd(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
         assert!(o.status.success(), "{args:?}: {}", text(&o));
         text(&o)
     };
@@ -1912,24 +2006,27 @@ fn root_layers_sent_with_cache_to_are_pulled_whole_and_a_corrupt_one_is_refused_
     assert!(out.contains("sent 3 layer(s)"), "{out}");
     // Again: nothing is sent twice.
     assert!(slate(&a, &["bake", "--cache-to", url]).contains("sent 0 layer(s)"));
+    let mut keys: Vec<String> = std::fs::read_dir(a.cache.join("v1/layers"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    keys.sort();
+    assert_eq!(keys.len(), 3);
+    stored(&keys);
 
     // Another machine (an empty cache, the same recipe) pulls every layer.
-    let same_recipe = |p: &Project| {
+    let same_recipe = || {
+        let p = Project::new(&a.read("slate.toml"));
         std::fs::copy(a.project().join("bb.tar.gz"), p.project().join("bb.tar.gz")).unwrap();
+        p
     };
-    let b = Project::new(&a.read("slate.toml"));
-    same_recipe(&b);
+    let b = same_recipe();
     let out = slate(&b, &["bake", "--cache-from", url]);
     assert!(
         out.contains("0 layer(s) baked, 3 pulled from the layer cache"),
         "{out}"
     );
-    let keys: Vec<String> = std::fs::read_dir(a.cache.join("v1/layers"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(keys.len(), 3);
     for key in &keys {
         // What was pulled is what was baked, file for file.
         let diff = Command::new("diff")
@@ -1942,27 +2039,6 @@ fn root_layers_sent_with_cache_to_are_pulled_whole_and_a_corrupt_one_is_refused_
             diff.status.success(),
             "layer {key} differs: {}",
             text(&diff)
-        );
-        // The object has the sha256 the cache's record names.
-        let obj = s3
-            .data
-            .join("layers/team/layers")
-            .join(format!("{key}.tar"));
-        let rec: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(
-                s3.data
-                    .join("layers/team/layers")
-                    .join(format!("{key}.json")),
-            )
-            .unwrap(),
-        )
-        .unwrap();
-        let sum = Command::new("sha256sum").arg(&obj).output().unwrap();
-        let sum = String::from_utf8_lossy(&sum.stdout);
-        assert_eq!(
-            sum.split_whitespace().next(),
-            rec["sha256"].as_str(),
-            "{rec}"
         );
     }
     assert_eq!(
@@ -1979,141 +2055,13 @@ fn root_layers_sent_with_cache_to_are_pulled_whole_and_a_corrupt_one_is_refused_
                 .contains("echo two")
         })
         .unwrap();
-    let obj = s3
-        .data
-        .join("layers/team/layers")
-        .join(format!("{victim}.tar"));
-    let mut data = std::fs::read(&obj).unwrap();
+    let tar = tar_of(victim);
+    let mut data = std::fs::read(&tar).unwrap();
     let mid = data.len() / 2;
     data[mid] ^= 0xff;
-    std::fs::write(&obj, data).unwrap();
-    let c = Project::new(&a.read("slate.toml"));
-    same_recipe(&c);
+    std::fs::write(&tar, data).unwrap();
+    let c = same_recipe();
     let out = slate(&c, &["bake", "--cache-from", url]);
-    assert!(
-        out.contains(&format!(
-            "layer {} from the layer cache refused, baking it: its tar has sha256",
-            &victim[..12]
-        )),
-        "{out}"
-    );
-    assert!(
-        out.contains("1 layer(s) baked, 2 pulled from the layer cache"),
-        "{out}"
-    );
-    assert_eq!(
-        text(&c.run(&["run", "bb", "--", "cat", "/etc/two"])).trim(),
-        "two"
-    );
-}
-
-/// The layer cache in a real OCI registry (Debian's docker-registry): each
-/// layer an artifact tagged with its key, pulled whole, and a blob changed
-/// in the registry's storage refused and its layer baked.
-#[test]
-#[ignore = "needs root and docker-registry: scripts/test.sh runs it"]
-fn root_layers_sent_to_a_registry_are_pulled_by_digest_and_a_changed_one_is_rebaked() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let reg = common::Registry::start(dir.path());
-    let url = format!("oci://{}/team/layers", reg.addr);
-    let a = Project::new(&format!(
-        "{IMAGE}[builds.app]\nimage = \"bb\"\nrun = [\"cat /etc/two\"]\n"
-    ));
-    let slate = |p: &Project, args: &[&str]| {
-        let o = p.run(args);
-        assert!(o.status.success(), "{args:?}: {}", text(&o));
-        text(&o)
-    };
-    let out = slate(&a, &["bake", "--cache-to", &url]);
-    assert!(out.contains("sent 3 layer(s)"), "{out}");
-    assert!(slate(&a, &["bake", "--cache-to", &url]).contains("sent 0 layer(s)"));
-    let keys: Vec<String> = std::fs::read_dir(a.cache.join("v1/layers"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    // Each layer is a manifest tagged with its key (read with curl, not slate).
-    let tags = Command::new("curl")
-        .args([
-            "-sf",
-            &format!("http://{}/v2/team/layers/tags/list", reg.addr),
-        ])
-        .output()
-        .unwrap();
-    let tags: serde_json::Value = serde_json::from_slice(&tags.stdout).unwrap();
-    let mut listed: Vec<String> = tags["tags"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap().to_string())
-        .collect();
-    listed.sort();
-    let mut want = keys.clone();
-    want.sort();
-    assert_eq!(listed, want);
-
-    let same_recipe = |p: &Project| {
-        std::fs::copy(a.project().join("bb.tar.gz"), p.project().join("bb.tar.gz")).unwrap();
-    };
-    let b = Project::new(&a.read("slate.toml"));
-    same_recipe(&b);
-    let out = slate(&b, &["bake", "--cache-from", &url]);
-    assert!(
-        out.contains("0 layer(s) baked, 3 pulled from the layer cache"),
-        "{out}"
-    );
-    for key in &keys {
-        let diff = Command::new("diff")
-            .arg("-r")
-            .arg(a.cache.join("v1/layers").join(key).join("fs"))
-            .arg(b.cache.join("v1/layers").join(key).join("fs"))
-            .output()
-            .unwrap();
-        assert!(
-            diff.status.success(),
-            "layer {key} differs: {}",
-            text(&diff)
-        );
-    }
-
-    // Change the tar of the `echo two` layer in the registry's storage.
-    let victim = keys
-        .iter()
-        .find(|k| {
-            std::fs::read_to_string(a.cache.join("v1/layers").join(k).join("layer.json"))
-                .unwrap()
-                .contains("echo two")
-        })
-        .unwrap();
-    let manifest = Command::new("curl")
-        .args([
-            "-sf",
-            "-H",
-            "Accept: application/vnd.oci.image.manifest.v1+json",
-            &format!("http://{}/v2/team/layers/manifests/{victim}", reg.addr),
-        ])
-        .output()
-        .unwrap();
-    let manifest: serde_json::Value = serde_json::from_slice(&manifest.stdout).unwrap();
-    let hex = manifest["layers"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("sha256:")
-        .to_string();
-    let blob = dir
-        .path()
-        .join("regdata/docker/registry/v2/blobs/sha256")
-        .join(&hex[..2])
-        .join(&hex)
-        .join("data");
-    let mut data = std::fs::read(&blob).unwrap();
-    let mid = data.len() / 2;
-    data[mid] ^= 0xff;
-    std::fs::write(&blob, data).unwrap();
-    let c = Project::new(&a.read("slate.toml"));
-    same_recipe(&c);
-    let out = slate(&c, &["bake", "--cache-from", &url]);
     assert!(
         out.contains(&format!(
             "layer {} from the layer cache refused, baking it: its tar has sha256",

@@ -186,15 +186,21 @@ fn run_in_vm(
     Ok(exit_of(outcome))
 }
 
+/// What `slate shell` runs: bash as a login shell where the image has it,
+/// else sh.
+fn login_shell() -> Vec<String> {
+    vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "if [ -x /bin/bash ]; then exec /bin/bash -l; else exec /bin/sh -l; fi".into(),
+    ]
+}
+
 pub fn shell(ctx: &Ctx, name: &str) -> CmdResult {
     let project = ctx.project()?;
     let store = ctx.store_using(&project)?;
     let provider = ctx.sandbox(&store)?;
-    let argv = vec![
-        "/bin/sh".into(),
-        "-c".into(),
-        "if [ -x /bin/bash ]; then exec /bin/bash -l; else exec /bin/sh -l; fi".into(),
-    ];
+    let argv = login_shell();
     if let Some(t) = project.target(name) {
         if t.provider == slate_config::ProviderKind::Vm {
             return shell_in_vm(ctx, &project, &store, t, argv);
@@ -295,7 +301,6 @@ fn put_target_inputs(
 /// at the failure; what the shell changes is thrown away.
 pub fn shell_kept(ctx: &Ctx, id: &str) -> CmdResult {
     let store = ctx.store()?;
-    let provider = ctx.sandbox(&store)?;
     let (dir, kept) = slate_run::kept::find(store.root(), id).map_err(|why| {
         CliError::usage(why)
             .hint("`slate build --keep-failed` keeps the environments of failed targets")
@@ -307,14 +312,16 @@ pub fn shell_kept(ctx: &Ctx, id: &str) -> CmdResult {
         ))
         .hint(format!("`slate bake {}` bakes it again", kept.image)));
     }
-    let argv = vec![
-        "/bin/sh".into(),
-        "-c".into(),
-        "if [ -x /bin/bash ]; then exec /bin/bash -l; else exec /bin/sh -l; fi".into(),
-    ];
+    let exec = ExecSpec {
+        argv: login_shell(),
+        env: kept.env.clone(),
+        cwd: kept.workdir.clone(),
+        interactive: true,
+    };
     if kept.vm {
-        return shell_kept_vm(ctx, &store, &dir, &kept, argv);
+        return shell_kept_vm(ctx, &store, &dir, &kept, exec);
     }
+    let provider = ctx.sandbox(&store)?;
     let mut layers = kept.layers.clone();
     // What the build wrote, on top of its image, read-only: the shell
     // writes to a fresh layer above it.
@@ -324,12 +331,6 @@ pub fn shell_kept(ctx: &Ctx, id: &str) -> CmdResult {
         layers,
         network: kept.network,
         ..Default::default()
-    };
-    let exec = ExecSpec {
-        argv,
-        env: kept.env.clone(),
-        cwd: kept.workdir.clone(),
-        interactive: true,
     };
     run_in(&provider, spec, exec, |_| Ok(()))
 }
@@ -341,7 +342,7 @@ fn shell_kept_vm(
     store: &LayerStore,
     dir: &std::path::Path,
     kept: &slate_run::kept::Kept,
-    argv: Vec<String>,
+    exec: ExecSpec,
 ) -> CmdResult {
     let project = ctx
         .project()
@@ -354,12 +355,6 @@ fn shell_kept_vm(
         kind: slate_provider::EnvKind::Vm,
         start_disk: Some(dir.join("disk.qcow2")),
         ..Default::default()
-    };
-    let exec = ExecSpec {
-        argv,
-        env: kept.env.clone(),
-        cwd: kept.workdir.clone(),
-        interactive: true,
     };
     run_in(&providers, spec, exec, |_| Ok(()))
 }
