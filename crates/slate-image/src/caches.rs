@@ -89,6 +89,32 @@ pub fn take(
     Ok((binds, locks))
 }
 
+/// The folders a bake of a Debian image binds at `/var/cache/apt/archives`
+/// and `/var/lib/apt/lists` (`apt-<name>/archives` and `apt-<name>/lists`
+/// among the project's caches), with the lock that keeps two bakes from
+/// running apt on them at once.
+///
+/// They are the project's own, like its cache mounts: an image's steps run
+/// as root with both folders writable, so a hostile step could put a forged
+/// package list and a matching .deb there. Shared between projects, that
+/// would be installed by another project's bake as if it came from Debian.
+/// `name` says which archive (suite, mirror, arch); being a cache folder,
+/// `slate images` lists it and `slate gc` prunes it.
+pub fn apt_dirs(
+    store_root: &Path,
+    project: &Path,
+    name: &str,
+) -> std::io::Result<(PathBuf, PathBuf, Lock)> {
+    let dir = project_dir(store_root, project);
+    let id = format!("apt-{name}");
+    let host = dir.join(&id);
+    fs_err::create_dir_all(host.join("archives/partial"))?;
+    fs_err::create_dir_all(host.join("lists/partial"))?;
+    let lock = lock_file(&dir.join(format!("{id}.lock")))?;
+    fs_err::write(dir.join(format!("{id}.used")), b"")?;
+    Ok((host.join("archives"), host.join("lists"), lock))
+}
+
 /// The cache among `caches` that `path` (inside the environment) lies in.
 pub fn holding<'a>(caches: &'a [CacheSpec], path: &str) -> Option<&'a CacheSpec> {
     caches
@@ -171,6 +197,18 @@ mod tests {
         // Another project never gets this one's.
         let other = take(root.path(), Path::new("/other"), &s).unwrap().0;
         assert_ne!(other[0].host, take(root.path(), p, &s).unwrap().0[0].host);
+    }
+
+    #[test]
+    fn apt_folders_are_a_projects_own_and_listed_with_its_caches() {
+        let root = tempfile::tempdir().unwrap();
+        let (archives, lists, held) = apt_dirs(root.path(), Path::new("/a"), "bookworm-1").unwrap();
+        assert!(archives.join("partial").is_dir() && lists.join("partial").is_dir());
+        drop(held);
+        let (other, ..) = apt_dirs(root.path(), Path::new("/b"), "bookworm-1").unwrap();
+        assert_ne!(other, archives);
+        let listed: Vec<String> = list(root.path()).into_iter().map(|c| c.id).collect();
+        assert_eq!(listed, ["apt-bookworm-1", "apt-bookworm-1"]);
     }
 
     #[test]

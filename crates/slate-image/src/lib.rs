@@ -407,20 +407,32 @@ impl<P: Provider> Baker<'_, P> {
         script: &str,
         env: &[(String, String)],
     ) -> Result<(), ImageError> {
-        // Debian images share apt's downloads and package lists through the
-        // cache (per suite, mirror and arch), so they stay out of the layers
-        // and nothing is downloaded twice. The lock keeps two bakes from
-        // running apt on the same lists at once.
+        // A project's Debian images share apt's downloads and package lists
+        // through its caches (per suite, mirror and arch), so they stay out
+        // of the layers and nothing is downloaded twice.
         let mut binds = Vec::new();
         let mut _apt_lock = None;
-        if let Some(lists_key) = apt_lists_key(plan) {
+        let apt_scratch = fs.with_file_name("apt-cache");
+        if let Some(name) = apt_cache_name(plan) {
             let serr = |source| ImageError::Store {
                 image: plan.name.clone(),
                 op: "prepare apt cache".into(),
                 source,
             };
-            let (archives, lists) = self.store.apt_dirs(&lists_key).map_err(serr)?;
-            _apt_lock = Some(self.store.lock(&format!("apt-{lists_key}")).map_err(serr)?);
+            let (archives, lists, lock) =
+                caches::apt_dirs(self.store.root(), &self.project.dir, &name).map_err(serr)?;
+            _apt_lock = Some(lock);
+            // apt's binary caches (`pkgcache.bin`, `srcpkgcache.bin`: about
+            // 45 MB each) are built from the lists, which are not in the
+            // layer: in a layer they would only be stale bytes to store and
+            // move. They go to a folder of this bake's own, dropped after.
+            store::remove_tree(&apt_scratch).map_err(serr)?;
+            fs_err::create_dir_all(&apt_scratch).map_err(serr)?;
+            binds.push(Bind {
+                host: apt_scratch.clone(),
+                guest: "/var/cache/apt".into(),
+                readonly: false,
+            });
             binds.push(Bind {
                 host: archives,
                 guest: "/var/cache/apt/archives".into(),
@@ -475,6 +487,7 @@ impl<P: Provider> Baker<'_, P> {
         };
         let res = envir.exec(&exec, &mut sink, &self.cancel);
         let destroyed = envir.destroy();
+        let _ = store::remove_tree(&apt_scratch);
         let outcome = res?;
         destroyed?;
         match outcome {
@@ -636,7 +649,9 @@ fn tree_command(tool: &str) -> Command {
 
 /// Which shared apt lists an image uses: one set per Debian suite, mirror and
 /// arch; `None` for images not bootstrapped from Debian.
-fn apt_lists_key(plan: &ImagePlan) -> Option<String> {
+/// Which apt archive a Debian image's packages come from, as a cache
+/// folder's name: `<suite>-<arch>-<digest of suite, mirror and arch>`.
+fn apt_cache_name(plan: &ImagePlan) -> Option<String> {
     match &plan.layers.first()?.kind {
         LayerKind::Debian {
             suite,
@@ -644,14 +659,19 @@ fn apt_lists_key(plan: &ImagePlan) -> Option<String> {
             arch,
             ..
         } => {
-            let id = format!(
-                "{suite}\n{}\n{}",
-                mirror.as_deref().unwrap_or(""),
-                arch.as_deref().unwrap_or(binfmt::host_arch())
-            );
-            Some(
-                plan::hex(&<sha2::Sha256 as sha2::Digest>::digest(id.as_bytes()))[..32].to_string(),
-            )
+            let arch = arch.as_deref().unwrap_or(binfmt::host_arch());
+            let id = format!("{suite}\n{}\n{arch}", mirror.as_deref().unwrap_or(""));
+            let key = plan::hex(&<sha2::Sha256 as sha2::Digest>::digest(id.as_bytes()));
+            let plain = |s: &str| {
+                !s.is_empty()
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+            };
+            Some(if plain(suite) && plain(arch) {
+                format!("{suite}-{arch}-{}", &key[..12])
+            } else {
+                key[..32].to_string()
+            })
         }
         _ => None,
     }

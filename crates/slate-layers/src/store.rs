@@ -61,7 +61,7 @@ impl LayerStore {
 
     pub fn open(cache: &Path) -> io::Result<LayerStore> {
         let root = cache.join("v1");
-        for d in ["layers", "tmp", "locks", "envs", "apt"] {
+        for d in ["layers", "tmp", "locks", "envs"] {
             fs_err::create_dir_all(root.join(d)).map_err(|e| {
                 io::Error::new(
                     e.kind(),
@@ -78,15 +78,6 @@ impl LayerStore {
     pub fn envs_dir(&self) -> PathBuf {
         self.root.join("envs")
     }
-    /// apt's download and list folders for one Debian suite/mirror/arch:
-    /// (archives, lists). Bakes of one suite share them under a lock.
-    pub fn apt_dirs(&self, key: &str) -> io::Result<(PathBuf, PathBuf)> {
-        let dir = self.root.join("apt").join(key);
-        fs_err::create_dir_all(dir.join("archives/partial"))?;
-        fs_err::create_dir_all(dir.join("lists/partial"))?;
-        Ok((dir.join("archives"), dir.join("lists")))
-    }
-
     pub fn layer_dir(&self, key: &str) -> PathBuf {
         self.root.join("layers").join(key)
     }

@@ -197,6 +197,60 @@ fn root_debian_second_image_with_the_same_packages_downloads_nothing() {
 }
 
 #[test]
+#[ignore = "needs root and the Debian archive: scripts/test.sh runs it"]
+fn root_debian_a_bake_cannot_plant_apt_lists_or_debs_for_another_projects_bake() {
+    require_debian_host();
+    // A new step each run (the nonce), so neither layer is ever cached.
+    let nonce = format!(
+        "{:?}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+    );
+    // A hostile image step writes where apt keeps the package lists and the
+    // downloads it trusts, and makes apt build its binary cache.
+    let attacker = Project::debian(&format!(
+        "[images.evil]\nfrom = \"debian:bookworm\"\nsteps = [\"echo {nonce} >/dev/null; apt-cache show dpkg >/dev/null; echo forged > /var/lib/apt/lists/slate-planted_Packages; echo forged > /var/cache/apt/archives/slate-planted_1.0_all.deb\"]\n"
+    ));
+    let o = attacker.run(&["bake", "evil"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // Another project bakes an image of the same suite in the same cache.
+    let victim = Project::debian(&format!(
+        "[images.victim]\nfrom = \"debian:bookworm\"\nsteps = [\"echo {nonce} >/dev/null; ls -a /var/lib/apt/lists /var/cache/apt/archives\"]\n"
+    ));
+    let o = victim.run(&["bake", "victim"]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("partial"), "the listing ran: {out}");
+    assert!(
+        !out.contains("slate-planted"),
+        "another project's bake saw what this one planted:\n{out}"
+    );
+    // apt's binary cache, built from lists that are not in the layer, is
+    // not in the layer either.
+    let layers = attacker.cache.join("v1/layers");
+    let step = std::fs::read_dir(&layers)
+        .unwrap()
+        .flatten()
+        .find(|e| {
+            std::fs::read_to_string(e.path().join("layer.json"))
+                .is_ok_and(|m| m.contains(&nonce) && m.contains("apt-cache show"))
+        })
+        .expect("the attacker's step layer");
+    let fs = step.path().join("fs");
+    assert!(fs
+        .join("var/lib/apt/lists")
+        .read_dir()
+        .map_or(true, |d| d.count() == 0));
+    for f in ["pkgcache.bin", "srcpkgcache.bin"] {
+        assert!(
+            !fs.join("var/cache/apt").join(f).exists(),
+            "{f} is in the layer"
+        );
+    }
+}
+
+#[test]
 #[ignore = "needs root, the Debian archive and qemu-user-static on an x86_64 host: scripts/test.sh runs it"]
 fn root_debian_arm64_image_bakes_and_runs_through_qemu_user() {
     require_debian_host();
