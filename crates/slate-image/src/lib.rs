@@ -412,6 +412,7 @@ impl<P: Provider> Baker<'_, P> {
         // of the layers and nothing is downloaded twice.
         let mut binds = Vec::new();
         let mut _apt_lock = None;
+        let mut script = script.to_string();
         let apt_scratch = fs.with_file_name("apt-cache");
         if let Some(name) = apt_cache_name(plan) {
             let serr = |source| ImageError::Store {
@@ -438,6 +439,17 @@ impl<P: Provider> Baker<'_, P> {
                 guest: "/var/cache/apt/archives".into(),
                 readonly: false,
             });
+            // The lists are not in the layers: a step of an image whose
+            // packages layer was baked by another project (or pulled from a
+            // layer cache) would find none, and apt would know no package.
+            if matches!(layer.kind, LayerKind::Step { .. }) && !has_package_lists(&lists) {
+                self.reporter.output(
+                    &plan.name,
+                    Stream::Stdout,
+                    "slate: no apt package lists for this image's suite in this project yet: `apt-get update` first",
+                );
+                script = format!("apt-get update -q\n{script}");
+            }
             binds.push(Bind {
                 host: lists,
                 guest: "/var/lib/apt/lists".into(),
@@ -480,7 +492,7 @@ impl<P: Provider> Baker<'_, P> {
         let mut envir = self.provider.create(&spec)?;
         let mut sink = |s: Stream, l: &str| self.reporter.output(&plan.name, s, l);
         let exec = ExecSpec {
-            argv: vec!["/bin/sh".into(), "-ec".into(), script.to_string()],
+            argv: vec!["/bin/sh".into(), "-ec".into(), script],
             env: env.to_vec(),
             cwd: "/".into(),
             interactive: false,
@@ -649,6 +661,15 @@ fn tree_command(tool: &str) -> Command {
 
 /// Which shared apt lists an image uses: one set per Debian suite, mirror and
 /// arch; `None` for images not bootstrapped from Debian.
+/// Whether apt's list folder holds a package index (`..._Packages`, maybe
+/// compressed).
+fn has_package_lists(lists: &Path) -> bool {
+    fs_err::read_dir(lists).is_ok_and(|d| {
+        d.flatten()
+            .any(|e| e.file_name().to_string_lossy().contains("_Packages"))
+    })
+}
+
 /// Which apt archive a Debian image's packages come from, as a cache
 /// folder's name: `<suite>-<arch>-<digest of suite, mirror and arch>`.
 fn apt_cache_name(plan: &ImagePlan) -> Option<String> {

@@ -216,12 +216,16 @@ fn root_debian_a_bake_cannot_plant_apt_lists_or_debs_for_another_projects_bake()
     assert!(o.status.success(), "{}", text(&o));
     // Another project bakes an image of the same suite in the same cache.
     let victim = Project::debian(&format!(
-        "[images.victim]\nfrom = \"debian:bookworm\"\nsteps = [\"echo {nonce} >/dev/null; ls -a /var/lib/apt/lists /var/cache/apt/archives\"]\n"
+        "[images.victim]\nfrom = \"debian:bookworm\"\nsteps = [\"echo {nonce} >/dev/null; ls -a /var/lib/apt/lists /var/cache/apt/archives; apt-cache show --no-all-versions make | grep ^Package\"]\n"
     ));
     let o = victim.run(&["bake", "victim"]);
     let out = text(&o);
     assert!(o.status.success(), "{out}");
     assert!(out.contains("partial"), "the listing ran: {out}");
+    // Its own lists are empty at first, so slate updates them before the
+    // step: apt knows Debian's packages there.
+    assert!(out.contains("`apt-get update` first"), "{out}");
+    assert!(out.contains("[victim] Package: make"), "{out}");
     assert!(
         !out.contains("slate-planted"),
         "another project's bake saw what this one planted:\n{out}"
