@@ -1,8 +1,9 @@
 //! Just enough of QEMU's machine protocol (QMP) to save a machine: a JSON
 //! object per line each way, commands answered in order, events in
-//! between. The file the machine is saved to is slate's own, opened by
-//! slate and handed to QEMU over the socket (`getfd`), so QEMU's user needs
-//! no way to the cache.
+//! between. The file the machine is saved to (or restored from) is slate's
+//! own, opened by slate and handed to QEMU over the socket, so QEMU's user
+//! needs no way to the cache: as a `file:/dev/fdset/N` (`add-fd`) from QEMU
+//! 9.0 on, as `fd:` before (QEMU 9.1 deprecated `fd:` for plain files).
 
 use serde_json::{json, Value};
 use std::io::{self, BufRead, BufReader, Write};
@@ -16,7 +17,12 @@ pub struct Qmp {
     deadline: Instant,
     /// Events read while waiting for an answer, oldest first.
     events: std::collections::VecDeque<Value>,
+    /// QEMU's version (major, minor), from its greeting.
+    version: (u64, u64),
 }
+
+/// The first QEMU whose `file:` migration opens `/dev/fdset/N`.
+const FDSET_FILES: (u64, u64) = (9, 0);
 
 impl Qmp {
     /// Takes QEMU's greeting and leaves capabilities negotiation; every
@@ -28,6 +34,7 @@ impl Qmp {
             writer: stream,
             deadline,
             events: Default::default(),
+            version: (0, 0),
         };
         let greeting = q.read()?;
         if greeting.get("QMP").is_none() {
@@ -35,6 +42,11 @@ impl Qmp {
                 "QEMU's monitor did not greet: {greeting}"
             )));
         }
+        let part = |p: &str| greeting.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+        q.version = (
+            part("/QMP/version/qemu/major"),
+            part("/QMP/version/qemu/minor"),
+        );
         q.execute("qmp_capabilities", json!({}))?;
         Ok(q)
     }
@@ -108,11 +120,30 @@ impl Qmp {
         self.answer(command)
     }
 
-    /// Restores the machine from `fd` (QEMU's, inherited: the machine was
-    /// started with `-incoming defer`) and lets it run.
+    /// `fd` (slate's) handed to QEMU as a set of its own: the `file:` URI
+    /// that names it, or None for a QEMU that cannot open one.
+    fn fdset_uri(&mut self, fd: RawFd) -> io::Result<Option<String>> {
+        if self.version < FDSET_FILES {
+            return Ok(None);
+        }
+        let added = self.execute_with_fd("add-fd", json!({}), fd)?;
+        let set = added
+            .get("fdset-id")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| io::Error::other(format!("QEMU's `add-fd` said {added}")))?;
+        Ok(Some(format!("file:/dev/fdset/{set}")))
+    }
+
+    /// Restores the machine from `fd` (also QEMU's, inherited under the same
+    /// number: the machine was started with `-incoming defer`) and lets it
+    /// run.
     pub fn restore_from(&mut self, fd: RawFd) -> io::Result<()> {
         self.migration_events()?;
-        self.execute("migrate-incoming", json!({ "uri": format!("fd:{fd}") }))?;
+        let uri = match self.fdset_uri(fd)? {
+            Some(uri) => uri,
+            None => format!("fd:{fd}"),
+        };
+        self.execute("migrate-incoming", json!({ "uri": uri }))?;
         self.migration_done("restoring the machine")?;
         // Saved stopped, so restored stopped.
         self.execute("cont", json!({}))?;
@@ -154,14 +185,19 @@ impl Qmp {
     }
 
     /// Stops the machine and saves its memory and device state into `out`
-    /// (disks are not part of it), returning once QEMU says it is complete.
-    /// Stops the machine and saves its memory and device state into `out`
-    /// (disks are not part of it), returning once QEMU says it is complete.
+    /// (opened write-only; disks are not part of it), returning once QEMU
+    /// says it is complete.
     pub fn save_to(&mut self, out: &std::fs::File) -> io::Result<()> {
         self.migration_events()?;
         self.execute("stop", json!({}))?;
-        self.execute_with_fd("getfd", json!({ "fdname": "slate-save" }), out.as_raw_fd())?;
-        self.execute("migrate", json!({ "uri": "fd:slate-save" }))?;
+        let uri = match self.fdset_uri(out.as_raw_fd())? {
+            Some(uri) => uri,
+            None => {
+                self.execute_with_fd("getfd", json!({ "fdname": "slate-save" }), out.as_raw_fd())?;
+                "fd:slate-save".into()
+            }
+        };
+        self.execute("migrate", json!({ "uri": uri }))?;
         self.migration_done("saving the machine")
     }
 }
