@@ -165,6 +165,36 @@ pub fn list(store_root: &Path) -> Vec<CacheDir> {
     out
 }
 
+/// Removes cache folders: every one with `all`, those unused for `idle`
+/// seconds with it, none otherwise: how many, and their bytes. A folder
+/// whose lock a build or a bake holds (a `locked` or `private` cache, a
+/// project's apt folders) stays; its lock is held while it goes.
+pub fn prune(store_root: &Path, all: bool, idle: Option<u64>) -> (usize, u64) {
+    let (mut n, mut bytes) = (0, 0);
+    for c in list(store_root) {
+        if !(all || idle.is_some_and(|i| c.idle >= i)) {
+            continue;
+        }
+        let lock = c.path.with_file_name(format!("{}.lock", c.id));
+        let _held = if lock.exists() {
+            match try_lock_file(&lock) {
+                Ok(Some(l)) => Some(l),
+                _ => continue,
+            }
+        } else {
+            None
+        };
+        if slate_layers::store::remove_tree(&c.path).is_ok() {
+            if let Some(dir) = c.path.parent() {
+                let _ = std::fs::remove_file(dir.join(format!("{}.used", c.id)));
+            }
+            n += 1;
+            bytes += c.bytes;
+        }
+    }
+    (n, bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,6 +239,24 @@ mod tests {
         assert_ne!(other, archives);
         let listed: Vec<String> = list(root.path()).into_iter().map(|c| c.id).collect();
         assert_eq!(listed, ["apt-bookworm-1", "apt-bookworm-1"]);
+    }
+
+    #[test]
+    fn prune_leaves_a_cache_that_is_in_use() {
+        let root = tempfile::tempdir().unwrap();
+        let p = Path::new("/project");
+        let locked = [CacheSpec {
+            path: "/l".into(),
+            id: "l".into(),
+            sharing: Sharing::Locked,
+        }];
+        let (binds, held) = take(root.path(), p, &locked).unwrap();
+        let (apt, _, apt_held) = apt_dirs(root.path(), p, "bookworm-1").unwrap();
+        assert_eq!(prune(root.path(), true, None).0, 0);
+        assert!(binds[0].host.is_dir() && apt.is_dir());
+        drop((held, apt_held));
+        assert_eq!(prune(root.path(), true, None).0, 2);
+        assert!(!binds[0].host.exists() && !apt.exists());
     }
 
     #[test]

@@ -113,31 +113,7 @@ pub fn images(ctx: &Ctx) -> CmdResult {
 /// with it, none otherwise (they are kept on purpose): how many, and their
 /// bytes.
 fn prune_caches(store_root: &std::path::Path, all: bool, idle: Option<u64>) -> (usize, u64) {
-    let mut n = 0;
-    let mut bytes = 0;
-    for c in slate_run::caches::list(store_root) {
-        if !(all || idle.is_some_and(|i| c.idle >= i)) {
-            continue;
-        }
-        // A locked or private cache (and a project's apt folders) in use
-        // by a build or a bake stays; held, it stays unused while it goes.
-        let lock = c.path.with_file_name(format!("{}.lock", c.id));
-        let _held = if lock.exists() {
-            match slate_layers::lock::try_lock_file(&lock) {
-                Ok(Some(l)) => Some(l),
-                _ => continue,
-            }
-        } else {
-            None
-        };
-        if slate_layers::store::remove_tree(&c.path).is_ok() {
-            if let Some(dir) = c.path.parent() {
-                let _ = std::fs::remove_file(dir.join(format!("{}.used", c.id)));
-            }
-            n += 1;
-            bytes += c.bytes;
-        }
-    }
+    let (mut n, mut bytes) = slate_run::caches::prune(store_root, all, idle);
     // Where earlier versions kept apt's folders, shared by every project.
     let legacy = store_root.join("apt");
     if legacy.is_dir() {
