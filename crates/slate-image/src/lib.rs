@@ -659,8 +659,6 @@ fn tree_command(tool: &str) -> Command {
     c
 }
 
-/// Which shared apt lists an image uses: one set per Debian suite, mirror and
-/// arch; `None` for images not bootstrapped from Debian.
 /// Whether apt's list folder holds a package index (`..._Packages`, maybe
 /// compressed).
 fn has_package_lists(lists: &Path) -> bool {
@@ -671,7 +669,8 @@ fn has_package_lists(lists: &Path) -> bool {
 }
 
 /// Which apt archive a Debian image's packages come from, as a cache
-/// folder's name: `<suite>-<arch>-<digest of suite, mirror and arch>`.
+/// folder's name: `<suite>-<arch>-<digest of suite, mirror and arch>`;
+/// `None` for images not bootstrapped from Debian.
 fn apt_cache_name(plan: &ImagePlan) -> Option<String> {
     match &plan.layers.first()?.kind {
         LayerKind::Debian {
