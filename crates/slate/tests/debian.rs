@@ -140,7 +140,9 @@ fn root_debian_quickstart_builds_real_packages() {
 #[ignore = "needs root and the Debian archive: scripts/test.sh runs it"]
 fn root_debian_second_image_with_the_same_packages_downloads_nothing() {
     require_debian_host();
-    let pkgs = "packages = [\"gcc\", \"libc6-dev\", \"make\"]";
+    // `hello` makes the recipe this test's own: no other test's image has
+    // this packages layer, so removing it below disturbs nobody.
+    let pkgs = "packages = [\"gcc\", \"libc6-dev\", \"make\", \"hello\"]";
     // `b` names the host's arch explicitly: the same system, but another
     // recipe, so it is bootstrapped and its packages installed anew.
     let arch = Command::new("dpkg")
@@ -155,26 +157,33 @@ fn root_debian_second_image_with_the_same_packages_downloads_nothing() {
         assert!(o.status.success(), "{out}");
         out
     };
+    // Both packages layers may be in the cache from an earlier run of this
+    // test (in another project, with apt folders of its own): remove them
+    // (found through `slate images`) so apt runs for both, `a` first.
     bake("a");
-    // `b`'s packages layer may be in the cache from an earlier run of this
-    // test: remove it (found through `slate images`) so apt runs again.
+    bake("b");
     let images = p.run(&["images"]);
     let listing = String::from_utf8_lossy(&images.stdout).to_string();
-    let b_packages = listing
-        .lines()
-        .skip_while(|l| !l.starts_with("b "))
-        .find(|l| l.contains("apt-get install"))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no packages layer listed for b:\n{listing}"))
-        .to_string();
-    for e in std::fs::read_dir(p.cache.join("v1/layers"))
-        .unwrap()
-        .flatten()
-    {
-        if e.file_name().to_string_lossy().starts_with(&b_packages) {
-            std::fs::remove_dir_all(e.path()).unwrap();
+    let packages_layer = |image: &str| {
+        listing
+            .lines()
+            .skip_while(|l| !l.starts_with(&format!("{image} ")))
+            .find(|l| l.contains("apt-get install"))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no packages layer listed for {image}:\n{listing}"))
+            .to_string()
+    };
+    for short in [packages_layer("a"), packages_layer("b")] {
+        for e in std::fs::read_dir(p.cache.join("v1/layers"))
+            .unwrap()
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().starts_with(&short) {
+                std::fs::remove_dir_all(e.path()).unwrap();
+            }
         }
     }
+    bake("a");
     let out = bake("b");
     // Only the packages layer of `b` is new work for apt; its output is what
     // lies between that layer's start and end lines.
