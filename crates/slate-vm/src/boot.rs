@@ -430,9 +430,10 @@ impl Cpio {
 }
 
 /// Removes base disks and boot files whose layers are gone (after `slate gc`
-/// removed them): what a machine of a live image needs stays. Returns the
-/// count and bytes removed.
-pub fn gc(cache: &Path) -> (usize, u64) {
+/// removed them), and saved machines of gone disks or unused for `idle`:
+/// what a machine of a live image needs stays. Returns the count and bytes
+/// removed.
+pub fn gc(cache: &Path, idle: Option<std::time::Duration>) -> (usize, u64) {
     let (mut n, mut bytes) = (0, 0);
     let size = |p: &Path| -> u64 {
         use std::os::unix::fs::MetadataExt;
@@ -472,7 +473,7 @@ pub fn gc(cache: &Path) -> (usize, u64) {
             }
         }
     }
-    let (saved, saved_bytes) = crate::snapshot::gc(cache);
+    let (saved, saved_bytes) = crate::snapshot::gc(cache, idle);
     (n + saved, bytes + saved_bytes)
 }
 

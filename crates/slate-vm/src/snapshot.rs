@@ -77,10 +77,14 @@ pub struct Saved {
     pub file: File,
 }
 
+/// Opens a saved machine for a restore, marking it used now (its
+/// modification time, which `slate gc --older-than` goes by).
 fn open(path: &Path) -> io::Result<Saved> {
+    let file = File::open(path)?;
+    let _ = file.set_modified(std::time::SystemTime::now());
     Ok(Saved {
         path: path.to_path_buf(),
-        file: File::open(path)?,
+        file,
     })
 }
 
@@ -121,9 +125,11 @@ pub fn find_or_save(
     open(&path).map_err(|e| e.to_string())
 }
 
-/// Removes saved machines whose base disk is gone, and what a killed save
-/// left; returns how many files and their bytes.
-pub fn gc(cache: &Path) -> (usize, u64) {
+/// Removes saved machines whose base disk is gone, those not used for
+/// `idle` (a new QEMU, accelerator or machine size saves under another key
+/// and leaves the old save unused), and what a killed save left; returns
+/// how many files and their bytes.
+pub fn gc(cache: &Path, idle: Option<std::time::Duration>) -> (usize, u64) {
     use std::os::unix::fs::MetadataExt;
     let (mut n, mut bytes) = (0, 0);
     let Ok(rd) = fs_err::read_dir(cache.join("snapshots")) else {
@@ -138,7 +144,17 @@ pub fn gc(cache: &Path) -> (usize, u64) {
         };
         let ext = p.extension().map(|x| x.to_string_lossy().into_owned());
         let orphan = match ext.as_deref() {
-            Some("vmstate") => !cache.join("disks").join(format!("{disk}.qcow2")).exists(),
+            Some("vmstate") => {
+                let unused = |d| {
+                    fs_err::metadata(&p)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|e| e >= d)
+                };
+                !cache.join("disks").join(format!("{disk}.qcow2")).exists()
+                    || idle.is_some_and(unused)
+            }
             // A save in progress holds the lock; one that is not is dead.
             Some(x) if x.starts_with("tmp-") => {
                 let lock = p.with_extension("lock");
@@ -184,16 +200,36 @@ mod tests {
         }
         // A save in progress holds its lock.
         let _saving = Lock::take(&live.with_extension("lock")).unwrap();
-        let (n, _) = gc(t.path());
+        let (n, _) = gc(t.path(), None);
         assert_eq!(n, 2);
         assert!(kept.exists() && live.exists());
         assert!(!orphan.exists() && !dead.exists());
         assert!(live.with_extension("lock").exists(), "a held lock stays");
         fs_err::write(saves.join("cccc-1cpu-1024M-0000.lock"), b"").unwrap();
-        gc(t.path());
+        gc(t.path(), None);
         assert!(
             !saves.join("cccc-1cpu-1024M-0000.lock").exists(),
             "a free lock of nothing goes"
         );
+        // A save unused for longer than asked goes; a restore marks it used.
+        let day = std::time::Duration::from_secs(86400);
+        let old = std::time::SystemTime::now() - 2 * day;
+        File::options()
+            .write(true)
+            .open(&kept)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert_eq!(gc(t.path(), Some(3 * day)).0, 0);
+        drop(open(&kept).unwrap());
+        assert_eq!(gc(t.path(), Some(day)).0, 0, "just restored");
+        File::options()
+            .write(true)
+            .open(&kept)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert_eq!(gc(t.path(), Some(day)).0, 1);
+        assert!(!kept.exists());
     }
 }

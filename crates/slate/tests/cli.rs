@@ -1236,7 +1236,9 @@ fn root_gc_removes_vm_disks_and_boot_files_of_removed_layers_only() {
     let o = p.run(&["gc"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
-        text(&o).contains("removed 2 VM disk(s) and boot file set(s) of removed layers"),
+        text(&o).contains(
+            "removed 2 VM disk(s), boot file set(s) and saved machine(s) of removed layers"
+        ),
         "{}",
         text(&o)
     );

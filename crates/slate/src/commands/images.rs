@@ -262,8 +262,9 @@ pub fn gc(ctx: &Ctx, args: GcArgs) -> CmdResult {
     let reaped = slate_sandbox::reap(&store.envs_dir());
     let tmp = store.clean_tmp();
     let swept = slate_image::gc::sweep(&store, &plan);
-    // VM base disks and boot files of layers that are gone now.
-    let (vm_files, vm_bytes) = slate_vm::boot::gc(&store.root().join("vm"));
+    // VM base disks and boot files of layers that are gone now, and saved
+    // machines unused for --older-than.
+    let (vm_files, vm_bytes) = slate_vm::boot::gc(&store.root().join("vm"), min_idle);
     let (runs_removed, run_bytes) = prune_runs(&super::runs_dir(&project), args.keep_runs);
     let (kept_removed, kept_bytes) = prune_kept(store.root(), args.all);
     let (caches_removed, cache_bytes) =
@@ -300,7 +301,11 @@ pub fn gc(ctx: &Ctx, args: GcArgs) -> CmdResult {
     ));
     ctx.say(&format!("removed unfinished layers: {}", human(tmp)));
     ctx.say(&format!(
-        "removed {vm_files} VM disk(s) and boot file set(s) of removed layers: {}",
+        "removed {vm_files} VM disk(s), boot file set(s) and saved machine(s) of removed layers{}: {}",
+        match min_idle {
+            Some(d) => format!(" or unused for {}", humantime::format_duration(d)),
+            None => String::new(),
+        },
         human(vm_bytes)
     ));
     ctx.say(&format!(
