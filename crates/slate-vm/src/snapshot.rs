@@ -213,22 +213,16 @@ mod tests {
         );
         // A save unused for longer than asked goes; a restore marks it used.
         let day = std::time::Duration::from_secs(86400);
-        let old = std::time::SystemTime::now() - 2 * day;
-        File::options()
-            .write(true)
-            .open(&kept)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
+        let last_used_two_days_ago = || {
+            let old = std::time::SystemTime::now() - 2 * day;
+            let f = File::options().write(true).open(&kept).unwrap();
+            f.set_modified(old).unwrap();
+        };
+        last_used_two_days_ago();
         assert_eq!(gc(t.path(), Some(3 * day)).0, 0);
         drop(open(&kept).unwrap());
         assert_eq!(gc(t.path(), Some(day)).0, 0, "just restored");
-        File::options()
-            .write(true)
-            .open(&kept)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
+        last_used_two_days_ago();
         assert_eq!(gc(t.path(), Some(day)).0, 1);
         assert!(!kept.exists());
     }
