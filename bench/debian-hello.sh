@@ -51,6 +51,7 @@ TARGET_WHOLE=0.75
 TARGET_OUTSIDE=0.2
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
+export BENCH_DIR="$root/bench" # bench/spans.py, for the Python parts
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
@@ -262,7 +263,9 @@ run_slate() { # run_slate VARIANT ROUND
         die "slate build ($v, run $i) failed (exit $rc): see above; this looks like a slate problem"
     fi
     python3 - "$p/.slate/runs/$run/run.json" "$t0" "$t1" "$v" "$i" >>"$results" <<'PY'
-import json, sys
+import json, os, sys
+sys.path.insert(0, os.environ["BENCH_DIR"])
+from spans import covered as spans_covered
 path, t0, t1, variant, rnd = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 run = json.load(open(path))
 wall = t1 - t0
@@ -292,16 +295,7 @@ for t in run["targets"]:
     out["targets"][t["name"]] = d
 # Time no target was running (slate starting, checking images, waiting,
 # writing the run's record) counts once.
-spans.sort()
-covered, cur_s, cur_e = 0.0, None, None
-for s, e in spans:
-    if cur_e is None or s > cur_e:
-        if cur_e is not None:
-            covered += cur_e - cur_s
-        cur_s, cur_e = s, e
-    else:
-        cur_e = max(cur_e, e)
-covered += cur_e - cur_s
+covered = spans_covered(spans)
 out["slate_only"] = max(0.0, wall - covered)
 out["outside"] = outside + out["slate_only"]
 out["dpkg"] = cat["dpkg"]
@@ -351,6 +345,8 @@ run_sbuild() { # run_sbuild ROUND
     done
     python3 - "$work/sbuild" "$t0" "$t1" "$i" "$SUITES" >>"$results" <<'PY'
 import glob, json, os, re, sys
+sys.path.insert(0, os.environ["BENCH_DIR"])
+from spans import covered as spans_covered
 base, t0, t1, rnd, suites = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5].split()
 out = {"tool": "sbuild", "round": rnd, "wall": t1 - t0, "targets": {}}
 spans, outside, dpkg_sum, deps_sum = [], 0.0, 0.0, 0.0
@@ -373,16 +369,7 @@ for s in suites:
     outside += (b - a) - dpkg
     dpkg_sum += dpkg
     deps_sum += deps
-spans.sort()
-covered, cur_s, cur_e = 0.0, None, None
-for s, e in spans:
-    if cur_e is None or s > cur_e:
-        if cur_e is not None:
-            covered += cur_e - cur_s
-        cur_s, cur_e = s, e
-    else:
-        cur_e = max(cur_e, e)
-covered += cur_e - cur_s
+covered = spans_covered(spans)
 out["outside"] = outside + max(0.0, out["wall"] - covered)
 out["dpkg"] = dpkg_sum
 out["deps"] = deps_sum
