@@ -74,7 +74,9 @@ fn write_disk_as(
     res
 }
 
-fn run(cmd: &mut Command, what: &str) -> io::Result<()> {
+/// Runs a tool to its end: an error naming `what` when it cannot start or
+/// fails, with what it said on stderr.
+pub fn run(cmd: &mut Command, what: &str) -> io::Result<()> {
     let out = cmd
         .output()
         .map_err(|e| io::Error::new(e.kind(), format!("cannot run {what}: {e}")))?;

@@ -463,20 +463,14 @@ fn take_disk(from: &Path, to: &Path, owner: Option<(u32, u32)>) -> io::Result<()
 fn make_overlay(base: &Path, path: &Path, who: &jail::Identity) -> io::Result<()> {
     let size = qcow2_size(base)
         .ok_or_else(|| io::Error::other(format!("`{}` is not a qcow2 disk", base.display())))?;
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-u", "-b"])
-        .arg(base)
-        .arg(path)
-        .arg(size.to_string())
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot run qemu-img: {e}")))?;
-    if !out.status.success() {
-        return Err(io::Error::other(format!(
-            "qemu-img create failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
+    slate_layers::disk::run(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-u", "-b"])
+            .arg(base)
+            .arg(path)
+            .arg(size.to_string()),
+        "qemu-img create",
+    )?;
     jail::give(path, who)
 }
 

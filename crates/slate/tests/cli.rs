@@ -1765,10 +1765,7 @@ fn root_keep_failed_keeps_a_failed_environment_to_enter_as_it_was() {
 
     // Entered on a terminal: the file the build wrote is there, the one it
     // removed is gone, the working folder is the target's.
-    let enter = |input: &[u8]| {
-        let o = p.on_terminal(&format!("shell --keep {id}"), input, &[]);
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
+    let enter = |input: &[u8]| p.enter_kept(&id, input);
     let seen = enter(
         b"echo \"at=$(pwd) has=$(cat /root/evidence) two=$(test -e /etc/two && echo yes || echo no)\"; echo changed > /root/evidence; exit\n",
     );

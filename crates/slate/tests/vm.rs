@@ -521,10 +521,7 @@ fn root_vm_keep_failed_keeps_the_guests_disk_to_enter_as_it_was() {
         .join("sunk/disk.qcow2");
     assert!(disk.is_file(), "no kept disk at {}", disk.display());
 
-    let enter = |input: &[u8]| {
-        let o = p.on_terminal(&format!("shell --keep {id}"), input, &[]);
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
+    let enter = |input: &[u8]| p.enter_kept(&id, input);
     let seen = enter(
         b"echo \"at=$(pwd) has=$(cat /root/evidence) host=$(test -e /etc/hostname && echo yes || echo no)\"; echo changed > /root/evidence; exit\n",
     );

@@ -212,6 +212,13 @@ impl Project {
         child.wait_with_output().unwrap()
     }
 
+    /// `slate shell --keep ID` on a terminal, typing `input`: what it
+    /// printed.
+    pub fn enter_kept(&self, id: &str, input: &[u8]) -> String {
+        let o = self.on_terminal(&format!("shell --keep {id}"), input, &[]);
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
     /// Environment folders left in the cache.
     pub fn envs_left(&self) -> usize {
         std::fs::read_dir(self.cache.join("v1/envs"))
